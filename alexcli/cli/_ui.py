@@ -1,0 +1,43 @@
+"""Shared pieces of the command layer: consoles, JSON output, the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# Data goes to stdout; progress and diagnostics to stderr.
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def progress(description: str, unit: str = "images", quiet: bool = False) -> Iterator:
+    """Yields a callback (event, n) for the library: ("total", n) then ("advance", n)."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
+        console=err, disable=quiet, transient=False,
+    )
+    task = bar.add_task(description, total=None, rate="")
+
+    def update(event: str, n: int) -> None:
+        if event == "total":
+            bar.update(task, total=n)
+        elif event == "advance":
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            if speed:
+                bar.update(task, rate=f"{speed:,.0f} {unit}/s")
+
+    with bar:
+        yield update

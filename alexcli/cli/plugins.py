@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from alexcli.cli._ui import emit_json, out
+
+
+def plugins_command(
+    check: bool = typer.Option(False, "--check", help="Import every plugin and report the ones that fail (exit 1 if any)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+) -> None:
+    """List the registered layer variants and augmentations: kind, name, package and version.
+
+    Names come from package metadata, so listing imports no plugin; --check imports each one.
+    Set ALEXCLI_LOAD_PLUGINS=pkg1,pkg2 to load only those third-party packages ("" for none).
+
+    Example: alexcli plugins --check
+    """
+    from alexcli import plugins as reg
+
+    rows = [dict(p.as_dict(), status="not loaded") for p in reg.discover()]
+    if check:
+        for row, (_info, error) in zip(rows, reg.check_all()):
+            row["status"] = "error: " + error if error else "ok"
+    for claim in reg.conflicts():
+        packages = " and ".join(f"{p.package} {p.version}" for p in claim)
+        rows.append(dict(claim[0].as_dict(), package=packages, version="", target="",
+                         status=f"error: claimed by {packages}"))
+    rows.sort(key=lambda r: (r["kind"], r["name"]))
+    failed = [r for r in rows if r["status"].startswith("error")]
+    if as_json:
+        emit_json({"plugins": rows, "errors": len(failed)})
+    else:
+        table = Table(title="alexcli plugins", title_justify="left")
+        for col in ("kind", "name", "package", "version", "target", "status"):
+            table.add_column(col)
+        for r in rows:
+            style = "red" if r["status"].startswith("error") else None
+            table.add_row(r["kind"], r["name"], r["package"], r["version"], r["target"], r["status"], style=style)
+        out.print(table)
+    if failed and (check or any("claimed by" in r["status"] for r in failed)):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plugins")(plugins_command)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from alexcli.cli._ui import emit_json, out, progress
+
+
+def render_summary(s: dict) -> None:
+    table = Table(title=f"{s['out']}  ({s['status']}, {s['classes']} classes)", title_justify="left")
+    for col in ("split", "found", "written", "rejected", "shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, v in s["splits"].items():
+        table.add_row(split, f"{v['found']:,}", f"{v['written']:,}", f"{v['rejected']:,}", str(v["shards"]))
+    out.print(table)
+    out.print(f"{s['found']:,} found = {s['written']:,} written + {s['rejected']:,} rejected"
+              + (f" (reasons in {s['rejected_file']})" if s["rejected"] else ""))
+    for note in s.get("notes", []):
+        out.print(f"note: {note}")
+    rate = f", {s['images_per_s']:,.0f} images/s" if s.get("images_per_s") else ""
+    pil = s["pil"]
+    out.print(f"{s['seconds']:.1f} s{rate}; PIL: {pil['package']} {pil['version']}")
+
+
+def prepare_command(
+    src: Path = typer.Argument(..., help="Source tree: SRC/train/<class>/<image>, optionally SRC/val and SRC/test."),
+    out_dir: Path = typer.Option(None, "--out", help="Output folder [default: shards/<name of SRC>]."),
+    size: int = typer.Option(256, help="Side of the square images written (section 2: 256)."),
+    quality: int = typer.Option(90, help="JPEG quality of the written images."),
+    resample: str = typer.Option("bicubic", help="Resize filter: bicubic, bilinear, lanczos or box."),
+    seed: int = typer.Option(0, help="Seed of the shuffle of training samples across shards."),
+    shard_size: int = typer.Option(1000, help="Samples per shard."),
+    workers: int = typer.Option(0, help="Worker processes [default: all cores]."),
+    max_pixels: int = typer.Option(89_478_485, help="Reject sources with more pixels than this."),
+    strict: bool = typer.Option(False, "--strict", help="Fail if any file has to be rejected."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different data set in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Resize images to SIZE x SIZE, compute the mean image and RGB PCA, write WebDataset shards.
+
+    Each image is rescaled so its shorter side is --size and the central square is kept
+    (the paper's section 2). Files that cannot be used are listed in rejected.json with the
+    reason. Interrupted, the same command continues where it stopped.
+
+    Example: alexcli prepare /data/imagenet --out shards/imagenet --workers 16
+    """
+    from alexcli.data.image import RESAMPLE
+    from alexcli.data.prepare import PrepareConfig, prepare
+    from alexcli.errors import UsageError
+
+    if resample not in RESAMPLE:
+        raise UsageError(f"--resample {resample!r}: choose one of {', '.join(RESAMPLE)}")
+    if workers < 0:
+        raise UsageError("--workers must be >= 0")
+    out_dir = out_dir or Path("shards") / Path(src).resolve().name
+    cfg = PrepareConfig(size=size, quality=quality, resample=resample, max_pixels=max_pixels, seed=seed,
+                        shard_size=shard_size, workers=workers, strict=strict, overwrite=overwrite)
+    with progress("prepare") as update:
+        summary = prepare(src, out_dir, cfg, progress=update)
+    if as_json:
+        emit_json(summary)
+    else:
+        render_summary(summary)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prepare")(prepare_command)

@@ -1,0 +1,136 @@
+"""WebDataset shards: written under a temporary name and renamed when complete, hashed as written,
+and checked against dataset.json when read.
+
+A sample is the tar members `KEY.cls`, `KEY.jpg`, `KEY.json`. webdataset splits a member name at
+its first dot into key and extension, so keys never contain dots (see `sample_key`).
+Tar headers carry fixed times and owners, so the same samples always give the same bytes
+(a resumed run's shards are byte-identical to an uninterrupted run's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+from alexcli.errors import DataError
+
+MANIFEST = "dataset.json"
+FIXED_MTIME = 1_356_998_400  # 2013-01-01, a fixed date so archives are reproducible
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(index: int, relpath: str) -> str:
+    stem = Path(relpath).stem
+    return f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]+', '_', stem)[:60]}"
+
+
+class _HashingFile(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self.f.write(b)
+
+
+class ShardWriter:
+    """Writes one shard to `FINAL.tmp`; `commit()` fsyncs and renames it to FINAL."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self._file = open(self.tmp, "wb")
+        self._hashing = _HashingFile(self._file)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.samples = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key:
+            raise ValueError(f"webdataset key must not contain dots: {key!r}")
+        for ext in sorted(members):
+            data = members[ext]
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size, ti.mtime, ti.mode = len(data), FIXED_MTIME, 0o444
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = ""
+            self._tar.addfile(ti, io.BytesIO(data))
+        self.samples += 1
+
+    def finish(self) -> dict:
+        """Close the archive (still under the temporary name); returns its manifest entry."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return {"name": self.final.name, "samples": self.samples,
+                "bytes": self._hashing.nbytes, "sha256": self._hashing.sha.hexdigest()}
+
+    def publish(self) -> None:
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{folder}: no {MANIFEST} (prepare a data set with `alexcli prepare SRC --out {folder}`)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shard(folder: Path, entry: dict, *, full: bool = False) -> None:
+    """Raise DataError if the shard's size (and with `full`, its sha256 and sample count)
+    disagree with its manifest entry. A tar cut at a 512-byte boundary reads back short with no
+    error from tarfile or webdataset, so the manifest is the only guard."""
+    path = Path(folder) / entry["name"]
+    if not path.is_file():
+        raise DataError(f"{path}: missing (listed in {MANIFEST})")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise DataError(f"{path}: {size} bytes, but {MANIFEST} says {entry['bytes']} (truncated or replaced)")
+    if full:
+        if sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+        keys = set()
+        with tarfile.open(path) as tar:
+            for m in tar:
+                keys.add(m.name.split(".", 1)[0])
+        if len(keys) != entry["samples"]:
+            raise DataError(f"{path}: {len(keys)} samples, but {MANIFEST} says {entry['samples']}")

@@ -1,0 +1,39 @@
+"""Typed errors. The library raises these; the CLI edge turns each into one line and an exit code.
+
+Nothing below the CLI prints or exits: a command catches `AlexcliError` once (alexcli/cli/__init__.py).
+"""
+
+
+class AlexcliError(Exception):
+    """Base class: `str(err)` is the one line a user sees; `exit_code` is what the process returns."""
+
+    exit_code = 1
+
+
+class UsageError(AlexcliError):
+    """Bad input from the user: a missing file, a wrong option value, an unusable folder."""
+
+    exit_code = 2
+
+
+class DataError(UsageError):
+    """A data set or file that cannot be used as it is (no training split, a shard that disagrees
+    with its manifest, a foreign output folder)."""
+
+
+class PluginError(AlexcliError):
+    """A plugin that is missing, fails to import, or whose name two packages claim."""
+
+    exit_code = 2
+
+
+class StrictRejectError(AlexcliError):
+    """`prepare --strict` found files it had to reject."""
+
+    exit_code = 1
+
+
+class Interrupted(AlexcliError):
+    """The user stopped a long job; what was finished is kept and a rerun continues from there."""
+
+    exit_code = 130
