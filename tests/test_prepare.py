@@ -1,0 +1,249 @@
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexcli.data import stats as S
+from alexcli.data.demo import BROKEN, CLASSES, make_demo
+from alexcli.data.prepare import PrepareConfig, prepare
+from alexcli.data.shards import verify_shard
+from alexcli.errors import DataError, StrictRejectError, UsageError
+from conftest import SMALL
+
+
+def stats_content(path):
+    """Tensors and metadata of a safetensors file (its header's key order is not fixed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata(), {k: f.get_tensor(k).tobytes() for k in f.keys()}
+
+
+def read_shard(path):
+    """{key: {ext: bytes}} in archive order, read with plain tarfile."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def all_samples(out, manifest, split):
+    for entry in manifest["splits"][split]["shards"]:
+        yield from read_shard(out / entry["name"]).items()
+
+
+def test_counts_add_up_and_broken_files_are_listed(prepared, demo_src):
+    out, summary = prepared
+    manifest = json.loads((out / "dataset.json").read_text())
+    n_train = len(CLASSES) * SMALL["train_per_class"]
+    assert manifest["splits"]["train"]["found"] == n_train + len(BROKEN)
+    assert manifest["splits"]["train"]["written"] == n_train
+    assert manifest["splits"]["val"]["written"] == len(CLASSES) * SMALL["val_per_class"]
+    assert summary["found"] == summary["written"] + summary["rejected"]
+    rejected = json.loads((out / "rejected.json").read_text())
+    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"].split(" (")[0] for r in rejected}
+    assert reasons == {
+        "broken_empty.JPEG": "empty file",
+        "broken_text.JPEG": "not an image: no image format recognised",
+        "broken_truncated.JPEG": "truncated or corrupt: image file is truncated",
+    }
+    assert manifest["classes"] == sorted(CLASSES)
+
+
+def test_shards_match_the_manifest(prepared):
+    out, _ = prepared
+    manifest = json.loads((out / "dataset.json").read_text())
+    for split in ("train", "val"):
+        for entry in manifest["splits"][split]["shards"]:
+            path = out / entry["name"]
+            assert path.stat().st_size == entry["bytes"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+            samples = read_shard(path)
+            assert len(samples) == entry["samples"]
+            for key, members in samples.items():
+                assert "." not in key and set(members) == {"jpg", "cls", "json"}
+                meta = json.loads(members["json"])
+                assert int(members["cls"]) == meta["class"] == manifest["classes"].index(meta["path"].split("/")[1])
+                assert Image.open(io.BytesIO(members["jpg"])).size == (32, 32)
+            verify_shard(out, entry, full=True)
+    assert not list(out.glob("*.tmp")) and not (out / ".partial").exists()
+
+
+def test_training_order_is_shuffled_and_val_is_not(prepared):
+    out, _ = prepared
+    manifest = json.loads((out / "dataset.json").read_text())
+    train = [json.loads(m["json"])["path"] for _, m in all_samples(out, manifest, "train")]
+    val = [json.loads(m["json"])["path"] for _, m in all_samples(out, manifest, "val")]
+    assert train != sorted(train) and len(set(train)) == len(train)
+    assert val == sorted(val)
+
+
+def test_webdataset_reads_the_shards(prepared):
+    wds = pytest.importorskip("webdataset")
+    out, _ = prepared
+    manifest = json.loads((out / "dataset.json").read_text())
+    urls = [str(out / e["name"]) for e in manifest["splits"]["val"]["shards"]]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("jpg", "cls")
+    items = list(ds)
+    assert len(items) == manifest["splits"]["val"]["written"]
+    assert items[0][0].shape == (32, 32, 3) and isinstance(items[0][1], int)
+
+
+def test_stats_equal_a_one_pass_numpy_computation(prepared):
+    out, _ = prepared
+    manifest = json.loads((out / "dataset.json").read_text())
+    imgs = np.stack([np.asarray(Image.open(io.BytesIO(m["jpg"])).convert("RGB"), np.float64) / 255
+                     for _, m in all_samples(out, manifest, "train")])
+    pixels = imgs.reshape(-1, 3)
+    cov = np.cov(pixels.T, bias=True)
+    eigval, eigvec = np.linalg.eigh(cov)
+    st = S.load(out / "stats.safetensors")
+    rel = dict(rtol=1e-6, atol=0)
+    np.testing.assert_allclose(st["mean_image"], imgs.mean(0).transpose(2, 0, 1), **rel)
+    np.testing.assert_allclose(st["rgb_mean"], pixels.mean(0), **rel)
+    np.testing.assert_allclose(st["rgb_std"], pixels.std(0), **rel)
+    np.testing.assert_allclose(st["rgb_cov"], cov, **rel)
+    np.testing.assert_allclose(st["pca_eigval"], eigval[::-1], **rel)
+    # Eigenvectors up to sign.
+    for k in range(3):
+        v, ref = st["pca_eigvec"][:, k], eigvec[:, 2 - k]
+        np.testing.assert_allclose(v * np.sign(v @ ref), ref, rtol=1e-6, atol=1e-9)
+    assert manifest["stats"]["image_count"] == len(imgs)
+
+
+def test_exact_block_keeps_float32_sums_exact():
+    assert S.exact_block(256 * 256) == 256 and S.exact_block(224 * 224) == 256 and S.exact_block(227 * 227) == 227
+    sums = S.ImageSums(33)  # 1089 pixels: blocks of 121
+    white = np.full((33, 33, 3), 255, np.uint8)
+    for _ in range(3):
+        sums.add(white)
+    got = sums.take()
+    assert got["gram"][0, 1] == 3 * 33 * 33 * 255 * 255 and got["count"][0] == 3
+
+
+def test_two_workers_write_the_same_bytes(prepared, demo_src, tmp_path):
+    out, _ = prepared
+    out2 = tmp_path / "w2"
+    prepare(demo_src, out2, PrepareConfig(size=32, shard_size=16, workers=2, seed=3))
+    a = json.loads((out / "dataset.json").read_text())
+    b = json.loads((out2 / "dataset.json").read_text())
+    assert a["splits"] == b["splits"] and a["fingerprint"] == b["fingerprint"]
+    assert stats_content(out / "stats.safetensors") == stats_content(out2 / "stats.safetensors")
+
+
+def test_rerun_is_up_to_date_and_other_data_is_refused(prepared, demo_src, tmp_path):
+    out, _ = prepared
+    again = prepare(demo_src, out, PrepareConfig(size=32, shard_size=16, workers=1, seed=3))
+    assert again["status"] == "up to date"
+    with pytest.raises(UsageError, match="holds a different data set; choose another --out or pass --overwrite"):
+        prepare(demo_src, out, PrepareConfig(size=32, shard_size=16, workers=1, seed=4))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.pdf").write_text("x")
+    with pytest.raises(UsageError, match="holds files that are not an alexcli data set"):
+        prepare(demo_src, foreign, PrepareConfig(size=32))
+    done = prepare(demo_src, foreign, PrepareConfig(size=32, overwrite=True, workers=1))
+    assert done["status"] == "prepared" and (foreign / "thesis.pdf").exists()  # never deletes user files
+
+
+def test_strict_fails_and_keeps_work(demo_src, tmp_path):
+    with pytest.raises(StrictRejectError, match=r"--strict: 3 files rejected, listed in .*rejected.json"):
+        prepare(demo_src, tmp_path / "s", PrepareConfig(size=32, shard_size=16, workers=1, strict=True))
+    assert not (tmp_path / "s" / "dataset.json").exists()
+    assert len(json.loads((tmp_path / "s" / "rejected.json").read_text())) == 3
+    assert prepare(demo_src, tmp_path / "s", PrepareConfig(size=32, shard_size=16, workers=1))["status"] == "resumed"
+
+
+def test_pixel_limit_rejects_are_listed(tmp_path):
+    src = tmp_path / "src"
+    make_demo(src, train_per_class=2, val_per_class=0, min_side=30, max_side=40, broken=False)
+    big = src / "train" / "disc" / "big.JPEG"
+    Image.new("RGB", (120, 120)).save(big, "JPEG")
+    summary = prepare(src, tmp_path / "o", PrepareConfig(size=16, workers=1, max_pixels=5000))
+    rejected = json.loads((tmp_path / "o" / "rejected.json").read_text())
+    assert [r["path"] for r in rejected] == ["train/disc/big.JPEG"]
+    assert "14400 pixels exceeds the limit of 5000" in rejected[0]["reason"]
+    assert summary["found"] == summary["written"] + 1
+
+
+def test_no_usable_training_image_is_an_error(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.JPEG").write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 1 training files could be used"):
+        prepare(tmp_path, tmp_path / "o", PrepareConfig(size=16, workers=1))
+
+
+PREPARE_SLOWLY = """
+import sys, time
+import alexcli.data.prepare as P
+orig = P._process_chunk
+def slow(task):
+    time.sleep(0.15)
+    return orig(task)
+P._process_chunk = slow
+from alexcli.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start(args, cwd):
+    return subprocess.Popen([sys.executable, "-c", PREPARE_SLOWLY, *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_shards(out, n, proc, timeout=60):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if len(list((out / ".partial").glob("*.safetensors"))) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("no shard finished in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_to_identical_output(demo_src, tmp_path, prepared, sig):
+    ref_out, _ = prepared
+    out = tmp_path / "resumed"
+    args = ["prepare", demo_src, "--out", out, "--size", 32, "--shard-size", 16, "--workers", 1, "--seed", 3]
+    proc = _start(args, tmp_path)
+    _wait_for_shards(out, 2, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert "interrupted:" in stderr and "run the same command again to continue" in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (out / "dataset.json").exists()
+    # Whatever sits under a final name is complete: its size matches what its record says.
+    finals = sorted(out.glob("*.tar"))
+    assert finals, "at least one finished shard"
+    ref = json.loads((ref_out / "dataset.json").read_text())
+    ref_entries = {e["name"]: e for s in ref["splits"].values() for e in s["shards"]}
+    for f in finals:
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == ref_entries[f.name]["sha256"]
+
+    done = subprocess.run([sys.executable, "-m", "alexcli", *map(str, args), "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "resumed"
+    mine = json.loads((out / "dataset.json").read_text())
+    for key in ("splits", "fingerprint", "stats", "classes", "summary"):
+        if key == "summary":
+            mine[key].pop("out"), ref[key].pop("out"), mine[key].pop("rejected_file"), ref[key].pop("rejected_file")
+        assert mine[key] == ref[key], key
+    assert stats_content(out / "stats.safetensors") == stats_content(ref_out / "stats.safetensors")
+    assert (out / "rejected.json").read_bytes() == (ref_out / "rejected.json").read_bytes()
+    assert not list(out.glob("*.tmp")) and not (out / ".partial").exists()
