@@ -33,9 +33,13 @@ md.distribution("pillow-simd")
 import PIL.Image
 PYEOF
 then
+    # Built once into .venv/wheels, so a rerun reinstalls in a second instead of compiling.
+    if ! ls "$VENV"/wheels/pillow_simd-*.whl >/dev/null 2>&1; then
+        cflags=""
+        grep -qw avx2 /proc/cpuinfo 2>/dev/null && cflags="-mavx2"
+        CC="cc $cflags" pip wheel -q --no-deps --no-cache-dir --no-binary pillow-simd -w "$VENV/wheels" "pillow-simd>=9"
+    fi
     pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1 || true
-    cflags=""
-    grep -qw avx2 /proc/cpuinfo 2>/dev/null && cflags="-mavx2"
-    CC="cc $cflags" pip install -q --no-deps --no-cache-dir --no-binary pillow-simd "pillow-simd>=9"
+    pip install -q --no-deps "$VENV"/wheels/pillow_simd-*.whl
 fi
 "$VENV/bin/alexcli" doctor --brief

@@ -22,7 +22,9 @@ def emit_json(obj) -> None:
 
 @contextlib.contextmanager
 def progress(description: str, unit: str = "images", quiet: bool = False) -> Iterator:
-    """Yields a callback (event, n) for the library: ("total", n) then ("advance", n)."""
+    """Yields a callback (event, n) for the library: ("total", n) then ("advance", n).
+    The bar appears at the first "total", so an error found before the work starts prints
+    only its one line."""
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
@@ -30,8 +32,14 @@ def progress(description: str, unit: str = "images", quiet: bool = False) -> Ite
     )
     task = bar.add_task(description, total=None, rate="")
 
+    started = False
+
     def update(event: str, n: int) -> None:
+        nonlocal started
         if event == "total":
+            if not started:
+                bar.start()
+                started = True
             bar.update(task, total=n)
         elif event == "advance":
             bar.advance(task, n)
@@ -39,5 +47,8 @@ def progress(description: str, unit: str = "images", quiet: bool = False) -> Ite
             if speed:
                 bar.update(task, rate=f"{speed:,.0f} {unit}/s")
 
-    with bar:
+    try:
         yield update
+    finally:
+        if started:
+            bar.stop()

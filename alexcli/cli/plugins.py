@@ -3,7 +3,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from alexcli.cli._ui import emit_json, out
+from alexcli.cli._ui import emit_json, err, out
 
 
 def plugins_command(
@@ -33,12 +33,15 @@ def plugins_command(
         emit_json({"plugins": rows, "errors": len(failed)})
     else:
         table = Table(title="alexcli plugins", title_justify="left")
-        for col in ("kind", "name", "package", "version", "target", "status"):
+        for col in ("kind", "name", "package", "version", "status"):
             table.add_column(col)
         for r in rows:
-            style = "red" if r["status"].startswith("error") else None
-            table.add_row(r["kind"], r["name"], r["package"], r["version"], r["target"], r["status"], style=style)
+            bad = r["status"].startswith("error")
+            table.add_row(r["kind"], r["name"], r["package"], r["version"], "error" if bad else r["status"],
+                          style="red" if bad else None)
         out.print(table)
+        for r in failed:  # in full, below the table, one line each
+            err.print(f"{r['kind']} {r['name']}: {r['status']}", soft_wrap=True)
     if failed and (check or any("claimed by" in r["status"] for r in failed)):
         raise typer.Exit(1)
 

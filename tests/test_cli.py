@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from alexcli.cli import main
+from conftest import run_cli
+
+
+def test_help_of_every_command_has_an_example(capsys):
+    for cmd in ("prepare", "demo", "plugins", "doctor"):
+        assert main([cmd, "--help"]) == 0
+        assert "Example: alexcli " + cmd in capsys.readouterr().out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("alexcli ")
+
+
+def test_missing_source_is_one_line_and_exit_2(tmp_path):
+    r = run_cli("prepare", tmp_path / "nope", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such directory"]
+    assert "Traceback" not in r.stderr
+
+
+def test_no_training_split_is_exit_2(tmp_path, capsys):
+    (tmp_path / "src" / "val").mkdir(parents=True)
+    assert main(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {tmp_path / 'src'}: no training split (expected {tmp_path / 'src' / 'train'}/<class>/<image>)"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_cli("--debug", "prepare", tmp_path / "nope", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" in r.stderr and "no such directory" in r.stderr
+
+
+def test_bad_option_value(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path), "--resample", "nearest-ish"]) == 2
+    assert "--resample 'nearest-ish': choose one of bicubic" in capsys.readouterr().err
+    assert main(["prepare", str(tmp_path), "--size", "abc"]) == 2  # typer's own usage error
+
+
+def test_prepare_json_and_default_out(demo_src, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", str(demo_src), "--size", "24", "--workers", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == f"shards/{demo_src.name}"
+    assert (tmp_path / "shards" / demo_src.name / "dataset.json").is_file()
+    assert summary["found"] == summary["written"] + summary["rejected"] and summary["rejected"] == 3
+
+
+def test_prepare_strict_exit_code(demo_src, tmp_path, capsys):
+    assert main(["prepare", str(demo_src), "--out", str(tmp_path / "o"), "--size", "16", "--workers", "1",
+                 "--strict"]) == 1
+    assert "--strict: 3 files rejected" in capsys.readouterr().err
+
+
+def test_prepare_table_output(prepared, demo_src, capsys):
+    out, _ = prepared
+    assert main(["prepare", str(demo_src), "--out", str(out), "--size", "32", "--shard-size", "16", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "up to date" in text and "67 found = 64 written + 3 rejected" in text and "PIL:" in text
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--per-class", "4", "--size", "24", "--workers", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["prepare"]
+    assert summary["splits"]["train"]["written"] == 32 and summary["splits"]["val"]["written"] == 8
+    assert summary["rejected"] == 3
+    assert (tmp_path / "shards" / "demo" / "stats.safetensors").is_file()
+
+
+def test_doctor_reports_pil_and_devices(capsys):
+    assert main(["doctor", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["pil"]["package"] in ("pillow-simd", "pillow") and r["pil"]["simd"] == (r["pil"]["package"] == "pillow-simd")
+    assert r["devices"]["cpu_cores"] >= 1 and r["packages"]["torch"]
+    assert main(["doctor", "--brief"]) == 0
+    assert "torch" in capsys.readouterr().out

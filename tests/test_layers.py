@@ -1,0 +1,46 @@
+"""Every registered layer variant through the same checks (as timm does over list_models())."""
+
+import pytest
+import torch
+
+from alexcli import plugins as reg
+
+
+def lrn_loop(a, n, alpha, beta, k):
+    """Section 3.3 written as the formula: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    N = a.shape[1]
+    out = torch.empty_like(a)
+    for i in range(N):
+        lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
+        s = sum(a[:, j] ** 2 for j in range(lo, hi + 1))
+        out[:, i] = a[:, i] / (k + alpha * s) ** beta
+    return out
+
+
+@pytest.mark.parametrize("name,alpha", [("lrn", 1e-4), ("lrn-convnet", 1e-4 / 5)])
+def test_lrn_variants_equal_the_formula(name, alpha):
+    torch.manual_seed(0)
+    a = torch.rand(2, 12, 5, 5, dtype=torch.float64) * 30  # large activations so alpha matters
+    got = reg.get("norm", name)(12).double()(a)
+    torch.testing.assert_close(got, lrn_loop(a, 5, alpha, 0.75, 2.0), rtol=1e-12, atol=1e-12)
+    # and the two really differ
+    assert not torch.allclose(got, lrn_loop(a, 5, 1e-4 * (5 if name == "lrn-convnet" else 1 / 5), 0.75, 2.0))
+
+
+@pytest.mark.parametrize("kind", ["activation", "norm", "pool"])
+def test_every_registered_layer_works(kind):
+    reg.reset()
+    for name in reg.names(kind):
+        factory = reg.get(kind, name)
+        layer = factory(16) if kind == "norm" else factory()
+        x = torch.randn(2, 16, 27, 27, requires_grad=True)
+        y = layer(x * 1)
+        assert y.shape[:2] == (2, 16) and torch.isfinite(y).all(), name
+        y.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+
+
+def test_pools_give_the_paper_sizes():
+    x = torch.randn(1, 4, 55, 55)
+    assert reg.get("pool", "overlap")()(x).shape[-1] == 27
+    assert reg.get("pool", "2x2")()(x).shape[-1] == 27
