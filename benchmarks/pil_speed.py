@@ -1,0 +1,63 @@
+"""How fast is the PIL in this environment at prepare's kind of work? Run it in two environments
+(one with pillow-simd, one with plain Pillow) over the same photos and compare the rates:
+
+  .venv/bin/python benchmarks/pil_speed.py DIR            # pillow-simd (scripts/setup.sh)
+  /path/to/pillow-venv/bin/python benchmarks/pil_speed.py DIR   # needs only Pillow
+
+DIR is an extracted train/<class>/<image> tree (e.g. ../shared/data/imagenet-sample-dev.tar).
+Two pipelines, one core, sources in memory, best of --repeat: "obvious" (open, convert, resize the
+shorter side to 256 with the default filter, centre crop, JPEG q90) and "decode+encode" (the
+floor: decode, encode a 256x256 crop). Needs nothing but PIL, so any environment can run it.
+"""
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+S = 256
+
+
+def obvious(data: bytes) -> bytes:
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = im.size
+    s = S / min(w, h)
+    im = im.resize((max(S, round(w * s)), max(S, round(h * s))))
+    w, h = im.size
+    left, top = (w - S) // 2, (h - S) // 2
+    buf = io.BytesIO()
+    im.crop((left, top, left + S, top + S)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def floor(data: bytes) -> bytes:
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    buf = io.BytesIO()
+    im.crop((0, 0, S, S)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    files = sorted(p for p in args.dir.rglob("*") if p.is_file())
+    datas = [p.read_bytes() for p in files]
+    print(f"PIL {Image.__version__} ({'pillow-simd' if 'post' in Image.__version__ else 'Pillow'}), "
+          f"Python {sys.version.split()[0]}, {len(datas)} images")
+    for name, fn in (("obvious", obvious), ("decode+encode", floor)):
+        best = 0.0
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            for d in datas:
+                fn(d)
+            best = max(best, len(datas) / (time.perf_counter() - t))
+        print(f"{name:<14} {best:8.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()
