@@ -7,7 +7,8 @@
 DIR is an extracted train/<class>/<image> tree (e.g. ../shared/data/imagenet-sample-dev.tar).
 Two pipelines, one core, sources in memory, best of --repeat: "obvious" (open, convert, resize the
 shorter side to 256 with the default filter, centre crop, JPEG q90) and "decode+encode" (the
-floor: decode, encode a 256x256 crop). Needs nothing but PIL, so any environment can run it.
+floor: decode, encode a 256x256 crop). Needs nothing but PIL, so any environment can run it;
+benchmarks/prepare.py imports the same two functions.
 """
 
 import argparse
@@ -22,6 +23,7 @@ S = 256
 
 
 def obvious(data: bytes) -> bytes:
+    """Decode, resize so the shorter side is 256 with the default filter (bicubic), centre crop, encode."""
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
     s = S / min(w, h)
@@ -34,6 +36,7 @@ def obvious(data: bytes) -> bytes:
 
 
 def floor(data: bytes) -> bytes:
+    """Decode fully (convert forces it) and encode a 256x256 crop (padded black if smaller); no resize."""
     im = Image.open(io.BytesIO(data)).convert("RGB")
     buf = io.BytesIO()
     im.crop((0, 0, S, S)).save(buf, "JPEG", quality=90)

@@ -215,7 +215,7 @@ def _clear(out: Path) -> None:
 
 def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
     """Yield (split, shard index, chunk result) in plan order, with 1 worker in this process."""
-    tasks = _tasks(shards)
+    tasks = list(_tasks(shards))  # one list: handed to the pool and paired with its results
     if workers <= 1:
         _setup_worker(str(source.root), cfg.image_params())
         for t in tasks:
@@ -225,7 +225,7 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(source.root), cfg.image_params()))
     try:
-        for t, res in zip(_tasks(shards), pool.imap(_process_chunk, tasks, chunksize=1)):
+        for t, res in zip(tasks, pool.imap(_process_chunk, tasks, chunksize=1)):
             yield t[0], t[1], res
         pool.close()
     finally:
@@ -316,7 +316,7 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
             fingerprint: str, state: str, t0: float, processed: int) -> dict:
     rejected = list(source.rejected)
     splits: dict[str, dict] = {}
-    total_sums = S.empty_sums(cfg.size)
+    image_sum, count = np.zeros((cfg.size, cfg.size, 3), np.float64), 0
     gram = [[0] * 3 for _ in range(3)]  # Python ints: ImageNet's Gram sum exceeds float64's 2^53
     for split in source.splits:
         splits[split] = {"found": source.found(split), "written": 0, "rejected": 0, "shards": []}
@@ -326,8 +326,8 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         splits[sh.split]["written"] += rec["entry"]["samples"]
         rejected.extend(rec["rejected"])
         if rec["sums"] is not None:
-            total_sums["image_sum"] += rec["sums"]["image_sum"]
-            total_sums["count"] += rec["sums"]["count"]
+            image_sum += rec["sums"]["image_sum"]
+            count += int(rec["sums"]["count"][0])
             for i in range(3):
                 for j in range(3):
                     gram[i][j] += int(rec["sums"]["gram"][i][j])
@@ -340,11 +340,10 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
     if cfg.strict and rejected:
         raise StrictRejectError(f"--strict: {len(rejected)} files rejected, listed in {out / REJECTED_FILE}; "
                                 "the shards are kept, rerun without --strict to finish")
-    count = int(total_sums["count"][0])
     if count == 0:
         raise DataError(f"{source.root}: none of the {splits['train']['found']} training files could be used "
                         f"(reasons in {out / REJECTED_FILE})")
-    stats = S.finalize(total_sums["image_sum"], gram, count)
+    stats = S.finalize(image_sum, gram, count)
     tmp = out / (S.STATS_FILE + ".tmp")
     S.save(tmp, stats, count)
     os.replace(tmp, out / S.STATS_FILE)
