@@ -1,0 +1,224 @@
+"""The 2012 network (section 3.5), with its layer variants chosen by registry name.
+
+Layer names follow the paper (conv1..conv5, fc6..fc8) so checkpoints read like the table in
+DESIGN.md. `groups=2` is the paper's two columns: conv2, conv4 and conv5 see only their own
+column's maps, and response normalisation runs within a column (each GPU normalised its own 48
+or 128 maps in cuda-convnet), so the one-device model computes exactly what the two-device
+split in `alexcli.model.columns` computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alexcli import plugins
+from alexcli.errors import UsageError
+
+# Section 3.5: kernels per layer; fc6/fc7 have 4096 units.
+CONV_CHANNELS = (96, 256, 384, 384, 256)
+FC_UNITS = 4096
+INITS = ("paper", "caffe", "kaiming")
+LAYER_KINDS = {"act": "activation", "norm": "norm", "pool": "pool"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    num_classes: int = 1000
+    crop: int = 224            # input side; 224 with conv1 padding 2 (paper), 227 with padding 0 (Caffe)
+    width: float = 1.0         # multiplies every layer's channels and units (small experiments)
+    groups: int = 2            # 2: the paper's two columns on conv2/4/5; 1: one column
+    activation: str = "relu"   # registry names (alexcli plugins)
+    norm: str = "lrn"
+    pool: str = "overlap"
+    dropout: float = 0.5       # section 4.2: fc6 and fc7
+    init: str = "paper"        # paper | caffe | kaiming
+    conv6: bool = False        # the sixth conv layer of the paper's pre-trained models (section 6)
+
+    @property
+    def conv1_padding(self) -> int:
+        return 0 if self.crop % 2 == 1 else 2  # 227 (Caffe) -> 0; 224 (paper) -> 2 giving 55x55
+
+    def channels(self) -> tuple[int, ...]:
+        g = self.groups
+        return tuple(max(g, round(c * self.width / g) * g) for c in CONV_CHANNELS)
+
+    @property
+    def fc_units(self) -> int:
+        return max(self.groups, round(FC_UNITS * self.width / self.groups) * self.groups)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Arch":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def validate(self) -> None:
+        if self.groups not in (1, 2):
+            raise UsageError(f"--groups must be 1 or 2, not {self.groups}")
+        if self.init not in INITS:
+            raise UsageError(f"--init must be one of {', '.join(INITS)}, not {self.init!r}")
+        if not 0 < self.width <= 4:
+            raise UsageError(f"--width must be in (0, 4], not {self.width}")
+        if self.num_classes < 2:
+            raise UsageError(f"a classifier needs at least 2 classes, not {self.num_classes}")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), not {self.dropout}")
+
+
+def with_layers(arch: Arch, specs: list[str]) -> Arch:
+    """Apply `--layer KIND=NAME` options (kinds: act, norm, pool) to an Arch."""
+    changes = {}
+    for spec in specs:
+        kind, sep, name = spec.partition("=")
+        if not sep or kind not in LAYER_KINDS or not name:
+            raise UsageError(f"--layer {spec!r}: expected KIND=NAME with KIND one of {', '.join(LAYER_KINDS)}")
+        changes[{"act": "activation"}.get(kind, kind)] = name
+    return dataclasses.replace(arch, **changes)
+
+
+class PerColumn(nn.Module):
+    """A channel-wise layer applied to each column's maps on their own (section 3.5)."""
+
+    def __init__(self, factory, channels: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.cols = nn.ModuleList(factory(channels // groups) for _ in range(groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return self.cols[0](x)
+        return torch.cat([m(part) for m, part in zip(self.cols, x.chunk(self.groups, dim=1))], dim=1)
+
+
+def resolve_layers(arch: Arch) -> tuple[dict, dict]:
+    """Registry factories for the arch's variants, and their provenance for the checkpoint."""
+    factories, used = {}, {}
+    for kind, name in (("activation", arch.activation), ("norm", arch.norm), ("pool", arch.pool)):
+        info = plugins.info(kind, name)
+        factories[kind] = plugins.get(kind, name)
+        used[kind] = {"name": name, "package": info.package, "version": info.version}
+    return factories, used
+
+
+class AlexNet(nn.Module):
+    """Section 3.5. Build with `build_model(arch)`; `forward` returns logits (softmax in the loss)."""
+
+    def __init__(self, arch: Arch, factories: dict):
+        super().__init__()
+        arch.validate()
+        self.arch = arch
+        act, norm, pool = factories["activation"], factories["norm"], factories["pool"]
+        c1, c2, c3, c4, c5 = arch.channels()
+        g = arch.groups
+        self.conv1 = nn.Conv2d(3, c1, 11, stride=4, padding=arch.conv1_padding)
+        self.act1, self.norm1, self.pool1 = act(), PerColumn(norm, c1, g), pool()
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g)
+        self.act2, self.norm2, self.pool2 = act(), PerColumn(norm, c2, g), pool()
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)  # sees both columns
+        self.act3 = act()
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=g)
+        self.act4 = act()
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=g)
+        self.act5 = act()
+        if arch.conv6:  # section 6: the pre-trained models' extra conv layer after the last pool
+            self.conv6 = nn.Conv2d(c5, c5, 3, padding=1, groups=g)
+            self.act6c = act()
+        self.pool5 = pool()
+        side = self.feature_side()
+        if side < 1:
+            raise UsageError(f"--crop {arch.crop} is too small for this network: the maps vanish before fc6 "
+                             f"(use a crop of at least 63)")
+        self.fc6 = nn.Linear(c5 * side * side, arch.fc_units)
+        self.act6, self.drop6 = act(), nn.Dropout(arch.dropout)
+        self.fc7 = nn.Linear(arch.fc_units, arch.fc_units)
+        self.act7, self.drop7 = act(), nn.Dropout(arch.dropout)
+        self.fc8 = nn.Linear(arch.fc_units, arch.num_classes)
+        init_weights(self, arch.init)
+
+    def feature_side(self) -> int:
+        """Side of pool5's maps for this crop, found by running the conv stack on an empty tensor."""
+        was_training = self.training
+        self.eval()  # in train mode the probe would update a batch norm plugin's running statistics
+        try:
+            with torch.no_grad():
+                x = self.conv_features(torch.zeros(1, 3, self.arch.crop, self.arch.crop))
+        except RuntimeError:  # a pooling window larger than its input
+            return 0
+        finally:
+            self.train(was_training)
+        return x.shape[-1]
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.norm1(self.act1(self.conv1(x))))
+        x = self.pool2(self.norm2(self.act2(self.conv2(x))))
+        x = self.act3(self.conv3(x))
+        x = self.act4(self.conv4(x))
+        x = self.act5(self.conv5(x))
+        if self.arch.conv6:
+            x = self.act6c(self.conv6(x))
+        return self.pool5(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (fc7 after its activation): the 4096-d code of Figure 4 right."""
+        x = torch.flatten(self.conv_features(x), 1)
+        x = self.drop6(self.act6(self.fc6(x)))
+        return self.act7(self.fc7(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self.drop7(self.features(x)))
+
+
+# Layers whose biases the paper sets to 1 (section 5); the rest start at 0.
+ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+def init_weights(model: AlexNet, preset: str) -> None:
+    """`paper`: weights N(0, 0.01), biases 1 in conv2/4/5 and fc6/7, else 0 (section 5). Known to
+    sit at loss ln(classes) for a long time in reproductions. `caffe`: bvlc_alexnet's fix, biases
+    0.1 where the paper has 1 and fc6/fc7 weights N(0, 0.005). `kaiming`: He-normal weights and
+    zero biases, which leaves the flat start at once (not in the paper; for small experiments)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if preset == "kaiming":
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+            continue
+        std = 0.005 if preset == "caffe" and name in ("fc6", "fc7") else 0.01
+        nn.init.normal_(module.weight, 0.0, std)
+        one = 1.0 if preset == "paper" else 0.1
+        nn.init.constant_(module.bias, one if name in ONE_BIAS else 0.0)
+
+
+def build_model(arch: Arch) -> tuple[AlexNet, dict]:
+    """The network for ARCH and the provenance of its layer variants (name, package, version)."""
+    arch.validate()
+    factories, used = resolve_layers(arch)
+    return AlexNet(arch, factories), used
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def shapes(model: AlexNet, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Output shape after each named stage, for tests and `alexcli train --dry-run`."""
+    out, hooks = {}, []
+    for name in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8"):
+        hooks.append(getattr(model, name).register_forward_hook(
+            lambda _m, _i, y, name=name: out.__setitem__(name, tuple(y.shape))))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(batch, 3, model.arch.crop, model.arch.crop))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

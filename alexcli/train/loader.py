@@ -1,0 +1,201 @@
+"""Reading prepared shards for training and evaluation, with webdataset's tar reader.
+
+The loader only decodes: each sample's 256x256 JPEG becomes a uint8 (3, H, W) tensor and the
+batch goes to the device, where `alexcli.augment` crops, flips, adds colour noise and subtracts
+the mean (section 4.1 on whole batches, as airbench and FFCV do).
+
+Training order is a pure function of (seed, epoch, rank, worker): shards are dealt to
+rank x worker slots from a per-epoch permutation, each slot cycles over its shards with a seeded
+buffer shuffle, and every rank takes exactly `steps_per_epoch` batches. So every rank runs the
+same number of steps (no DDP hang at an epoch end), and a run resumed at an epoch boundary reads
+exactly what the uninterrupted run read. Each shard's sample count is checked against
+dataset.json as it is read: a shard cut short is an error naming it, never a silent short epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alexcli.data.shards import MANIFEST, read_manifest, verify_shard
+from alexcli.data.stats import STATS_FILE, load as load_stats
+from alexcli.errors import DataError
+
+SHUFFLE_BUFFER = 2000  # samples held for the in-worker shuffle (about 20 KB of JPEG each at 256x256)
+
+
+@dataclass
+class Split:
+    """One split of a prepared data set, as dataset.json describes it."""
+
+    folder: Path
+    name: str
+    shards: list[dict]        # {"name", "samples", "bytes", "sha256"}
+    classes: list[str]
+    size: int                 # side of the stored images
+
+    @property
+    def samples(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+
+def open_split(folder: str | Path, split: str) -> Split:
+    """The split's shards, each checked to exist with the size dataset.json gives (cheap: a stat)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such data folder (prepare one with `alexcli prepare SRC --out {folder}`)")
+    manifest = read_manifest(folder)
+    splits = manifest.get("splits", {})
+    if split not in splits or not splits[split]["shards"]:
+        have = ", ".join(k for k, v in splits.items() if v.get("shards")) or "none"
+        raise DataError(f"{folder}: no {split!r} split in {MANIFEST} (splits: {have})")
+    entries = splits[split]["shards"]
+    for entry in entries:
+        verify_shard(folder, entry)
+    return Split(folder, split, entries, list(manifest["classes"]), int(manifest["parameters"]["size"]))
+
+
+def load_data_stats(folder: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / STATS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: missing (run `alexcli prepare` again to write it)")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load_stats(path).items()}
+
+
+class _Failure:
+    """An error found in a worker process, carried to the main process as a value so it arrives as
+    one clean DataError instead of a DataLoader traceback."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _decode(jpg: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _samples(split: Split, entry: dict) -> Iterator[tuple[bytes, int]]:
+    """(jpg bytes, class) of one shard via webdataset's tar reader; the count is checked at the end."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    path = split.folder / entry["name"]
+    n = 0
+    with open(path, "rb") as stream:
+        for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+            if "jpg" not in sample or "cls" not in sample:
+                raise DataError(f"{path}: sample {sample.get('__key__')!r} lacks jpg or cls")
+            n += 1
+            yield sample["jpg"], int(sample["cls"])
+    if n != entry["samples"]:
+        raise DataError(f"{path}: {n} samples read, but {MANIFEST} says {entry['samples']} (truncated or replaced)")
+
+
+def _buffer_shuffle(items: Iterator, rng: random.Random, size: int) -> Iterator:
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(IterableDataset):
+    """Batches (uint8 images (B, 3, H, W), int64 labels (B,)) from one rank's share of a split.
+
+    train=True: shuffled, endless (the caller takes `steps_per_epoch` batches); train=False: each
+    shard of this rank once, in order, the last batch possibly short."""
+
+    def __init__(self, split: Split, batch: int, *, train: bool, rank: int = 0, world: int = 1,
+                 seed: int = 0, epoch: int = 0, buffer: int = SHUFFLE_BUFFER):
+        self.split, self.batch, self.train = split, batch, train
+        self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + wid, self.world * workers
+
+    def _train_samples(self, slot: int, slots: int) -> Iterator[tuple[bytes, int]]:
+        order = list(range(len(self.split.shards)))
+        random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
+        mine = order[slot::slots]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{slots}")
+        while True:  # cycle: a slot whose shards run out keeps going until the rank has its steps
+            rng.shuffle(mine)
+            for i in mine:
+                yield from _samples(self.split, self.split.shards[i])
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        slot, slots = self._slot()
+        if self.train:
+            items = _buffer_shuffle(self._train_samples(slot, slots),
+                                    random.Random(f"{self.seed}/{self.epoch}/{slot}/buffer"), self.buffer)
+        else:
+            items = (s for i in range(slot, len(self.split.shards), slots) for s in _samples(self.split, self.split.shards[i]))
+        images, labels = [], []
+        try:
+            for jpg, label in items:
+                images.append(_decode(jpg))
+                labels.append(label)
+                if len(images) == self.batch:
+                    yield torch.stack(images), torch.tensor(labels)
+                    images, labels = [], []
+        except DataError as exc:
+            yield _Failure(str(exc))
+            return
+        except RuntimeError as exc:  # torchvision's decoder on a corrupt JPEG
+            yield _Failure(f"{self.split.folder}: undecodable image in a {self.split.name} shard ({exc})")
+            return
+        if images:
+            yield torch.stack(images), torch.tensor(labels)
+
+
+def steps_per_epoch(split: Split, batch: int, world: int) -> int:
+    """Batches every rank takes per epoch: the paper's epoch is one pass over the training set."""
+    return max(1, split.samples // (batch * world))
+
+
+def check_slots(split: Split, world: int, workers: int) -> None:
+    if len(split.shards) < world * max(1, workers):
+        raise DataError(f"{split.folder}: {len(split.shards)} {split.name} shards cannot feed {world} rank(s) x "
+                        f"{max(1, workers)} loader worker(s); use fewer --loader-workers or prepare with a "
+                        f"smaller --shard-size")
+
+
+def auto_workers(split: Split, world: int, wanted: int) -> int:
+    """The most loader workers (up to WANTED) for which every slot has a shard."""
+    return max(0, min(wanted, len(split.shards) // world))
+
+
+def batches(split: Split, batch: int, *, train: bool, workers: int, rank: int = 0, world: int = 1,
+            seed: int = 0, epoch: int = 0, pin: bool = False, limit: int | None = None) -> Iterator:
+    """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch)."""
+    if train:
+        check_slots(split, world, workers)
+    stream = ShardStream(split, batch, train=train, rank=rank, world=world, seed=seed, epoch=epoch)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    it = iter(loader)
+    try:
+        n = 0
+        for item in it:
+            if isinstance(item, _Failure):
+                raise DataError(item.message)
+            yield item
+            n += 1
+            if limit is not None and n >= limit:
+                break
+    finally:
+        del it  # stops the workers of an endless training stream

@@ -1,0 +1,106 @@
+"""The paper's update rule and learning-rate schedules (section 5).
+
+    v <- 0.9 v - 0.0005 * lr * w - lr * grad
+    w <- w + v
+
+torch.optim.SGD keeps v <- 0.9 v + grad + wd * w and steps w <- w - lr * v, which is the same
+only while lr is constant: after a change it scales the whole remembered velocity by the new
+lr. Here lr enters v when the gradient does, as in the paper (and cuda-convnet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alexcli.errors import UsageError
+
+MOMENTUM = 0.9        # section 5
+WEIGHT_DECAY = 5e-4   # section 5
+BASE_LR = 0.01        # section 5
+LR_DROP = 10.0        # section 5: "divide the learning rate by 10"
+MAX_DROPS = 3         # section 5: "reduced three times prior to termination"
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay exactly as section 5 writes it (decay on all weights)."""
+
+    def __init__(self, params, lr: float = BASE_LR, momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY):
+        if lr <= 0:
+            raise UsageError(f"--lr must be positive, not {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            ws, gs, vs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                ws.append(p), gs.append(p.grad), vs.append(state["velocity"])
+            if not ws:
+                continue
+            torch._foreach_mul_(vs, m)
+            torch._foreach_add_(vs, ws, alpha=-wd * lr)
+            torch._foreach_add_(vs, gs, alpha=-lr)
+            torch._foreach_add_(ws, vs)
+        return loss
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Schedule:
+    """The learning rate per epoch.
+
+    `plateau` (the paper's): divide by 10 when the validation error has not improved for
+    PATIENCE epochs, at most 3 times. `steps`: divide by 10 at the given epochs (e.g. 30,60,80).
+    State is a small dict, saved with the trainer state so a resumed run continues exactly."""
+
+    def __init__(self, kind: str = "plateau", base_lr: float = BASE_LR, patience: int = 3,
+                 steps: tuple[int, ...] = (), max_drops: int = MAX_DROPS, min_delta: float = 0.0):
+        if kind not in ("plateau", "steps"):
+            raise UsageError(f"--schedule must be plateau or steps, not {kind!r}")
+        if kind == "steps" and not steps:
+            raise UsageError("--schedule steps needs --lr-steps, e.g. --lr-steps 30,60,80")
+        if patience < 1:
+            raise UsageError(f"--patience must be at least 1, not {patience}")
+        self.kind, self.patience, self.steps = kind, patience, tuple(sorted(steps))
+        self.max_drops, self.min_delta = max_drops, min_delta
+        self.lr, self.drops, self.best, self.bad_epochs = base_lr, 0, float("inf"), 0
+
+    def end_epoch(self, epoch: int, val_error: float | None) -> bool:
+        """Record the error of EPOCH (1-based, just finished); returns True if lr was divided."""
+        if self.kind == "steps":
+            if epoch in self.steps:
+                return self._drop()
+            return False
+        if val_error is None:
+            return False
+        if val_error < self.best - self.min_delta:
+            self.best, self.bad_epochs = val_error, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience and self.drops < self.max_drops:
+            self.bad_epochs = 0
+            return self._drop()
+        return False
+
+    def _drop(self) -> bool:
+        self.lr /= LR_DROP
+        self.drops += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("kind", "patience", "steps", "max_drops", "min_delta",
+                                               "lr", "drops", "best", "bad_epochs")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, tuple(v) if k == "steps" else v)
