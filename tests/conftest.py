@@ -34,3 +34,15 @@ def prepared(demo_src, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("prepared") / "demo"
     summary = prepare(demo_src, out, PrepareConfig(size=32, shard_size=16, workers=1, seed=3))
     return out, summary
+
+
+# The smallest images AlexNet's conv stack takes are 63x63: train on 72x72 with 64 crops.
+TINY_TRAIN = ["--width", "0.125", "--crop", "64", "--batch", "8", "--init", "kaiming", "--loader-workers", "0",
+              "--schedule", "steps", "--lr-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def train_data(demo_src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "demo72"
+    prepare(demo_src, out, PrepareConfig(size=72, shard_size=12, workers=1, seed=0))
+    return out

@@ -14,6 +14,7 @@ dataset.json as it is read: a shard cut short is an error naming it, never a sil
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,14 @@ class _Failure:
 
 
 def _decode(jpg: bytes) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """JPEG bytes -> uint8 (3, H, W), with the same PIL (pillow-simd) that prepare used, so the
+    network sees exactly the pixels the mean image and PCA were computed on."""
+    from PIL import Image
 
-    return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(jpg)) as im:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
 
 
 def _samples(split: Split, entry: dict) -> Iterator[tuple[bytes, int]]:
@@ -155,7 +161,7 @@ class ShardStream(IterableDataset):
         except DataError as exc:
             yield _Failure(str(exc))
             return
-        except RuntimeError as exc:  # torchvision's decoder on a corrupt JPEG
+        except OSError as exc:  # PIL on a corrupt JPEG
             yield _Failure(f"{self.split.folder}: undecodable image in a {self.split.name} shard ({exc})")
             return
         if images:

@@ -1,0 +1,92 @@
+"""The shard loader: every sample once per val pass, equal steps per rank, errors that name the shard."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from alexcli.errors import DataError
+from alexcli.train import loader
+
+
+def test_val_pass_reads_every_sample_once_in_order(train_data):
+    split = loader.open_split(train_data, "val")
+    got = list(loader.batches(split, 5, train=False, workers=0))
+    assert sum(len(y) for _, y in got) == split.samples == 16 and len(split.shards) == 2
+    assert got[0][0].dtype == torch.uint8 and got[0][0].shape[1:] == (3, 72, 72)
+    labels = torch.cat([y for _, y in got])
+    manifest = json.loads((train_data / "dataset.json").read_text())
+    assert labels.max() < len(manifest["classes"])
+
+
+def test_train_epoch_is_a_function_of_seed_and_epoch(train_data):
+    split = loader.open_split(train_data, "train")
+    steps = loader.steps_per_epoch(split, 8, 1)
+    assert steps == split.samples // 8
+
+    def epoch(seed, e):
+        return torch.cat([y for _, y in loader.batches(split, 8, train=True, workers=0, seed=seed, epoch=e, limit=steps)])
+
+    a, b, c = epoch(0, 1), epoch(0, 1), epoch(0, 2)
+    assert torch.equal(a, b) and not torch.equal(a, c) and len(a) == steps * 8
+
+
+def test_every_rank_gets_the_same_number_of_batches(train_data):
+    split = loader.open_split(train_data, "train")  # 5 shards, the last one smaller
+    assert len({s["samples"] for s in split.shards}) > 1
+    steps = loader.steps_per_epoch(split, 8, 2)
+    counts = [len(list(loader.batches(split, 4, train=True, workers=0, rank=r, world=2, limit=steps)))
+              for r in (0, 1)]
+    assert counts == [steps, steps]
+
+
+def test_worker_processes_give_the_same_samples(train_data):
+    split = loader.open_split(train_data, "val")
+    one = sorted(torch.cat([y for _, y in loader.batches(split, 4, train=False, workers=0)]).tolist())
+    two = sorted(torch.cat([y for _, y in loader.batches(split, 4, train=False, workers=1)]).tolist())
+    assert one == two
+
+
+def test_fewer_shards_than_ranks_times_workers(train_data):
+    split = loader.open_split(train_data, "train")
+    with pytest.raises(DataError, match=r"5 train shards cannot feed 2 rank\(s\) x 3 loader worker\(s\)"):
+        list(loader.batches(split, 4, train=True, workers=3, world=2, limit=1))
+
+
+def copy_data(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_named(train_data, tmp_path):
+    data = copy_data(train_data, tmp_path / "d")
+    shard = data / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(DataError, match=r"val-000000.tar: \d+ bytes, but dataset.json says"):
+        loader.open_split(data, "val")
+
+
+def test_shard_with_fewer_samples_than_the_manifest_is_named(train_data, tmp_path):
+    """A tar cut at a member boundary but padded back to size reads short without any tar error."""
+    import tarfile
+
+    data = copy_data(train_data, tmp_path / "d")
+    shard = data / "val-000000.tar"
+    size = shard.stat().st_size
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut = members[-3].offset  # drop the last sample's three members
+    shard.write_bytes(shard.read_bytes()[:cut] + b"\0" * (size - cut))
+    split = loader.open_split(data, "val")
+    with pytest.raises(DataError, match=r"val-000000.tar: 11 samples read, but dataset.json says 12"):
+        list(loader.batches(split, 4, train=False, workers=0))
+    with pytest.raises(DataError, match=r"val-000000.tar: 11 samples read"):  # the same from a worker process
+        list(loader.batches(split, 4, train=False, workers=1))
+
+
+def test_missing_split_and_folder(train_data, tmp_path):
+    with pytest.raises(DataError, match="no 'test' split"):
+        loader.open_split(train_data, "test")
+    with pytest.raises(DataError, match="no such data folder"):
+        loader.open_split(tmp_path / "nope", "train")

@@ -1,0 +1,75 @@
+"""Section 5's update rule against the formula, and the learning-rate schedules."""
+
+import pytest
+import torch
+
+from alexcli.errors import UsageError
+from alexcli.train.optim import PaperSGD, Schedule, set_lr
+
+
+def test_update_rule_equals_the_formula_across_an_lr_change():
+    torch.manual_seed(0)
+    w = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    opt = PaperSGD([w], lr=0.01)
+    w_ref, v_ref = w.detach().clone(), torch.zeros(7, 3, dtype=torch.float64)
+    for step, lr in enumerate([0.01, 0.01, 0.01, 0.001, 0.001, 0.0001]):
+        set_lr(opt, lr)
+        grad = torch.randn(7, 3, dtype=torch.float64)
+        w.grad = grad.clone()
+        opt.step()
+        v_ref = 0.9 * v_ref - 0.0005 * lr * w_ref - lr * grad  # v <- 0.9v - 0.0005*lr*w - lr*grad
+        w_ref = w_ref + v_ref                                    # w <- w + v
+        torch.testing.assert_close(w.detach(), w_ref, rtol=1e-14, atol=1e-14, msg=f"step {step}")
+        torch.testing.assert_close(opt.state[w]["velocity"], v_ref, rtol=1e-14, atol=1e-14)
+
+
+def test_differs_from_torch_sgd_once_lr_changes():
+    """torch.optim.SGD scales the remembered velocity by the new lr (DESIGN.md)."""
+    torch.manual_seed(0)
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    ours, theirs = PaperSGD([a], lr=0.1), torch.optim.SGD([b], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    grads = [torch.randn(5, dtype=torch.float64) for _ in range(4)]
+    for i, g in enumerate(grads):
+        if i == 2:
+            set_lr(ours, 0.01), set_lr(theirs, 0.01)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step(), theirs.step()
+        if i < 2:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_plateau_divides_by_ten_at_most_three_times():
+    s = Schedule("plateau", base_lr=0.01, patience=2)
+    errors = [0.9, 0.8, 0.8, 0.8] + [0.8] * 20
+    lrs = []
+    for epoch, e in enumerate(errors, 1):
+        s.end_epoch(epoch, e)
+        lrs.append(s.lr)
+    assert lrs[:4] == [0.01, 0.01, 0.01, pytest.approx(0.001)]
+    assert s.drops == 3 and lrs[-1] == pytest.approx(1e-5)
+
+
+def test_plateau_state_round_trip():
+    s = Schedule("plateau", patience=2)
+    s.end_epoch(1, 0.5), s.end_epoch(2, 0.6)
+    t = Schedule("plateau", patience=2)
+    t.load_state_dict(s.state_dict())
+    assert t.end_epoch(3, 0.6) and s.end_epoch(3, 0.6) and t.lr == s.lr
+
+
+def test_steps_schedule():
+    s = Schedule("steps", base_lr=0.1, steps=(2, 4))
+    lrs = []
+    for epoch in range(1, 6):
+        s.end_epoch(epoch, None)
+        lrs.append(s.lr)
+    assert lrs == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_bad_schedule_options():
+    with pytest.raises(UsageError, match="--lr-steps"):
+        Schedule("steps")
+    with pytest.raises(UsageError, match="plateau or steps"):
+        Schedule("cosine")

@@ -1,0 +1,204 @@
+"""`alexcli train` end to end on tiny runs: files, exact resume, divergence, bad checkpoints, DDP, plugins."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_TRAIN, run_cli
+
+
+def train(data, out, *extra):
+    return run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, *extra)
+
+
+def weights(path):
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def run3(train_data, tmp_path_factory):
+    """An uninterrupted 3-epoch run, the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("runs") / "a"
+    r = train(train_data, out, "--epochs", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_run_writes_checkpoints_metrics_and_curves(run3, train_data):
+    from alexcli.train.checkpoint import load_model
+
+    out, summary = run3
+    assert summary["epochs"] == 3 and summary["world"] == 1 and summary["device"] == "cpu"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ckpt-e001.safetensors", "ckpt-e002.safetensors", "ckpt-e003.safetensors", "curves.png",
+                     "metrics.jsonl", "state-e003.json", "state-e003.safetensors"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in rows] == [1, 2, 3]
+    assert set(rows[0]) >= {"train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
+                            "images_per_s", "seconds"}
+    assert [m["lr"] for m in rows] == pytest.approx([0.01, 0.01, 0.001])  # --lr-steps 2
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model, ckpt = load_model(out / "ckpt-e003.safetensors")
+    meta = ckpt.meta
+    assert meta["epoch"] == 3 and meta["arch"]["width"] == 0.125 and meta["arch"]["num_classes"] == 8
+    assert meta["init"] == "kaiming" and meta["metrics"] == rows[2]
+    assert meta["variants"]["norm"] == {"name": "lrn", "package": "alexcli", "version": meta["alexcli_version"]}
+    assert meta["variants"]["augment:pca"]["package"] == "alexcli"
+    assert meta["classes"] == json.loads((train_data / "dataset.json").read_text())["classes"]
+    assert ckpt.data["mean_image"].shape == (3, 72, 72)
+    assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
+
+
+def test_resume_ends_with_the_same_weights(run3, train_data, tmp_path):
+    out = tmp_path / "b"
+    assert train(train_data, out, "--epochs", "1").returncode == 0
+    r = train(train_data, out, "--epochs", "3", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming after epoch 1" in r.stderr
+    assert_same_weights(run3[0] / "ckpt-e003.safetensors", out / "ckpt-e003.safetensors")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in rows] == [1, 2, 3]
+
+
+def test_killed_run_resumes_to_the_same_weights(run3, train_data, tmp_path):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "alexcli", "train", "--data", str(train_data), "--out", str(out), *TINY_TRAIN,
+           "--epochs", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "state-e001.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # somewhere in epoch 2 (or, on a fast machine, later)
+    proc.wait()
+    assert not list(out.glob("*.tmp")) or all(p.name.endswith(".tmp") for p in out.glob("*.tmp"))
+    if not (out / "state-e003.json").exists():
+        r = train(train_data, out, "--epochs", "3", "--resume")
+        assert r.returncode == 0, r.stderr
+    assert_same_weights(run3[0] / "ckpt-e003.safetensors", out / "ckpt-e003.safetensors")
+
+
+def test_existing_run_needs_resume_or_overwrite(run3, train_data):
+    r = train(train_data, run3[0], "--epochs", "3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith("use --resume to continue it or --overwrite to start again")
+    r = train(train_data, run3[0], "--epochs", "3", "--resume")
+    assert r.returncode == 2 and "already trained 3 epochs" in r.stderr
+
+
+def test_diverging_loss_stops_at_once_and_keeps_the_last_good_checkpoint(train_data, tmp_path):
+    out = tmp_path / "nan"
+    assert train(train_data, out, "--epochs", "1").returncode == 0
+    before = weights(out / "ckpt-e001.safetensors")
+    state = json.loads((out / "state-e001.json").read_text())
+    state_path = out / "state-e001.json"
+    state["config"]["lr"] = 1e30  # the resumed schedule starts from its saved lr: poison that
+    state["schedule"]["lr"] = 1e30
+    state_path.write_text(json.dumps(state))
+    r = train(train_data, out, "--epochs", "3", "--resume")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss became") and "epoch 2" in last and "ckpt-e001.safetensors" in last
+    assert not (out / "ckpt-e002.safetensors").exists()
+    after = weights(out / "ckpt-e001.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_corrupt_and_foreign_checkpoints_are_one_line_errors(run3, train_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "bad"
+    shutil.copytree(run3[0], out)
+    ckpt = out / "ckpt-e003.safetensors"
+    raw = bytearray(ckpt.read_bytes())
+    raw[-100] ^= 0x01  # one flipped bit in the tensors
+    ckpt.write_bytes(bytes(raw))
+    r = train(train_data, out, "--epochs", "4", "--resume")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {ckpt}: tensors do not match the sha256 stored in it "
+                                                 f"(corrupt file)")
+    save_file({"w": torch.zeros(2)}, str(ckpt))
+    r = train(train_data, out, "--epochs", "4", "--resume")
+    assert r.returncode == 2 and "not an alexcli checkpoint" in r.stderr.strip().splitlines()[-1]
+    ckpt.write_bytes(b"not a safetensors file at all")
+    r = train(train_data, out, "--epochs", "4", "--resume")
+    assert r.returncode == 2 and "not a safetensors file" in r.stderr
+
+
+def test_checkpoint_names_a_missing_plugin_package(run3, tmp_path, monkeypatch):
+    from alexcli import plugins
+    from alexcli.errors import PluginError
+    from alexcli.train.checkpoint import load_model, read_meta
+
+    path = tmp_path / "ckpt.safetensors"
+    tensors = load_file(str(run3[0] / "ckpt-e003.safetensors"))
+    meta = read_meta(run3[0] / "ckpt-e003.safetensors")
+    meta["variants"]["norm"] = {"name": "groupnorm9", "package": "alexcli-groupnorm9", "version": "1.2"}
+    save_file(tensors, str(path), {"alexcli": json.dumps(meta)})
+    plugins.reset()
+    with pytest.raises(PluginError, match=r"trained with norm 'groupnorm9' from package alexcli-groupnorm9 1.2, "
+                                          r"which is not installed: pip install alexcli-groupnorm9"):
+        load_model(path)
+
+
+def test_two_process_data_parallel_on_cpu(train_data, tmp_path):
+    out = tmp_path / "ddp"
+    r = train(train_data, out, "--epochs", "2", "--gpus", "2", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["world"] == 2 and summary["last"]["epoch"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_top1_error"] is not None  # val summed over both ranks
+
+
+def test_columns_on_cpu_trains_and_saves_the_one_device_layout(train_data, tmp_path):
+    from alexcli.train.checkpoint import load_model
+
+    out = tmp_path / "cols"
+    r = train(train_data, out, "--epochs", "1", "--parallel", "columns", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    model, _ = load_model(out / "ckpt-e001.safetensors")
+    assert model.conv2.groups == 2
+
+
+def test_plugins_work_in_train(train_data, tmp_path):
+    out = tmp_path / "plug"
+    r = train(train_data, out, "--epochs", "1", "--layer", "norm=batchnorm", "--augment", "mean,crop,flip,pca,cutout")
+    assert r.returncode == 0, r.stderr
+    from alexcli.train.checkpoint import read_meta
+
+    meta = read_meta(out / "ckpt-e001.safetensors")
+    assert meta["variants"]["norm"]["package"] == "alexcli-batchnorm"
+    assert meta["variants"]["augment:cutout"]["package"] == "alexcli-cutout"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer", "norm"], "--layer 'norm': expected KIND=NAME"),
+    (["--augment", "mean,sharpen"], "unknown augmentation 'sharpen'"),
+    (["--batch", "7", "--gpus", "2"], "--batch 7 does not split evenly over --gpus 2"),
+    (["--schedule", "cosine"], "--schedule must be plateau or steps"),
+    (["--crop", "40"], "--crop 40 is too small"),
+])
+def test_bad_options(train_data, tmp_path, args, message):
+    r = run_cli("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",
+                "--epochs", "1", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_missing_data_folder(tmp_path):
+    r = run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "x")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such data folder (prepare one with `alexcli prepare SRC --out {tmp_path / 'nope'}`)"
