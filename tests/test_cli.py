@@ -7,9 +7,10 @@ from conftest import run_cli
 
 
 def test_help_of_every_command_has_an_example(capsys):
-    for cmd in ("prepare", "demo", "plugins", "doctor"):
+    for cmd in ("prepare", "train", "demo", "plugins", "doctor"):
         assert main([cmd, "--help"]) == 0
-        assert "Example: alexcli " + cmd in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "Example: alexcli " + cmd in text or "Examples:" in text and "alexcli " + cmd in text
 
 
 def test_version(capsys):
@@ -66,11 +67,21 @@ def test_prepare_table_output(prepared, demo_src, capsys):
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--per-class", "4", "--size", "24", "--workers", "1", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)["prepare"]
+    assert main(["demo", "--per-class", "4", "--epochs", "2", "--workers", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = result["prepare"]
     assert summary["splits"]["train"]["written"] == 32 and summary["splits"]["val"]["written"] == 8
     assert summary["rejected"] == 3
     assert (tmp_path / "shards" / "demo" / "stats.safetensors").is_file()
+    assert result["train"]["last"]["epoch"] == 2 and (tmp_path / "runs" / "demo" / "ckpt-e002.safetensors").is_file()
+
+
+def test_full_demo_learns_far_below_chance(tmp_path):
+    """The README's promise: the default demo ends with validation error far below chance (87.5%)."""
+    r = run_cli("demo", "--json", cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout)["train"]["last"]
+    assert last["epoch"] == 30 and last["val_top1_error"] < 0.25, last
 
 
 def test_doctor_reports_pil_and_devices(capsys):

@@ -202,3 +202,20 @@ def test_missing_data_folder(tmp_path):
     r = run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "x")
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such data folder (prepare one with `alexcli prepare SRC --out {tmp_path / 'nope'}`)"
+
+
+def test_torchrun_launch_on_cpu(train_data, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "trun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "alexcli", "train", "--data", str(train_data), "--out", str(out), *TINY_TRAIN,
+           "--epochs", "1", "--device", "cpu", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)  # only rank 0 prints
+    assert summary["world"] == 2 and summary["rank"] == 0
+    assert summary["parameters"] < 1_000_000  # fc8 sized to the 8 demo classes, not 1000

@@ -30,7 +30,7 @@ class TrainView:
                 err.print(f"training on {info['device']} x{info['world']}, {info['parameters']:,} parameters, "
                           f"batch {info['batch']}, {info['steps']} steps/epoch, "
                           f"{info['loader_workers']} loader worker(s) per rank"
-                          + (f"; resuming after epoch {info['start']}" if info["start"] else ""))
+                          + (f"; resuming after epoch {info['start']}" if info["start"] else ""), soft_wrap=True)
             self.bar.start()
         elif event == "epoch":
             if self.task is not None:
@@ -49,7 +49,7 @@ class TrainView:
                     f"{val}  lr {m['lr']:g}  {m['images_per_s']:,.0f} img/s  {m['seconds']:.1f} s")
             if kw.get("lr_dropped"):
                 line += f"  -> lr {kw['new_lr']:g}"
-            self.bar.console.print(line)
+            self.bar.console.print(line, soft_wrap=True)
 
     def close(self) -> None:
         self.bar.stop()
@@ -138,6 +138,8 @@ def train_command(
         summary = train(cfg, arch, resume=resume, overwrite=overwrite, progress=view)
     finally:
         view.close()
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return
     if as_json:
         emit_json(summary)
         return

@@ -85,7 +85,7 @@ def _decode(jpg: bytes) -> torch.Tensor:
     with Image.open(io.BytesIO(jpg)) as im:
         if im.mode != "RGB":
             im = im.convert("RGB")
-        return torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # np.array: a writable copy
 
 
 def _samples(split: Split, entry: dict) -> Iterator[tuple[bytes, int]]:
