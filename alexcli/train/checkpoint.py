@@ -49,11 +49,18 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; checkpoints are meant to be shared
     os.replace(tmp, path)
 
 

@@ -218,6 +218,10 @@ def _write_curves(out: Path, rows: list[dict]) -> None:
         b.plot(epochs, [m["val_top5_error"] for m in rows], marker="o", label="val top-5")
     b.set(xlabel="epoch", ylabel="error", title="error", ylim=(0, 1))
     b.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = out / (CURVES + ".tmp")
     fig.savefig(tmp, format="png", dpi=100)
