@@ -57,10 +57,8 @@ class Tally:
                 "loss": self.loss_sum / n}
 
 
-def prepare_input(images: torch.Tensor, device, mean_image: torch.Tensor | None, crop: int,
-                  crops: str = "center") -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> the network's float input: (N, 3, crop, crop) or (N*10, 3, crop, crop)."""
-    x = to_float(images.to(device, non_blocking=True))
+def model_input(x: torch.Tensor, mean_image: torch.Tensor | None, crop: int, crops: str = "center") -> torch.Tensor:
+    """Float 0..1 images (N, 3, S, S) -> the network's input: (N, 3, crop, crop) or (N*10, 3, crop, crop)."""
     if mean_image is not None:
         x = subtract_mean(x, mean_image)
     if crops == "ten":
@@ -69,18 +67,112 @@ def prepare_input(images: torch.Tensor, device, mean_image: torch.Tensor | None,
 
 
 @torch.no_grad()
-def predict_probs(model, images: torch.Tensor, device, mean_image, crop: int, crops: str = "center",
-                  autocast=None, channels_last: bool = False) -> torch.Tensor:
-    """Softmax probabilities per image (averaged over the ten patches with crops='ten')."""
-    x = prepare_input(images, device, mean_image, crop, crops)
+def model_probs(model, x: torch.Tensor, mean_image, crop: int, crops: str = "center", autocast=None,
+                channels_last: bool = False) -> torch.Tensor:
+    """Softmax probabilities per image of float 0..1 images X (averaged over the ten patches)."""
+    inp = model_input(x, mean_image, crop, crops)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        inp = inp.contiguous(memory_format=torch.channels_last)
     if autocast is not None:
         with autocast():
-            logits = model(x)
+            logits = model(inp)
     else:
-        logits = model(x)
+        logits = model(inp)
     probs = torch.softmax(logits.float(), dim=1)
     if crops == "ten":
-        probs = probs.view(images.shape[0], 10, -1).mean(dim=1)
+        probs = probs.view(x.shape[0], 10, -1).mean(dim=1)
     return probs
+
+
+def predict_probs(model, images: torch.Tensor, device, mean_image, crop: int, crops: str = "center",
+                  autocast=None, channels_last: bool = False) -> torch.Tensor:
+    """model_probs of uint8 images (N, 3, S, S) as the loader gives them."""
+    x = to_float(images.to(device, non_blocking=True))
+    return model_probs(model, x, mean_image, crop, crops, autocast, channels_last)
+
+
+@dataclass
+class Scored:
+    """A checkpoint ready to score: its network on the device and the input it was trained with."""
+
+    path: str
+    model: torch.nn.Module
+    mean_image: torch.Tensor | None
+    crop: int
+    classes: list
+    meta: dict
+
+
+def load_scored(path, device) -> Scored:
+    from alexcli.train.checkpoint import load_model
+
+    model, ckpt = load_model(path, device)
+    mean = ckpt.data["mean_image"].float().to(device) if "mean" in ckpt.meta.get("augment", ["mean"]) else None
+    return Scored(str(path), model, mean, ckpt.meta["arch"]["crop"], list(ckpt.meta["classes"]), ckpt.meta)
+
+
+def check_compatible(scored: list[Scored], split) -> None:
+    """Every checkpoint must know the data set's classes in the same order, at the same image size."""
+    from alexcli.errors import DataError
+
+    first = scored[0]
+    for s in scored[1:]:
+        if s.classes != first.classes:
+            diff = next((i for i, (a, b) in enumerate(zip(s.classes, first.classes)) if a != b), None)
+            where = f"first difference at index {diff}" if diff is not None else \
+                f"{len(s.classes)} vs {len(first.classes)} classes"
+            raise DataError(f"{s.path} and {first.path} list different classes ({where}); "
+                            f"an ensemble needs the same class list")
+    if split.classes != first.classes:
+        raise DataError(f"{split.folder} has {len(split.classes)} classes that differ from the "
+                        f"{len(first.classes)} of {first.path}; evaluate on the data set it was trained on")
+    for s in scored:
+        size = s.meta.get("data", {}).get("size")
+        if size is not None and size != split.size:
+            raise DataError(f"{s.path} was trained on {size}x{size} images but {split.folder} holds "
+                            f"{split.size}x{split.size}")
+
+
+def score(paths: list, split, *, crops: str = "center", batch: int = 128, workers: int = 0, device="cpu",
+          autocast=None, channels_last: bool = False, progress=None) -> dict:
+    """Top-1/top-5 error of each checkpoint and of their averaged softmax (the paper's Table 2).
+
+    Each batch is decoded once and scored by every model in turn; only the running counts are
+    kept, so memory grows with the models' weights and nothing else."""
+    from alexcli.train import loader
+
+    if crops not in CROPS:
+        from alexcli.errors import UsageError
+
+        raise UsageError(f"--crops must be one of {', '.join(CROPS)}, not {crops!r}")
+    device = torch.device(device)
+    scored = [load_scored(p, device) for p in paths]
+    check_compatible(scored, split)
+    n_classes = len(scored[0].classes)
+    tallies = [Tally(n_classes) for _ in scored]
+    ensemble = Tally(n_classes)
+    if progress:
+        progress("total", split.samples)
+    for images, labels in loader.batches(split, batch, train=False, workers=workers, pin=device.type == "cuda"):
+        x = to_float(images.to(device, non_blocking=True))
+        labels = labels.to(device)
+        mean_probs = None
+        for s, tally in zip(scored, tallies):
+            if channels_last:
+                s.model.to(memory_format=torch.channels_last)
+            p = model_probs(s.model, x, s.mean_image, s.crop, crops, autocast, channels_last)
+            tally.add(p, labels)
+            mean_probs = p if mean_probs is None else mean_probs + p
+        ensemble.add(mean_probs / len(scored), labels)
+        if progress:
+            progress("advance", len(labels))
+    return {"split": split.name, "data": str(split.folder), "crops": crops, "images": ensemble.n,
+            "classes": scored[0].classes,
+            "models": [dict(path=s.path, epoch=s.meta.get("epoch"), **t.result(), per_class=_per_class(t))
+                       for s, t in zip(scored, tallies)],
+            "ensemble": dict(ensemble.result(), per_class=_per_class(ensemble)) if len(scored) > 1 else None}
+
+
+def _per_class(t: Tally) -> list[dict]:
+    return [{"class": i, "images": int(n), "top1_error": (int(w) / int(n)) if n else None}
+            for i, (n, w) in enumerate(zip(t.per_class_n.tolist(), t.per_class_wrong.tolist()))]
