@@ -32,6 +32,11 @@ class TrainView:
                           f"{info['loader_workers']} loader worker(s) per rank"
                           + (f"; resuming after epoch {info['start']}" if info["start"] else ""), soft_wrap=True)
             self.bar.start()
+        elif event == "init_from":
+            t = args[0]
+            err.print(f"--init {t['path']}: loaded {len(t['loaded'])} tensors; re-initialised "
+                      f"{', '.join(t['reinitialised']) or 'none'}"
+                      + (f"; not used: {', '.join(t['unused'])}" if t["unused"] else ""), soft_wrap=True)
         elif event == "epoch":
             if self.task is not None:
                 self.bar.remove_task(self.task)
@@ -72,7 +77,11 @@ def train_command(
     width: float = typer.Option(1.0, help="Channel multiplier for small experiments (structure kept)."),
     crop: int = typer.Option(224, help="Input side: 224 (paper, conv1 padding 2) or 227 (Caffe, padding 0)."),
     init: str = typer.Option("paper", help="Initialisation: paper (N(0,0.01), biases 1), caffe (biases 0.1, "
-                                           "fc6/7 std 0.005) or kaiming (He normal; leaves the flat start at once)."),
+                                           "fc6/7 std 0.005), kaiming (He normal; leaves the flat start at once), "
+                                           "or a checkpoint to fine-tune from: its architecture and every layer "
+                                           "whose shape fits are taken, a classifier for other classes is new."),
+    conv6: bool = typer.Option(False, "--conv6", help="Add the sixth convolutional layer of the paper's "
+                                                      "pre-trained models (section 6)."),
     dropout: float = typer.Option(0.5, help="Dropout in fc6 and fc7 (section 4.2: 0.5)."),
     seed: int = typer.Option(0, help="Seed of initialisation, data order, augmentation and dropout."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
@@ -98,6 +107,7 @@ def train_command(
       alexcli train --data shards/imagenet --out runs/alexnet --gpus 2
       alexcli train --data shards/imagenet --out runs/alexnet --resume --epochs 100
       alexcli train --data shards/demo --width 0.25 --crop 64 --init kaiming --layer norm=none
+      alexcli train --data shards/birds --init runs/alexnet/ckpt-e090.safetensors --conv6 --lr 0.001
     """
     from alexcli.model.alexnet import Arch, build_model, count_parameters, shapes, with_layers
     from alexcli.train.config import TrainConfig
@@ -115,7 +125,22 @@ def train_command(
                       patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
                       device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last,
                       compile=compile_, loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch)
-    arch = with_layers(Arch(crop=crop, width=width, groups=groups, init=init, dropout=dropout), layer)
+    from dataclasses import replace as _replace
+
+    from alexcli.model.alexnet import INITS
+
+    init_from = ""
+    if init in INITS:
+        arch = Arch(crop=crop, width=width, groups=groups, init=init, dropout=dropout)
+    elif Path(init).is_file():  # fine-tuning: the architecture comes from the checkpoint
+        from alexcli.train.checkpoint import read_meta
+
+        init_from = init
+        arch = _replace(Arch.from_dict(read_meta(init)["arch"]), dropout=dropout)
+    else:
+        raise UsageError(f"--init {init!r}: neither a preset ({', '.join(INITS)}) nor a checkpoint file")
+    arch = with_layers(_replace(arch, conv6=arch.conv6 or conv6), layer)
+    cfg = _replace(cfg, init_from=init_from)
     if dry_run:
         from dataclasses import replace
 

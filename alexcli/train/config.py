@@ -37,6 +37,7 @@ class TrainConfig:
     keep: int = 3                            # epoch checkpoints kept besides the best
     steps_per_epoch: int = 0                 # 0: one pass over the training set; >0 caps it (benchmarks, demo)
     val_batch: int = 0                       # 0: same as the per-rank training batch
+    init_from: str = ""                      # a checkpoint to fine-tune from (train --init CKPT)
 
     def validate(self) -> None:
         if self.epochs < 1:

@@ -124,7 +124,9 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int):
     """The network (weights restored on resume), the module that runs it, and the optimizer."""
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # the same initial weights on every rank
     net, variants = build_model(arch)
-    velocity = None
+    velocity, transfer = None, None
+    if cfg.init_from and not start:
+        transfer = load_matching(net, cfg.init_from)
     if start:
         ckpt = ck.load_checkpoint(Path(cfg.out) / ck.ckpt_name(start))
         net.load_state_dict(ckpt.model_state)
@@ -151,7 +153,31 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         runner = DDP(runner, device_ids=[r.device.index] if r.device.type == "cuda" else None)
-    return net, runner, opt, variants
+    return net, runner, opt, variants, transfer
+
+
+def load_matching(net, path: str) -> dict:
+    """Fine-tuning (the paper's starred models): copy every tensor of checkpoint PATH whose name and
+    shape match; the rest (a classifier for another class count, a new conv6) keep their fresh
+    initialisation. Returns what was loaded and what was not."""
+    src = ck.load_checkpoint(path)
+    ck.check_variants(src.meta, src.path)
+    own = net.state_dict()
+    loaded, fresh = [], []
+    with torch.no_grad():
+        for name, t in own.items():
+            theirs = src.model_state.get(name)
+            if theirs is not None and theirs.shape == t.shape:
+                t.copy_(theirs)
+                loaded.append(name)
+            else:
+                fresh.append(name)
+    if not loaded:
+        raise UsageError(f"--init {path}: no layer of that checkpoint fits this network "
+                         f"(its arch: {src.meta.get('arch')})")
+    unused = sorted(set(src.model_state) - set(own))
+    return {"path": str(path), "sha256": src.meta.get("sha256"), "loaded": loaded, "reinitialised": fresh,
+            "unused": unused}
 
 
 def one_device_state(net) -> dict[str, torch.Tensor]:
@@ -257,7 +283,9 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
 
-    net, runner, opt, variants = _build(cfg, arch, r, start)
+    net, runner, opt, variants, transfer = _build(cfg, arch, r, start)
+    if transfer:
+        emit("init_from", transfer)
     ctx = _augment_context(stats, arch.crop, r.device)
     pipeline, aug_used = aug.build(list(cfg.augment), ctx)
     eval_mean = ctx.mean_image if "mean" in cfg.augment else None
@@ -277,6 +305,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         "data": {"folder": str(Path(cfg.data).resolve()), "size": train_split.size,
                  "train_images": train_split.samples},
         "parameters": count_parameters(net), "config": cfg.to_dict(),
+        "init_from": ({k: transfer[k] for k in ("path", "sha256", "reinitialised")} if transfer
+                      else _saved_init_from(out, start)),
     }
     emit("start", {"epochs": cfg.epochs, "start": start, "steps": steps, "world": world, "device": str(r.device),
                    "parameters": meta_base["parameters"], "loader_workers": workers, "batch": cfg.batch})
@@ -364,6 +394,13 @@ def _save_epoch(out, epoch, net, opt, stats, meta_base, metrics, schedule, best,
                        "augment": derive_seed(cfg.seed, epoch + 1, 0, "augment")}}
     ck.save_trainer_state(out, epoch, _velocity(opt, net), state)
     ck.prune(out, cfg.keep, best["epoch"], epoch)
+
+
+def _saved_init_from(out: Path, start: int):
+    """On resume, the fine-tuning record of the run's earlier checkpoints."""
+    if not start:
+        return None
+    return ck.read_meta(out / ck.ckpt_name(start)).get("init_from")
 
 
 def _json_safe(d: dict) -> dict:

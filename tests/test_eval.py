@@ -1,0 +1,138 @@
+"""eval and ensemble against a plain reference computation; fine-tuning from a checkpoint."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TRAIN, run_cli
+
+
+@pytest.fixture(scope="module")
+def two_models(train_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for seed in ("1", "2"):
+        r = run_cli("train", "--data", train_data, "--out", root / seed, *TINY_TRAIN, "--epochs", "2", "--seed", seed)
+        assert r.returncode == 0, r.stderr
+        paths.append(root / seed / "ckpt-e002.safetensors")
+    return paths
+
+
+def reference_probs(ckpt_path, data, crops):
+    """Every val image read with tarfile + PIL, and the paper's input built by hand with numpy."""
+    from alexcli.train.checkpoint import load_model
+
+    model, ckpt = load_model(ckpt_path)
+    mean = ckpt.data["mean_image"].numpy()
+    crop = ckpt.meta["arch"]["crop"]
+    manifest = json.loads((data / "dataset.json").read_text())
+    probs, labels = [], []
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(data / shard["name"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            key = name[:-4]
+            img = np.asarray(Image.open(io.BytesIO(members[name])).convert("RGB"), dtype=np.float64) / 255
+            x = img.transpose(2, 0, 1) - mean
+            s, o = x.shape[-1], (x.shape[-1] - crop) // 2
+            if crops == "center":
+                patches = [x[:, o:o + crop, o:o + crop]]
+            else:
+                e = s - crop
+                corners = [x[:, :crop, :crop], x[:, :crop, e:], x[:, e:, :crop], x[:, e:, e:], x[:, o:o + crop, o:o + crop]]
+                patches = corners + [p[:, :, ::-1] for p in corners]
+            inp = torch.tensor(np.stack(patches), dtype=torch.float32)
+            with torch.no_grad():
+                p = torch.softmax(model(inp), 1).mean(0)
+            probs.append(p)
+            labels.append(int(members[key + ".cls"]))
+    return torch.stack(probs), torch.tensor(labels)
+
+
+def errors(probs, labels):
+    top5 = probs.topk(5, 1).indices
+    return (float((top5[:, 0] != labels).float().mean()), float((~(top5 == labels[:, None]).any(1)).float().mean()))
+
+
+@pytest.mark.parametrize("crops", ["center", "ten"])
+def test_eval_and_ensemble_equal_the_reference(two_models, train_data, crops):
+    r = run_cli("ensemble", *two_models, "--data", train_data, "--crops", crops, "--batch", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    refs = [reference_probs(p, train_data, crops) for p in two_models]
+    labels = refs[0][1]
+    assert got["images"] == len(labels) == 16
+    for model, (probs, _) in zip(got["models"], refs):
+        assert (model["top1_error"], model["top5_error"]) == pytest.approx(errors(probs, labels), abs=1e-9)
+    ens = (refs[0][0] + refs[1][0]) / 2
+    assert (got["ensemble"]["top1_error"], got["ensemble"]["top5_error"]) == pytest.approx(errors(ens, labels), abs=1e-9)
+    single = json.loads(run_cli("eval", two_models[0], "--data", train_data, "--crops", crops, "--json").stdout)
+    assert single["models"][0]["top1_error"] == got["models"][0]["top1_error"] and single["ensemble"] is None
+
+
+def test_eval_finds_its_data_and_prints_a_table(two_models, train_data):
+    r = run_cli("eval", two_models[0], "--per-class")  # --data defaults to the folder it was trained on
+    assert r.returncode == 0, r.stderr
+    assert "top-1 (val)" in r.stdout and "top-1 error per class" in r.stdout and "disc" in r.stdout
+
+
+def test_ensemble_refuses_different_class_lists(two_models, tmp_path, train_data):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other.safetensors"
+    with safe_open(str(two_models[1]), "pt") as f:
+        meta = json.loads(f.metadata()["alexcli"])
+    meta["classes"] = list(reversed(meta["classes"]))
+    save_file(load_file(str(two_models[1])), str(other), {"alexcli": json.dumps(meta)})
+    r = run_cli("ensemble", two_models[0], other, "--data", train_data)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {other} and {two_models[0]} list different classes "
+                                                 f"(first difference at index 0); an ensemble needs the same class list")
+
+
+def test_bad_eval_input(two_models, train_data, tmp_path):
+    r = run_cli("eval", tmp_path / "missing.safetensors", "--data", train_data)
+    assert r.returncode == 2 and "no such checkpoint" in r.stderr
+    r = run_cli("eval", two_models[0], "--data", train_data, "--crops", "five")
+    assert r.returncode == 2 and "--crops must be one of center, ten" in r.stderr
+
+
+def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_src, tmp_path):
+    from alexcli.data.prepare import PrepareConfig, prepare
+    from safetensors.torch import load_file
+    from alexcli.train.checkpoint import read_meta
+
+    src = tmp_path / "three"  # a data set of 3 of the 8 classes
+    for split in ("train", "val"):
+        for cls in ("disc", "ring", "waves"):
+            shutil.copytree(demo_src / split / cls, src / split / cls)
+    data = tmp_path / "three72"
+    prepare(src, data, PrepareConfig(size=72, shard_size=8, workers=1))
+    out = tmp_path / "ft"
+    r = run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, "--init", two_models[0], "--conv6",
+                "--epochs", "1", "--lr", "0")
+    assert r.returncode == 2 and "--lr must be positive" in r.stderr
+    r = run_cli("train", "--data", data, "--out", out, *[a for a in TINY_TRAIN if a != "kaiming" and a != "--init"],
+                "--init", two_models[0], "--conv6", "--epochs", "1", "--lr", "1e-9")
+    assert r.returncode == 0, r.stderr
+    assert "re-initialised conv6.weight, conv6.bias, fc8.weight, fc8.bias" in r.stderr
+    meta = read_meta(out / "ckpt-e001.safetensors")
+    assert meta["arch"]["num_classes"] == 3 and meta["arch"]["conv6"] is True
+    assert meta["init_from"]["reinitialised"] == ["conv6.weight", "conv6.bias", "fc8.weight", "fc8.bias"]
+    before, after = load_file(str(two_models[0])), load_file(str(out / "ckpt-e001.safetensors"))
+    # lr 1e-9: one epoch barely moves the loaded weights
+    torch.testing.assert_close(after["model.conv1.weight"], before["model.conv1.weight"], atol=1e-6, rtol=0)
+    assert after["model.fc8.weight"].shape[0] == 3
+
+
+def test_init_that_is_neither_preset_nor_file(train_data, tmp_path):
+    r = run_cli("train", "--data", train_data, "--out", tmp_path / "x", "--init", "resnet")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --init 'resnet': neither a preset (paper, caffe, kaiming) nor a checkpoint file"
