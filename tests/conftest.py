@@ -36,7 +36,7 @@ def prepared(demo_src, tmp_path_factory) -> tuple[Path, dict]:
     return out, summary
 
 
-# The smallest images AlexNet's conv stack takes are 63x63: train on 72x72 with 64 crops.
+# The smallest crop AlexNet's conv stack takes is 64x64: train on 72x72 with 64 crops.
 TINY_TRAIN = ["--width", "0.125", "--crop", "64", "--batch", "8", "--init", "kaiming", "--loader-workers", "0",
               "--schedule", "steps", "--lr-steps", "2"]
 

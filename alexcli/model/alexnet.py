@@ -135,7 +135,7 @@ class AlexNet(nn.Module):
         side = self.feature_side()
         if side < 1:
             raise UsageError(f"--crop {arch.crop} is too small for this network: the maps vanish before fc6 "
-                             f"(use a crop of at least 63)")
+                             f"(use a crop of at least 64)")
         self.fc6 = nn.Linear(c5 * side * side, arch.fc_units)
         self.act6, self.drop6 = act(), nn.Dropout(arch.dropout)
         self.fc7 = nn.Linear(arch.fc_units, arch.fc_units)
