@@ -71,8 +71,7 @@ def model_probs(model, x: torch.Tensor, mean_image, crop: int, crops: str = "cen
                 channels_last: bool = False) -> torch.Tensor:
     """Softmax probabilities per image of float 0..1 images X (averaged over the ten patches)."""
     inp = model_input(x, mean_image, crop, crops)
-    if channels_last:
-        inp = inp.contiguous(memory_format=torch.channels_last)
+    inp = inp.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if autocast is not None:
         with autocast():
             logits = model(inp)

@@ -90,3 +90,43 @@ def test_missing_split_and_folder(train_data, tmp_path):
         loader.open_split(train_data, "test")
     with pytest.raises(DataError, match="no such data folder"):
         loader.open_split(tmp_path / "nope", "train")
+
+
+def test_shards_written_by_other_tools_are_read_with_tarfile(train_data, tmp_path):
+    """A shard rewritten in tarfile's GNU format (as other tools write them) reads the same samples."""
+    import io
+    import tarfile
+
+    data = copy_data(train_data, tmp_path / "d")
+    before = [torch.cat(b) for b in zip(*loader.batches(loader.open_split(data, "val"), 4, train=False, workers=0))]
+    manifest = json.loads((data / "dataset.json").read_text())
+    for entry in manifest["splits"]["val"]["shards"]:
+        path = data / entry["name"]
+        with tarfile.open(path) as src:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as dst:
+            for m, payload in members:
+                m.uname = "someone-with-a-long-name"
+                dst.addfile(m, io.BytesIO(payload))
+        path.write_bytes(buf.getvalue())
+        entry["bytes"] = len(buf.getvalue())
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    assert tarfile.open(data / "val-000000.tar").getmembers()[0].offset == 0
+    after = [torch.cat(b) for b in zip(*loader.batches(loader.open_split(data, "val"), 4, train=False, workers=0))]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_damaged_header_is_named(train_data, tmp_path):
+    data = copy_data(train_data, tmp_path / "d")
+    shard = data / "val-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        off = tar.getmembers()[3].offset  # the second sample's first header
+    raw[off + 1] ^= 0x01  # one bit of its name
+    shard.write_bytes(bytes(raw))
+    split = loader.open_split(data, "val")
+    with pytest.raises(DataError, match=rf"val-000000.tar: damaged tar header at byte {off}"):
+        list(loader.batches(split, 4, train=False, workers=0))

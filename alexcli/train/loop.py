@@ -329,8 +329,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             x = pipeline(x, gen)
             if x.shape[-1] != arch.crop:  # no 'crop' in --augment: the centre patch
                 x = aug.center_crop(x, arch.crop)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            # the loader's batches have channels-last strides; give the model the layout it was asked for
+            x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
             with autocast() if autocast else contextlib.nullcontext():
                 logits = runner(x)
             loss = F.cross_entropy(logits.float(), labels)
