@@ -134,7 +134,8 @@ def check_compatible(scored: list[Scored], split) -> None:
 
 def score(paths: list, split, *, crops: str = "center", batch: int = 128, workers: int = 0, device="cpu",
           autocast=None, channels_last: bool = False, progress=None) -> dict:
-    """Top-1/top-5 error of each checkpoint and of their averaged softmax (the paper's Table 2).
+    """Top-1/top-5 error of each checkpoint (a path, or a Scored already loaded) and of their
+    averaged softmax (the paper's Table 2).
 
     Each batch is decoded once and scored by every model in turn; only the running counts are
     kept, so memory grows with the models' weights and nothing else."""
@@ -145,7 +146,7 @@ def score(paths: list, split, *, crops: str = "center", batch: int = 128, worker
 
         raise UsageError(f"--crops must be one of {', '.join(CROPS)}, not {crops!r}")
     device = torch.device(device)
-    scored = [load_scored(p, device) for p in paths]
+    scored = [p if isinstance(p, Scored) else load_scored(p, device) for p in paths]
     check_compatible(scored, split)
     n_classes = len(scored[0].classes)
     tallies = [Tally(n_classes) for _ in scored]

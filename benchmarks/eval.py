@@ -4,7 +4,7 @@ One process, the same prepared shards and the same device for everything. Three 
 paper's network (random weights: speed does not depend on them) are written to a temporary folder;
 then it times, each after a warm-up pass:
 
-  eval centre     alexcli.evaluate.score([ckpt]) with --crops center
+  eval centre     alexcli.evaluate.score([model]) with --crops center (models loaded beforehand)
   eval ten        the same with --crops ten (the ten patches of each image as one batch)
   3 separate      score([a]), score([b]), score([c]) one after another: three decodes of every image
   ensemble of 3   score([a, b, c]): each batch decoded once and scored by the three models
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from alexcli import __version__  # noqa: E402
 from alexcli.env import pil_info  # noqa: E402
-from alexcli.evaluate import score  # noqa: E402
+from alexcli.evaluate import load_scored, score  # noqa: E402
 from alexcli.model.alexnet import Arch, build_model  # noqa: E402
 from alexcli.train import checkpoint as ck  # noqa: E402
 from alexcli.train import loader  # noqa: E402
@@ -113,7 +113,9 @@ def main() -> None:
         name = "val" if _has(shards, "val") else "train"
         split = loader.open_split(shards, name)
         crop = 224 if split.size >= 256 else max(64, (split.size * 7 // 8) // 2 * 2)  # the paper: 224 of 256
-        ckpts = make_checkpoints(tmp, split, width, crop)
+        # loaded once, outside the timing: a 60M-parameter checkpoint takes about a second to read,
+        # verify and build, which on a 500-image sample would hide the scoring rate
+        ckpts = [load_scored(p, torch.device(device)) for p in make_checkpoints(tmp, split, width, crop)]
 
         def run(paths, crops="center"):
             return lambda: score(paths, split, crops=crops, batch=args.batch, workers=args.workers,

@@ -95,6 +95,9 @@ class PerColumn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
             return self.cols[0](x)
+        fused = getattr(self.cols[0], "forward_grouped", None)
+        if fused is not None:  # the built-in LRN normalises both columns in one call
+            return fused(x, self.groups)
         return torch.cat([m(part) for m, part in zip(self.cols, x.chunk(self.groups, dim=1))], dim=1)
 
 

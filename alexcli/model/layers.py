@@ -6,6 +6,8 @@ Factory signatures (a plugin's must match):
   pool() -> nn.Module          (applied to 55x55, 27x27 and 13x13 maps)
 """
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,18 +20,52 @@ def tanh() -> nn.Module:
 
 
 # Section 3.3: b_i = a_i / (k + alpha * sum_j a_j^2)^beta with k=2, n=5, alpha=1e-4, beta=0.75.
-# torch's LocalResponseNorm divides alpha by n, so the paper's text is alpha=n*1e-4 there.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
+class LRN(nn.Module):
+    """Section 3.3 across channels: b_i = a_i / (k + alpha * sum_{|j-i| <= n/2} a_j^2)^beta.
+
+    The window sum is a 1x1 convolution of a^2 with a 0/1 band matrix: one matrix product (tensor
+    cores in bf16, no layout change in channels-last) where torch's LocalResponseNorm runs
+    avg_pool3d on a padded 5-d copy. With `forward_grouped` both columns are normalised in one
+    call with a block-diagonal band, so the window never crosses from one column into the other."""
+
+    def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA, k: float = LRN_K):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self._bands: dict = {}
+
+    def _band(self, channels: int, groups: int, x: torch.Tensor) -> torch.Tensor:
+        key = (channels, groups, x.dtype, x.device)
+        if key not in self._bands:
+            i = torch.arange(channels)
+            per = channels // groups
+            near = (i[:, None] - i[None, :]).abs() <= self.size // 2
+            same = (i[:, None] // per) == (i[None, :] // per)
+            self._bands[key] = (near & same).to(x.dtype).to(x.device)[:, :, None, None]
+        return self._bands[key]
+
+    def forward_grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        s = F.conv2d(x * x, self._band(x.shape[1], groups, x))
+        return x * (s * self.alpha + self.k).pow(-self.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_grouped(x, 1)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
 def lrn_paper(channels: int) -> nn.Module:
-    """The paper's text: alpha is not divided by n."""
-    return nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
+    """The paper's text: alpha is not divided by n (= torch's LocalResponseNorm with alpha 5e-4)."""
+    return LRN(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
 
 
 def lrn_convnet(channels: int) -> nn.Module:
-    """Krizhevsky's released cuda-convnet2 code: `scale /= size`, i.e. alpha/n."""
-    return nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
+    """Krizhevsky's released cuda-convnet2 code: `scale /= size`, i.e. alpha/n (= torch's
+    LocalResponseNorm with alpha 1e-4)."""
+    return LRN(LRN_SIZE, LRN_ALPHA / LRN_SIZE, LRN_BETA, LRN_K)
 
 
 def no_norm(channels: int) -> nn.Module:
