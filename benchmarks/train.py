@@ -1,41 +1,62 @@
-"""Benchmark: the input pipeline per core against torchvision's ImageFolder, and the training step.
+"""Benchmark: training images/s -- our input pipeline per core against torchvision's ImageFolder,
+and our training step against torchvision's alexnet, in one process on one machine.
 
-One process; each comparison runs both sides in this process on the same data and device.
+1. Input pipeline, one core (torch.set_num_threads(1), loader workers=0), images/s:
 
-  loader      images/s on one core (torch threads 1, no worker processes):
-                ours         alexcli's shard loader: read the prepared shards, decode the 256x256 JPEGs
-                ours+aug     the same plus the batch augmentations (mean, crop, flip, pca) on the CPU,
-                             which a GPU run does on the GPU
-                imagefolder  torchvision ImageFolder over the source JPEGs with Resize(256),
-                             RandomCrop(224), RandomHorizontalFlip, ToTensor (a DataLoader, no workers)
-              target: ours >= 4x imagefolder per core
-  step        training images/s (forward, backward, SGD update) on data already on the device:
-                torchvision  torchvision.models.alexnet (the later one-weird-trick net), fp32
-                ours fp32    the paper's network, fp32 eager
-                ours fast    bf16 autocast + channels-last (+ torch.compile with --compile)
-                ours+loader  ours fast fed by the real loader (--workers processes, pinned memory,
-                             augmentation on the device) instead of one batch already on the device
-              targets (GPU): ours fast >= 3x ours fp32; ours+loader >= 85% of ours fast
+  ours decode           alexcli.train.loader.batches(train=True, workers=0) over shards prepared from
+                        the source photos: read the tar, decode the 256x256 JPEGs, batch (uint8).
+                        On a GPU this is all the CPU does per image; augmentation runs on the device.
+  ours decode+augment   the same, then to_float and the default augmentation (mean,crop,flip,pca)
+                        on the CPU as well, as when training on the CPU.
+  ImageFolder           torchvision.datasets.ImageFolder over the source JPEGs with
+                        Compose([Resize(256), RandomCrop(224), RandomHorizontalFlip(), ToTensor()]),
+                        a shuffling DataLoader with num_workers=0 and the same batch size.
 
-Data: the 500 ImageNet photos of ../shared/data/imagenet-sample-dev.tar when present (else the
-generated demo set drawn at 300-500 px), prepared at 256x256 into a temporary folder, or --shards
-and --source. The training step uses 1000 classes; the loader cycles the 500 photos.
+  Rounds interleave the three (slow drift and a neighbour's load hit all alike); the best round
+  of each counts, and the per-round ratios are shown too. Target: ours decode >= 4x ImageFolder.
+  With --breakdown (the default) it then times each step of both pipelines on its own.
 
-  .venv/bin/python benchmarks/train.py                 # CPU: loader figures, a few small steps
-  python3 benchmarks/train.py --device cuda --workers 12 --compile
+2. Training step, images/s: forward, cross entropy, backward and SGD step on one synthetic batch
+   already on the device, the same batch for every configuration (on the CPU with one torch thread
+   unless --threads):
+
+  ours fp32             build_model(Arch(num_classes=1000)) (the paper's net), eager, PaperSGD
+  torchvision fp32      torchvision.models.alexnet(num_classes=1000), eager, torch.optim.SGD
+  ours bf16+CL          ours with bf16 autocast and channels-last (target >= 3x ours fp32)
+  ours bf16+CL+compile  the same through torch.compile (--compile)
+  ... from the loader   shards -> loader with --workers processes (pinned memory) -> device
+                        (non_blocking) -> to_float + augmentation -> the fastest step above,
+  ... batch on device   against the same step (to_float + augmentation included) on a uint8 batch
+                        already on the device. Target: from the loader >= 85% of on device.
+
+  All but the first two run on CUDA only; --all runs them on the CPU too (slowly: to check them).
+
+Data: --source DIR (an extracted train/<class>/<image> tree), else ../shared/data's
+imagenet-sample-dev.tar (500 ImageNet photos) extracted to a temporary folder, else generated demo
+images of photo-like sizes (the output says so). Shards: --shards DIR (a prepared data set with a
+train split), else prepare(source, size=256, workers=1) into a temporary folder (not timed). The
+training loader is endless: the loader-fed step cycles the photos.
+
+  .venv/bin/python benchmarks/train.py                    # CPU: about a minute
+  python benchmarks/train.py --device cuda                # GPU: batch 128, 50 steps after 10
+  python benchmarks/train.py --device cuda --compile --workers 12 --json > train.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import math
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tarfile
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +64,6 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-warnings.filterwarnings("ignore", category=UserWarning)
 
 from alexcli import __version__  # noqa: E402
 from alexcli import augment as aug  # noqa: E402
@@ -53,205 +73,637 @@ from alexcli.train import loader  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample-dev.tar"
+SIZE, CROP = 256, 224                 # stored side, network input (sections 2 and 4.1)
+AUGMENT = "mean,crop,flip,pca"        # the trainer's default --augment
+LR = 0.01                             # section 5's learning rate (the speed does not depend on it)
+TARGETS = {"loader_vs_imagefolder": 4.0, "bf16_cl_vs_fp32": 3.0, "loader_fed_vs_on_device": 0.85}
+
+OUT = sys.stdout  # the human-readable lines; stderr with --json, whose object alone goes to stdout
 
 
-def sources(tmp: Path) -> Path:
-    src = tmp / "src"
-    if SAMPLE.is_file():
-        with tarfile.open(SAMPLE) as tar:
-            tar.extractall(src, filter="data")
-    else:
-        from alexcli.data.demo import make_demo
-
-        make_demo(src, train_per_class=60, val_per_class=0, seed=0, min_side=300, max_side=500)
-    return src
+def say(*parts) -> None:
+    print(*parts, file=OUT, flush=True)
 
 
-def sync(device) -> None:
+# ---------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine(device: torch.device) -> dict:
+    import PIL.features
+    import torchvision
+
+    try:
+        import webdataset
+        wds = getattr(webdataset, "__version__", "installed")
+    except ImportError:
+        wds = None
+    info = {"cpu": cpu_model(), "cores": cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "webdataset": wds,
+            "alexcli": __version__, "pil": pil_info(),
+            "libjpeg_turbo": PIL.features.version("jpg") if PIL.features.check_feature("libjpeg_turbo") else None,
+            "device": str(device), "gpu": None}
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        p = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    return info
 
 
-def rate(fn, n_images: int, device, repeat: int = 3) -> float:
-    """Best images/s of REPEAT timed calls of FN (each handling n_images), after one warm-up call."""
-    fn()
-    best = 0.0
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = max(best, n_images / (time.perf_counter() - t))
-    return best
+def header(m: dict) -> str:
+    pil = m["pil"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores available"
+             + (f"; GPU {m['gpu']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}" if m["gpu"] else "; no GPU used"),
+             f"software: python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
+             f"webdataset {m['webdataset']}, alexcli {m['alexcli']}",
+             f"PIL: {pil['package']} {pil['version']}" + (" (SIMD)" if pil["simd"] else "")
+             + (f", libjpeg-turbo {m['libjpeg_turbo']}" if m["libjpeg_turbo"] else ", no libjpeg-turbo")
+             + " (both pipelines decode with it)"]
+    if m["gpu"]:
+        lines.append(f"cuda settings: cudnn.benchmark={m['cudnn_benchmark']}, TF32 matmul={m['tf32']['matmul']}, "
+                     f"TF32 cudnn={m['tf32']['cudnn']} (as the trainer sets them)")
+    return "\n".join(lines)
 
 
-def loader_rates(split, source: Path, batch: int, n: int) -> dict:
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        sys.exit(f"error: --device cuda: no CUDA device is visible (torch {torch.__version__}, {built}); "
+                 f"use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- data
+
+def extract_tar(tar: Path, dest: Path) -> Path:
+    with tarfile.open(tar) as tf:
+        try:
+            tf.extractall(dest, filter="data")  # Python >= 3.11.4 / 3.12
+        except TypeError:
+            tf.extractall(dest)
+    return dest
+
+
+def find_source(args, tmp: Path) -> tuple[Path, str]:
+    """The source photo tree (a root with train/<class>/<image>) and where it came from."""
+    if args.source is not None:
+        if not (args.source / "train").is_dir():
+            sys.exit(f"error: --source {args.source}: expected {args.source}/train/<class>/<image>")
+        return args.source, f"{args.source} (--source)"
+    if SAMPLE.is_file():
+        return extract_tar(SAMPLE, tmp / "src"), f"{SAMPLE}, extracted"
+    from alexcli.data.demo import make_demo
+
+    root = tmp / "demo"
+    say(f"NOTE: {SAMPLE} is missing; generating demo images (not real photos) in {root} ...")
+    make_demo(root, train_per_class=63, val_per_class=0, seed=0, min_side=300, max_side=500, broken=False)
+    return root, "GENERATED demo images, 504 of 300..500 px (no real photos found)"
+
+
+def count_files(root: Path) -> tuple[int, int]:
+    files = [p for p in (root / "train").rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def find_shards(args, src: Path | None, n_source: int, tmp: Path) -> tuple[Path, str]:
+    if args.shards is not None:
+        return args.shards, f"{args.shards} (--shards)"
+    from alexcli.data.prepare import PrepareConfig, prepare
+
+    out = tmp / "shards"
+    # at least 16 shards (or one per loader worker), so every worker has shards of its own
+    shard_size = max(1, n_source // max(16, args.workers))
+    t0 = time.perf_counter()
+    summary = prepare(src, out, PrepareConfig(size=SIZE, shard_size=shard_size, workers=1))
+    return out, (f"prepared from the source in {time.perf_counter() - t0:.1f} s (not timed), "
+                 f"{summary['written']} written, {summary['rejected']} rejected, {shard_size} per shard")
+
+
+def augment_pipeline(shards: Path, device: torch.device):
+    """The trainer's default augmentation, built as loop.py builds it, on DEVICE."""
+    stats = loader.load_data_stats(shards)
+    ctx = aug.AugmentContext(crop=CROP, mean_image=stats["mean_image"].float().to(device),
+                             eigval=stats["pca_eigval"].float().to(device),
+                             eigvec=stats["pca_eigvec"].float().to(device))
+    pipeline, _ = aug.build(aug.parse(AUGMENT), ctx)
+    return pipeline
+
+
+# ---------------------------------------------------------------- 1. input pipeline, one core
+
+def run_ours(split, batch: int, n_batches: int, seed: int, pipeline=None) -> tuple[int, float]:
+    """(images, seconds) of N_BATCHES batches of the training loader in this process, after one
+    untimed batch (it includes filling the shuffle buffer: a start-up cost once per epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    it = loader.batches(split, batch, train=True, workers=0, seed=seed, limit=n_batches + 1)
+    try:
+        next(it)
+        n, t0 = 0, time.perf_counter()
+        for images, labels in it:
+            if pipeline is not None:
+                x = pipeline(aug.to_float(images), gen)
+                assert x.shape[-1] == CROP
+            n += len(labels)
+        return n, time.perf_counter() - t0
+    finally:
+        it.close()
+
+
+def make_imagefolder(src: Path, batch: int, seed: int):
     from torchvision import datasets, transforms
 
+    tf = transforms.Compose([transforms.Resize(256), transforms.RandomCrop(224),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    ds = datasets.ImageFolder(str(src / "train"), transform=tf)
+    return ds, torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0,
+                                           generator=torch.Generator().manual_seed(seed))
+
+
+def run_imagefolder(dl, images: int) -> tuple[int, float]:
+    """(images, seconds) of whole passes over the source until at least IMAGES are done."""
+    n, t0 = 0, time.perf_counter()
+    while n < images:
+        for _x, y in dl:
+            n += len(y)
+    return n, time.perf_counter() - t0
+
+
+def loader_bench(args, src: Path, split) -> dict:
     torch.set_num_threads(1)
-    stats = loader.load_data_stats(split.folder)
-    ctx = aug.AugmentContext(224, stats["mean_image"].float(), stats["pca_eigval"].float(), stats["pca_eigvec"].float())
-    pipeline, _ = aug.build(list(aug.DEFAULT_AUGMENT), ctx)
+    batch, repeat = args.loader_batch, args.repeat
+    pipeline = augment_pipeline(split.folder, torch.device("cpu"))
+    ds, dl = make_imagefolder(src, batch, seed=0)
+    n_batches = max(1, math.ceil(args.images / batch))
+    say(f"\n1. input pipeline, one core (1 torch thread, no loader workers), batch {batch}: "
+        f"{n_batches * batch} images a round; {split.samples} prepared / {len(ds)} source images")
+    # warm-up: page cache for shards and sources, lazy imports, first-call allocations
+    run_ours(split, batch, max(1, split.samples // batch), seed=99, pipeline=pipeline)
+    run_imagefolder(dl, 1)
+    runs: dict[str, list] = {"ours decode": [], "ours decode+augment": [], "ImageFolder": []}
+    for r in range(repeat):
+        runs["ours decode"].append(run_ours(split, batch, n_batches, seed=r))
+        runs["ours decode+augment"].append(run_ours(split, batch, n_batches, seed=r, pipeline=pipeline))
+        runs["ImageFolder"].append(run_imagefolder(dl, n_batches * batch))
+        say(f"  round {r + 1}/{repeat}: " + ", ".join(f"{k} {v[-1][0] / v[-1][1]:,.0f}/s" for k, v in runs.items()))
+    rates = {k: [n / s for n, s in v] for k, v in runs.items()}
+    best = {k: max(v) for k, v in rates.items()}
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    # the ratio within a round (same moment, same neighbours) next to best / best
+    per_round = [o / b for o, b in zip(rates["ours decode"], rates["ImageFolder"])]
+    per_round_aug = [o / b for o, b in zip(rates["ours decode+augment"], rates["ImageFolder"])]
+    say(f"\n  {'pipeline':<22} {'best/s':>9} {'median/s':>9} {'ms/image':>9} {'x ImageFolder':>14}")
+    for k in runs:
+        say(f"  {k:<22} {best[k]:>9,.0f} {median[k]:>9,.0f} {1e3 / best[k]:>9.3f} "
+            f"{best[k] / best['ImageFolder']:>14.2f}")
+    ratio = best["ours decode"] / best["ImageFolder"]
+    target = TARGETS["loader_vs_imagefolder"]
+    say(f"\n  ours decode / ImageFolder = {ratio:.2f} per core (best / best; within each round: "
+        f"{', '.join(f'{x:.2f}' for x in per_round)}); target >= {target:.0f}: "
+        f"{'met' if ratio >= target else 'NOT met'}")
+    say(f"  ours decode+augment / ImageFolder = {best['ours decode+augment'] / best['ImageFolder']:.2f} "
+        f"(augmentation on the CPU too, as when training on the CPU; within each round: "
+        f"{', '.join(f'{x:.2f}' for x in per_round_aug)})")
+    result = {"batch": batch, "images_per_round": n_batches * batch, "rounds": repeat,
+              "images_per_s": best, "images_per_s_median": median, "images_per_s_rounds": rates,
+              "ratio": ratio, "ratio_rounds": per_round,
+              "ratio_with_augment": best["ours decode+augment"] / best["ImageFolder"],
+              "target": target, "met": ratio >= target}
+    if args.breakdown:
+        result["breakdown_ms_per_image"] = breakdown(split, ds, pipeline, batch, repeat, best)
+    return result
+
+
+def _best_ms(fn, n: int, repeat: int) -> float:
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / max(1, n) * 1e3
+
+
+def breakdown(split, ds, pipeline, batch: int, repeat: int, best: dict) -> dict:
+    """ms per image of each step of both pipelines, each step in a loop of its own, best of REPEAT.
+    Uses the loader's internals (_samples, and _decode_batch or _decode): skipped where they changed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    say(f"\n  where the time per image goes (one core, each step in a loop of its own, best of {repeat}):")
+    out: dict[str, float] = {}
+    samples = getattr(loader, "_samples", None)
+    decode_batch = getattr(loader, "_decode_batch", None)
+    decode_one = getattr(loader, "_decode", None)
+    if samples is None or (decode_batch is None and decode_one is None):
+        say("  (skipped: alexcli.train.loader has no _samples and _decode_batch / _decode any more)")
+        return out
+    jpgs: list[bytes] = []
+
+    def read():
+        jpgs.clear()
+        for entry in split.shards:
+            jpgs.extend(j for j, _ in samples(split, entry))
+    n = split.samples
+    out["ours: read the shards (tar, group, label)"] = _best_ms(read, n, repeat)
+    chunks = [jpgs[i:i + batch] for i in range(0, len(jpgs) - batch + 1, batch)] or [jpgs]
+    m = sum(map(len, chunks))
+    if decode_batch is not None:
+        out["ours: decode into a batch (_decode_batch)"] = _best_ms(lambda: [decode_batch(c) for c in chunks],
+                                                                    m, repeat)
+        decode = decode_batch
+    else:
+        out["ours: decode (_decode)"] = _best_ms(lambda: [decode_one(j) for j in jpgs], n, repeat)
+        ims = [decode_one(j) for j in chunks[0]]
+        out["ours: torch.stack of the decoded (3,H,W)"] = _best_ms(
+            lambda: [torch.stack(ims) for _ in chunks], len(chunks) * len(ims), repeat)
+
+        def decode(c):
+            return torch.stack([decode_one(j) for j in c])
+    work = sum(out.values())
+    out["ours: the rest (shuffle buffer, labels, loop)"] = max(0.0, 1e3 / best["ours decode"] - work)
+
+    def pil_decode():
+        for j in jpgs:
+            with Image.open(io.BytesIO(j)) as im:
+                im.load()
+    out["(ours: PIL decode alone, no copy out)"] = _best_ms(pil_decode, n, repeat)
+    try:
+        from torchvision.io import decode_jpeg
+
+        frames = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpgs]
+        out["(ours: torchvision decode_jpeg alone)"] = _best_ms(lambda: [decode_jpeg(f) for f in frames], n, repeat)
+    except Exception as exc:  # noqa: BLE001 -- a comparison line only
+        say(f"  (no torchvision decode_jpeg: {exc})")
+    xs = [decode(c) for c in chunks[:4]]
+    k = sum(len(x) for x in xs)
     gen = torch.Generator().manual_seed(0)
-    steps = n // batch
+    out["ours: to_float + augment on the CPU"] = _best_ms(lambda: [pipeline(aug.to_float(x), gen) for x in xs],
+                                                          k, repeat)
+    layout = "channels-last" if xs[0].is_contiguous(memory_format=torch.channels_last) else "NCHW"
+    other = [x.contiguous() if layout == "channels-last" else x.contiguous(memory_format=torch.channels_last)
+             for x in xs]
+    other_name = "NCHW" if layout == "channels-last" else "channels-last"
+    out[f"(ours: the same on an {other_name} batch)"] = _best_ms(
+        lambda: [pipeline(aug.to_float(x), gen) for x in other], k, repeat)
 
-    def ours():
-        for _x, _y in loader.batches(split, batch, train=True, workers=0, limit=steps):
-            pass
+    # ImageFolder's side, on (up to) 256 of the source images, step by step as its transform runs them
+    paths = [p for p, _ in ds.samples[:256]]
+    blobs = [Path(p).read_bytes() for p in paths]
+    pil: list = []
 
-    def ours_aug():
-        for x, _y in loader.batches(split, batch, train=True, workers=0, limit=steps):
-            pipeline(aug.to_float(x), gen)
+    def src_decode():
+        pil.clear()
+        for p in paths:
+            with Image.open(p) as im:  # as torchvision's pil_loader: open the file, convert("RGB")
+                pil.append(im.convert("RGB"))
+    k = len(paths)
+    out["ImageFolder: read + decode the source (PIL)"] = _best_ms(src_decode, k, repeat)
+    resize, crop, flip, to_tensor = (transforms.Resize(256), transforms.RandomCrop(224),
+                                     transforms.RandomHorizontalFlip(), transforms.ToTensor())
+    out["ImageFolder: Resize(256)"] = _best_ms(lambda: [resize(im) for im in pil], k, repeat)
+    small = [resize(im) for im in pil]
+    out["ImageFolder: RandomCrop + flip"] = _best_ms(lambda: [flip(crop(im)) for im in small], k, repeat)
+    cropped = [flip(crop(im)) for im in small]
+    out["ImageFolder: ToTensor"] = _best_ms(lambda: [to_tensor(im) for im in cropped], k, repeat)
+    pairs = [(to_tensor(im), 0) for im in cropped]
+    groups = [pairs[i:i + batch] for i in range(0, k - batch + 1, batch)]
+    collate = torch.utils.data.default_collate
+    out["ImageFolder: collate"] = _best_ms(lambda: [collate(g) for g in groups], sum(map(len, groups)), repeat)
+    sizes = [im.size for im in pil]
+    say(f"  (source images: mean {np.mean([w for w, _ in sizes]):.0f}x{np.mean([h for _, h in sizes]):.0f} px, "
+        f"{np.mean(list(map(len, blobs))) / 1e3:.0f} KB; prepared: {split.size}x{split.size}, "
+        f"{np.mean(list(map(len, jpgs))) / 1e3:.0f} KB; ours' batches are {layout})")
+    say(f"  {'step':<48} {'ms/image':>9}")
+    for key, ms in out.items():
+        say(f"  {key:<48} {ms:>9.3f}")
+    if "(ours: torchvision decode_jpeg alone)" in out:
+        least = out["ours: read the shards (tar, group, label)"] + out["(ours: torchvision decode_jpeg alone)"]
+        say(f"  ImageFolder end to end / (ours' shard reading + decode_jpeg) = {1e3 / best['ImageFolder'] / least:.2f}"
+            f": the ratio if the loader cost no more than those two")
+    return out
 
-    tf = transforms.Compose([transforms.Resize(256), transforms.RandomCrop(224), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor()])
-    folder = datasets.ImageFolder(str(source / "train"), tf)
 
-    def imagefolder():
-        dl = torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=True, num_workers=0)
-        for i, _ in enumerate(dl):
-            if i + 1 >= steps:
-                break
+# ---------------------------------------------------------------- 2. training step
 
-    cpu = torch.device("cpu")
-    r = {"ours": rate(ours, steps * batch, cpu), "ours+aug": rate(ours_aug, steps * batch, cpu),
-         "imagefolder": rate(imagefolder, steps * batch, cpu)}
-    torch.set_num_threads(os.cpu_count() or 1)
-    return r
+def make_step(model, opt, *, amp: bool, channels_last: bool, device: torch.device, pipeline=None, seed: int = 0):
+    """One training step as loop.py runs it: [to_float + augment], layout, autocast, loss, SGD."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(seed)
 
-
-def step_fn(model, opt, autocast, channels_last: bool):
-    def step(x, y):
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        if autocast:
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-                logits = model(x)
-        else:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if pipeline is not None:
+            x = pipeline(aug.to_float(x), gen)
+        x = x.contiguous(memory_format=fmt)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return loss.detach()
     return step
 
 
-def step_rates(split, device, batch: int, steps: int, workers: int, compile_: bool) -> dict:
+def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> tuple[int, float, float]:
+    """(images, seconds, last loss) of STEPS steps after WARMUP untimed ones, batches from BATCHES."""
+    it = iter(batches)
+    try:
+        for _ in range(warmup):
+            step(*next(it))
+        sync(device)
+        n, loss, t0 = 0, None, time.perf_counter()
+        for _ in range(steps):
+            x, y = next(it)
+            loss = step(x, y)
+            n += len(y)
+        sync(device)
+        took = time.perf_counter() - t0
+    finally:
+        if hasattr(it, "close"):
+            it.close()  # a loader-fed generator stops its workers now, not when it is collected
+    return n, took, float(loss) if loss is not None else math.nan
+
+
+def repeat_batch(x: torch.Tensor, y: torch.Tensor):
+    """The same batch forever; an iterator without close(), so every configuration can share it."""
+    return itertools.repeat((x, y))
+
+
+def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int, seed: int):
+    """The trainer's input path: loader (pinned memory on CUDA) -> device without blocking the host."""
+    cuda = device.type == "cuda"
+    it = loader.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit)
+    try:
+        for images, labels in it:
+            yield images.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
+    finally:
+        it.close()
+
+
+class Config:
+    """One measured configuration: its step function and its timed runs."""
+
+    def __init__(self, name: str, model, opt, step, warmup: int):
+        self.name, self.model, self.opt, self.step, self.warmup = name, model, opt, step, warmup
+        self.runs: list[tuple[int, float, float]] = []
+        self.error: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return max((n / s for n, s, _ in self.runs), default=math.nan)
+
+    def last(self) -> float:
+        n, s, _ = self.runs[-1]
+        return n / s
+
+
+def build_ours(device: torch.device, *, channels_last: bool = False):
+    torch.manual_seed(0)
+    model = build_model(Arch(num_classes=1000))[0].to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, PaperSGD(model.parameters(), lr=LR)
+
+
+def step_bench(args, device: torch.device, split) -> dict:
     import torchvision
 
-    x = torch.rand(batch, 3, 224, 224, device=device)
+    cuda = device.type == "cuda"
+    full = cuda or args.all
+    torch.set_num_threads(args.threads)
+    batch, steps, warmup, repeat = args.batch, args.steps, args.warmup, args.step_repeat
+    say(f"\n2. training step on {device}" + ("" if cuda else f" ({torch.get_num_threads()} torch threads)")
+        + f", batch {batch}, {steps} timed steps after {warmup} warm-up, best of {repeat} interleaved rounds; "
+          "one synthetic batch already on the device")
+    x = torch.randn(batch, 3, CROP, CROP, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    out = {}
+    data = repeat_batch(x, y)
+    configs = []
+    model, opt = build_ours(device)
+    configs.append(Config("ours fp32", model, opt,
+                          make_step(model, opt, amp=False, channels_last=False, device=device), warmup))
+    torch.manual_seed(0)
+    tv = torchvision.models.alexnet(num_classes=1000).to(device)
+    tv_opt = torch.optim.SGD(tv.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    configs.append(Config("torchvision fp32", tv, tv_opt,
+                          make_step(tv, tv_opt, amp=False, channels_last=False, device=device), warmup))
+    fastest = bf16 = None
+    if full:
+        model, opt = build_ours(device, channels_last=True)
+        fastest = bf16 = Config("ours bf16+CL", model, opt,
+                                make_step(model, opt, amp=True, channels_last=True, device=device), warmup)
+        configs.append(bf16)
+        if args.compile:
+            model, opt = build_ours(device, channels_last=True)
+            runner = torch.compile(model)
+            fastest = Config("ours bf16+CL+compile", runner, opt,
+                             make_step(runner, opt, amp=True, channels_last=True, device=device),
+                             max(warmup, 3))  # the first steps compile (forward and backward)
+            configs.append(fastest)
+    elif args.compile:
+        say("  (--compile applies to the bf16 configuration, which runs on CUDA or with --all)")
+    for r in range(repeat):
+        for c in configs:
+            if c.error:
+                continue
+            try:
+                c.runs.append(time_steps(c.step, data, c.warmup if r == 0 else 0, steps, device))
+            except Exception as exc:  # noqa: BLE001 -- e.g. torch.compile failing: report it and go on
+                c.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                say(f"  {c.name}: FAILED: {c.error}")
+                if fastest is c:
+                    fastest = bf16 if bf16 is not c else None
+        say(f"  round {r + 1}/{repeat}: " + ", ".join(f"{c.name} {c.last():,.0f}/s" for c in configs
+                                                      if c.runs and not c.error))
+    ok = [c for c in configs if c.runs and not c.error]
+    result = {"device": str(device), "batch": batch, "steps": steps, "warmup": warmup, "rounds": repeat,
+              "images_per_s": {c.name: c.rate for c in ok},
+              "errors": {c.name: c.error for c in configs if c.error}}
+    diverged = [c.name for c in ok if not math.isfinite(c.runs[-1][2])]
+    if diverged:
+        say(f"  NOTE: the loss became non-finite in {', '.join(diverged)} (one random batch, lr {LR}); "
+            f"the timings stand")
 
-    def synthetic(step):
-        def run():
-            for _ in range(steps):
-                step(x, y)
-        return run
+    rows = [(c.name, c.rate) for c in ok]
+    if full and fastest is not None and split is not None:
+        rows += loader_fed_bench(args, device, split, fastest, result)
+    elif not full:
+        say("  (bf16 + channels-last, --compile and the loader-fed step run on CUDA; --all runs them here too)")
 
-    theirs = torchvision.models.alexnet(num_classes=1000).to(device)
-    out["torchvision fp32"] = rate(synthetic(step_fn(theirs, torch.optim.SGD(theirs.parameters(), lr=0.01,
-                                                                           momentum=0.9), None, False)),
-                                   steps * batch, device)
-    del theirs
-    ours, _ = build_model(Arch(num_classes=1000, init="caffe"))
-    ours = ours.to(device)
-    out["ours fp32"] = rate(synthetic(step_fn(ours, PaperSGD(ours.parameters()), None, False)), steps * batch, device)
-    if device.type != "cuda":
-        return out
-    fast_model = ours.to(memory_format=torch.channels_last)
-    runner = torch.compile(fast_model) if compile_ else fast_model
-    fast = step_fn(runner, PaperSGD(fast_model.parameters()), True, True)
-    key = "ours bf16+cl" + ("+compile" if compile_ else "")
-    out[key] = rate(synthetic(fast), steps * batch, device)
-
-    # the same step with augmentation on the device, from a uint8 batch already there vs from the loader
-    stats = loader.load_data_stats(split.folder)
-    ctx = aug.AugmentContext(224, *(stats[k].float().to(device) for k in ("mean_image", "pca_eigval", "pca_eigvec")))
-    pipeline, _ = aug.build(list(aug.DEFAULT_AUGMENT), ctx)
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 1000, (batch,), device=device)  # the sample's classes are < 1000 anyway
-    resident = next(loader.batches(split, batch, train=True, workers=0, limit=1))[0].to(device)
-
-    def on_device():
-        for _ in range(steps):
-            fast(pipeline(aug.to_float(resident), gen), labels)
-
-    def from_loader():
-        for images, lab in loader.batches(split, batch, train=True, workers=workers, pin=True, limit=steps):
-            images = images.to(device, non_blocking=True)
-            fast(pipeline(aug.to_float(images), gen), lab.to(device, non_blocking=True))
-
-    out[key + " aug, data on GPU"] = rate(on_device, steps * batch, device)
-    out[key + " aug, real loader"] = rate(from_loader, steps * batch, device)
-    return out
+    base = result["images_per_s"].get("ours fp32", math.nan)
+    say(f"\n  {'configuration':<44} {'images/s':>10} {'ms/step':>9} {'x ours fp32':>12}")
+    for name, rate in rows:
+        say(f"  {name:<44} {rate:>10,.1f} {batch / rate * 1e3:>9.1f} {rate / base:>12.2f}")
+    tv_rate = result["images_per_s"].get("torchvision fp32")
+    if tv_rate:
+        result["ours_vs_torchvision_fp32"] = base / tv_rate
+        say(f"\n  ours fp32 / torchvision fp32 = {base / tv_rate:.2f} (the paper's net: two columns, LRN, "
+            f"96-256-384-384-256 maps; torchvision's: one column, no LRN, 64-192-384-256-256)")
+    bf = result["images_per_s"].get("ours bf16+CL")
+    if bf:
+        r = bf / base
+        target = TARGETS["bf16_cl_vs_fp32"]
+        result["bf16_cl_vs_fp32"] = {"ratio": r, "target": target, "met": r >= target}
+        say(f"  ours bf16+CL / ours fp32 = {r:.2f} (target >= {target:.0f} on a GPU: "
+            f"{'met' if r >= target else 'NOT met'})")
+        comp = result["images_per_s"].get("ours bf16+CL+compile")
+        if comp:
+            result["bf16_cl_compile_vs_fp32"] = comp / base
+            say(f"  ours bf16+CL+compile / ours fp32 = {comp / base:.2f}")
+    if "loader_fed" in result:
+        lf = result["loader_fed"]
+        say(f"  from the loader / batch on device = {lf['ratio']:.2f} (target >= {lf['target']:.2f} on a GPU: "
+            f"{'met' if lf['met'] else 'NOT met'})")
+    return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--batch", type=int, default=None, help="[default: 128 on cuda, 16 on cpu]")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per pass [default: 50 on cuda, 2 on cpu]")
-    ap.add_argument("--workers", type=int, default=8, help="loader processes for the real-loader step (cuda)")
-    ap.add_argument("--images", type=int, default=1024, help="images per timed pass of the loader comparison")
-    ap.add_argument("--shards", type=Path, help="a prepared data set at 256x256 (default: prepare the sample)")
-    ap.add_argument("--source", type=Path, help="the source tree for ImageFolder (with --shards)")
-    ap.add_argument("--compile", action="store_true", help="add torch.compile to the fast step")
-    ap.add_argument("--skip-loader", action="store_true")
-    ap.add_argument("--skip-step", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: no CUDA device is visible")
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda"
-                          else "cpu")
-    batch = args.batch or (128 if device.type == "cuda" else 16)
-    steps = args.steps or (50 if device.type == "cuda" else 2)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+def loader_fed_bench(args, device: torch.device, split, fastest: Config, result: dict) -> list:
+    """The fastest step fed by the real loader against the same step on a batch already on the device."""
+    cuda = device.type == "cuda"
+    batch, steps, repeat = args.batch, args.steps, args.step_repeat
+    workers = loader.auto_workers(split, 1, args.workers)
+    if workers < args.workers:
+        say(f"  NOTE: {len(split.shards)} shards feed at most {workers} loader workers (--workers {args.workers})")
+    pipeline = augment_pipeline(split.folder, device)
+    step = make_step(fastest.model, fastest.opt, amp=True, channels_last=True, device=device, pipeline=pipeline)
+    first = loader.batches(split, batch, train=True, workers=0, limit=1)
+    images, labels = next(first)
+    first.close()
+    resident = repeat_batch(images.to(device), labels.to(device))
+    warm = max(args.warmup, 10 if cuda else 1)
+    say(f"\n  {fastest.name} with to_float + {AUGMENT} on the device, fed by the loader ({workers} workers"
+        f"{', pinned memory, non_blocking copies' if cuda else ''}) or on one uint8 batch already on the device; "
+        f"{steps} steps after {warm}, {repeat} rounds:")
+    on_device = Config(f"{fastest.name}, batch on device", None, None, step, warm)
+    fed = Config(f"{fastest.name}, from the loader", None, None, step, warm)
+    for r in range(repeat):
+        on_device.runs.append(time_steps(step, resident, warm, steps, device))
+        t0 = time.perf_counter()
+        fed.runs.append(time_steps(step, loader_fed(split, batch, workers, device, warm + steps, seed=r),
+                                   warm, steps, device))
+        say(f"  round {r + 1}/{repeat}: on device {on_device.last():,.1f}/s, from the loader {fed.last():,.1f}/s "
+            f"(the loader's whole call, worker start and warm-up included: {time.perf_counter() - t0:.1f} s)")
+    ratio = fed.rate / on_device.rate
+    target = TARGETS["loader_fed_vs_on_device"]
+    result["loader_fed"] = {"workers": workers, "config": fastest.name, "warmup": warm,
+                            "images_per_s": {"on_device": on_device.rate, "from_loader": fed.rate},
+                            "ratio": ratio, "target": target, "met": ratio >= target}
+    return [(on_device.name, on_device.rate), (fed.name, fed.rate)]
 
-    with tempfile.TemporaryDirectory() as tmpd:
-        tmp = Path(tmpd)
-        if args.shards:
-            shards, source = args.shards, args.source
-        else:
-            from alexcli.data.prepare import PrepareConfig, prepare
 
-            source = sources(tmp)
-            shards = tmp / "shards"
-            prepare(source, shards, PrepareConfig(size=256, shard_size=32, workers=1))
-        split = loader.open_split(shards, "train")
-        result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-                             + (f", {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""),
-                  "torch": torch.__version__, "alexcli": __version__, "pil": pil_info(), "device": str(device),
-                  "batch": batch, "steps": steps, "images": split.samples}
-        if not args.skip_loader:
-            if source is None:
-                sys.exit("error: --shards needs --source for the ImageFolder baseline (or use --skip-loader)")
-            result["loader_images_per_s_per_core"] = lr = loader_rates(split, source, 64, args.images)
-            result["loader_ratio"] = lr["ours"] / lr["imagefolder"]
-        if not args.skip_step:
-            result["step_images_per_s"] = sr = step_rates(split, device, batch, steps, args.workers, args.compile)
-            if device.type == "cuda":
-                fast = [k for k in sr if k.startswith("ours bf16") and "aug" not in k][0]
-                result["fast_over_fp32"] = sr[fast] / sr["ours fp32"]
-                result["loader_over_resident"] = sr[fast + " aug, real loader"] / sr[fast + " aug, data on GPU"]
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch", type=int, help="training-step batch [default: 128 on CUDA, 16 on the CPU]")
+    p.add_argument("--loader-batch", type=int, default=64,
+                   help="batch of the one-core pipeline comparison, both sides [default: %(default)s]")
+    p.add_argument("--images", type=int, default=1000,
+                   help="images a timed round of the pipeline comparison [default: %(default)s, 2 passes of the 500]")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved rounds of the pipeline comparison [default: %(default)s]")
+    p.add_argument("--steps", type=int, help="timed training steps a round [default: 50 on CUDA, 3 on the CPU]")
+    p.add_argument("--warmup", type=int, help="untimed steps first [default: 10 on CUDA, 1 on the CPU]")
+    p.add_argument("--step-repeat", type=int, help="rounds of the training steps [default: 3 on CUDA, 2 on the CPU]")
+    p.add_argument("--workers", type=int,
+                   help="loader processes for the loader-fed step [default: min(8, cores - 1) on CUDA, 1 on the CPU]")
+    p.add_argument("--threads", type=int, help="torch threads for the training step on the CPU [default: 1, a "
+                                               "per-core figure like part 1, steadier on a shared machine]")
+    p.add_argument("--compile", action="store_true", help="also time ours bf16+CL through torch.compile")
+    p.add_argument("--all", action="store_true", help="run the CUDA-only measurements on the CPU too (slow)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.backends.cudnn.benchmark, on by default as the trainer sets it on CUDA")
+    p.add_argument("--source", type=Path, help="extracted source photos: DIR/train/<class>/<image>")
+    p.add_argument("--shards", type=Path, help="a prepared data set to read instead of preparing the source")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each step of both pipelines on its own [default: on]")
+    p.add_argument("--skip-loader", action="store_true", help="skip 1., the input pipeline comparison")
+    p.add_argument("--skip-step", action="store_true", help="skip 2., the training step")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the text goes to stderr)")
+    args = p.parse_args(argv)
+    for name in ("batch", "loader_batch", "images", "repeat", "steps", "step_repeat", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if (args.warmup is not None and args.warmup < 0) or (args.workers is not None and args.workers < 0):
+        p.error("--warmup and --workers must be at least 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    global OUT
+    args = parse_args(argv)
     if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    pil = result["pil"]
-    print(f"{result['machine']}; torch {result['torch']}; PIL {pil['package']} {pil['version']}; "
-          f"{result['images']} photos; batch {batch}")
-    if "loader_ratio" in result:
-        for k, v in result["loader_images_per_s_per_core"].items():
-            print(f"  loader {k:<12} {v:>8,.0f} images/s per core")
-        print(f"  ours / imagefolder = {result['loader_ratio']:.2f}x (target >= 4)")
-    if "step_images_per_s" in result:
-        for k, v in result["step_images_per_s"].items():
-            print(f"  step {k:<38} {v:>8,.0f} images/s")
-        if "fast_over_fp32" in result:
-            print(f"  bf16+channels-last / fp32 eager = {result['fast_over_fp32']:.2f}x (target >= 3)")
-            print(f"  real loader / data on GPU = {result['loader_over_resident']:.0%} (target >= 85%)")
+        OUT = sys.stderr
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    cores = cpu_count()
+    args.batch = args.batch or (128 if cuda else 16)
+    args.steps = args.steps or (50 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.step_repeat = args.step_repeat or (3 if cuda else 2)
+    args.workers = args.workers if args.workers is not None else (max(1, min(8, cores - 1)) if cuda else 1)
+    args.threads = args.threads or (cores if cuda else 1)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    m = machine(device)
+    say(header(m))
+    result = {"machine": m, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    tmp = Path(tempfile.mkdtemp(prefix="alexcli-bench-train-"))
+    try:
+        need_loader = not args.skip_loader
+        need_shards = need_loader or (not args.skip_step and (cuda or args.all))
+        src, n_src, split = None, 0, None
+        if need_loader or (need_shards and args.shards is None):
+            src, origin = find_source(args, tmp)
+            n_src, size_src = count_files(src)
+            say(f"source: {origin}: {n_src} files, {size_src / 1e6:.1f} MB")
+            result["source"] = {"origin": origin, "files": n_src, "bytes": size_src}
+        if need_shards:
+            shards, how = find_shards(args, src, n_src, tmp)
+            split = loader.open_split(shards, "train")
+            say(f"shards: {how}: {split.samples} training images in {len(split.shards)} shards, "
+                f"{split.size}x{split.size}")
+            result["shards"] = {"how": how, "samples": split.samples, "shards": len(split.shards), "size": split.size}
+            if split.size != SIZE:
+                say(f"NOTE: the shards are {split.size}x{split.size}, not {SIZE}x{SIZE}: not the paper's setting")
+        if need_loader:
+            threads = torch.get_num_threads()
+            result["loader"] = loader_bench(args, src, split)
+            torch.set_num_threads(threads)
+        if not args.skip_step:
+            result["step"] = step_bench(args, device, split)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    return result
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the loader's worker processes re-import this module
     main()

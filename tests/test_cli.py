@@ -7,7 +7,7 @@ from conftest import run_cli
 
 
 def test_help_of_every_command_has_an_example(capsys):
-    for cmd in ("prepare", "train", "demo", "plugins", "doctor"):
+    for cmd in ("prepare", "train", "eval", "ensemble", "predict", "kernels", "neighbors", "demo", "plugins", "doctor"):
         assert main([cmd, "--help"]) == 0
         text = capsys.readouterr().out
         assert "Example: alexcli " + cmd in text or "Examples:" in text and "alexcli " + cmd in text
@@ -73,15 +73,21 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert summary["splits"]["train"]["written"] == 32 and summary["splits"]["val"]["written"] == 8
     assert summary["rejected"] == 3
     assert (tmp_path / "shards" / "demo" / "stats.safetensors").is_file()
-    assert result["train"]["last"]["epoch"] == 2 and (tmp_path / "runs" / "demo" / "ckpt-e002.safetensors").is_file()
+    assert [r["last"]["epoch"] for r in result["train"]] == [2, 2]
+    assert (tmp_path / "runs" / "demo" / "seed1" / "ckpt-e002.safetensors").is_file()
+    assert result["eval_ten"]["crops"] == "ten" and len(result["ensemble"]["models"]) == 2
+    for picture in ("kernels.png", "predictions.png"):
+        assert (tmp_path / "runs" / "demo" / picture).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_full_demo_learns_far_below_chance(tmp_path):
     """The README's promise: the default demo ends with validation error far below chance (87.5%)."""
     r = run_cli("demo", "--json", cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
-    last = json.loads(r.stdout)["train"]["last"]
-    assert last["epoch"] == 30 and last["val_top1_error"] < 0.25, last
+    result = json.loads(r.stdout)
+    assert [t["last"]["epoch"] for t in result["train"]] == [30, 30]
+    assert result["eval_ten"]["models"][0]["top1_error"] < 0.25, result["eval_ten"]
+    assert result["ensemble"]["ensemble"]["top1_error"] < 0.25, result["ensemble"]
 
 
 def test_doctor_reports_pil_and_devices(capsys):

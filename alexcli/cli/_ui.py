@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -52,3 +53,31 @@ def progress(description: str, unit: str = "images", quiet: bool = False) -> Ite
     finally:
         if started:
             bar.stop()
+
+
+def device_name(name: str) -> str:
+    """--device auto|cpu|cuda as a torch device name, or a one-line error."""
+    import torch
+
+    from alexcli.errors import UsageError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return name
+
+
+def data_folder(data: Optional[Path], ckpt: Path) -> Path:
+    """--data, or the folder the checkpoint was trained on when it still exists."""
+    from alexcli.errors import UsageError
+    from alexcli.train.checkpoint import read_meta
+
+    if data is not None:
+        return data
+    folder = read_meta(ckpt).get("data", {}).get("folder")
+    if folder and Path(folder).is_dir():
+        return Path(folder)
+    raise UsageError(f"--data is needed: {ckpt} was trained on {folder or 'an unknown folder'}, which is not here")

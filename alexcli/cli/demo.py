@@ -8,63 +8,90 @@ from alexcli.cli._ui import emit_json, err, out, progress
 
 # The demo's network: the paper's structure at a quarter of its width on 64x64 crops of 72x72
 # images (the ratio of 224 to 256), with He initialisation: the paper's N(0, 0.01) start sits
-# at chance for a long time on a net this small (see README, "Initialisation").
+# at chance for a long time on a net this small (see README, "Initialisation"). The demo's
+# validation photos are few (200), so its figures are a smoke test of the tools, not results.
 DEMO_SIZE, DEMO_CROP, DEMO_WIDTH = 72, 64, 0.25
 
 
 def demo_command(
     source: Path = typer.Option(Path("shards/demo-source"), help="Where the generated photos are written."),
     out_dir: Path = typer.Option(Path("shards/demo"), "--out", help="Where the prepared shards go."),
-    run_dir: Path = typer.Option(Path("runs/demo"), "--run", help="Where the training run goes (replaced)."),
+    run_dir: Path = typer.Option(Path("runs/demo"), "--run", help="Where the two training runs and the pictures "
+                                                               "go (replaced)."),
     per_class: int = typer.Option(100, help="Training images per class (8 classes; a quarter as many for val)."),
-    epochs: int = typer.Option(30, help="Training epochs (the learning rate drops tenfold after 2/3 of them)."),
-    seed: int = typer.Option(0, help="Seed of the generated images and of training."),
-    workers: int = typer.Option(0, help="Worker processes for prepare [default: all cores]."),
+    epochs: int = typer.Option(30, help="Training epochs per model (the learning rate drops tenfold after 2/3)."),
+    seed: int = typer.Option(0, help="Seed of the generated images and of the first model (the second: seed+1)."),
+    workers: int = typer.Option(0, help="Worker processes for prepare (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summaries as JSON on stdout."),
 ) -> None:
     """Run alexcli end to end on a built-in data set drawn on the spot (no download).
 
     Draws 8 classes of photo-like images in ImageNet's folder layout (a few of them grayscale,
-    CMYK, PNG or broken on purpose), prepares them into shards at 72x72, then trains the
-    paper's network at a quarter width on 64x64 crops and reports its validation error.
-    About a minute on 2 CPU cores.
+    CMYK, PNG or broken on purpose), prepares them into shards at 72x72, trains the paper's
+    network twice (two seeds) at a quarter width on 64x64 crops, evaluates the first with ten
+    patches, ensembles the two (Table 2), and draws the conv1 kernels (Figure 3) and the top-5
+    predictions of a few validation photos (Figure 4). About two minutes on 2 CPU cores.
 
     Example: alexcli demo --epochs 10
     """
+    from dataclasses import replace
+
+    from alexcli.cli.eval import render
     from alexcli.cli.prepare import render_summary
     from alexcli.cli.train import TrainView
     from alexcli.data.demo import CLASSES, make_demo
     from alexcli.data.prepare import PrepareConfig, prepare
+    from alexcli.evaluate import score
+    from alexcli.figures import draw_predictions, predict, write_kernels
     from alexcli.model.alexnet import Arch
+    from alexcli.train import loader
     from alexcli.train.config import TrainConfig
     from alexcli.train.loop import describe, train
 
+    say = (lambda *a, **k: None) if as_json else out.print
     if not (source / "train").is_dir():
         err.print(f"drawing the demo photos into {source} ...")
         make_demo(source, train_per_class=per_class, val_per_class=max(1, per_class // 4), seed=seed)
     cfg = PrepareConfig(size=DEMO_SIZE, workers=workers, shard_size=100, overwrite=True)
-    with progress("prepare demo") as update:
+    with progress("prepare demo", quiet=as_json) as update:
         prepared = prepare(source, out_dir, cfg, progress=update)
     if not as_json:
         render_summary(prepared)
+
     arch = Arch(num_classes=len(CLASSES), crop=DEMO_CROP, width=DEMO_WIDTH, init="kaiming")
-    tcfg = TrainConfig(data=str(out_dir), out=str(run_dir), epochs=epochs, batch=32, seed=seed,
-                       schedule="steps", lr_steps=(max(1, epochs * 2 // 3),), device="auto")
-    if not as_json:
-        out.print(f"\ntraining {describe(arch)} into {run_dir}", soft_wrap=True)
-    view = TrainView(quiet=as_json)
-    try:
-        trained = train(tcfg, arch, overwrite=True, progress=view)
-    finally:
-        view.close()
+    runs = []
+    for k in range(2):
+        tcfg = TrainConfig(data=str(out_dir), out=str(run_dir / f"seed{seed + k}"), epochs=epochs, batch=32,
+                           seed=seed + k, schedule="steps", lr_steps=(max(1, epochs * 2 // 3),), device="auto")
+        say(f"\nmodel {k + 1} of 2: {describe(arch)}, seed {seed + k} -> {tcfg.out}", soft_wrap=True)
+        view = TrainView(quiet=as_json)
+        try:
+            runs.append(train(tcfg, replace(arch), overwrite=True, progress=view))
+        finally:
+            view.close()
+    ckpts = [r["checkpoint"] for r in runs]
+
+    val = loader.open_split(out_dir, "val")
+    ten = score(ckpts[:1], val, crops="ten", batch=64)
+    table2 = score(ckpts, val, crops="center", batch=64)
+    kernels = write_kernels(ckpts[0], run_dir / "kernels.png")
+    photos = sorted(p for c in CLASSES[:4] for p in list((source / "val" / c).glob("*.JPEG"))[:1])
+    result, pixels = predict(ckpts[0], photos)
+    draw_predictions(result, pixels, run_dir / "predictions.png")
     if as_json:
-        emit_json({"prepare": prepared, "train": trained})
+        emit_json({"prepare": prepared, "train": runs, "eval_ten": ten, "ensemble": table2, "kernels": kernels,
+                   "predictions": result})
         return
-    last = trained["last"]
+    say("")
+    render(ten, per_class=False)
+    render(table2, per_class=False)
     chance = 1 - 1 / len(CLASSES)
-    out.print(f"\nvalidation top-1 error {last['val_top1_error']:.1%} (chance: {chance:.1%}), "
-              f"top-5 {last['val_top5_error']:.1%}; checkpoint {trained['checkpoint']}", soft_wrap=True)
-    out.print(f"next: alexcli prepare /data/imagenet && alexcli train --data shards/imagenet")
+    first = ten["models"][0]
+    say(f"\nvalidation top-1 error {first['top1_error']:.1%} with ten patches (chance: {chance:.1%}); "
+        f"two models averaged: {table2['ensemble']['top1_error']:.1%} (centre patch)", soft_wrap=True)
+    say(f"pictures: {run_dir / 'kernels.png'} (conv1 kernels, Figure 3), {run_dir / 'predictions.png'} "
+        f"(top-5 of {len(photos)} val photos, Figure 4)", soft_wrap=True)
+    say("next: alexcli prepare /data/imagenet && alexcli train --data shards/imagenet", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

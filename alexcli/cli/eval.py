@@ -5,34 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.cli._ui import emit_json, out, progress
-
-
-def _device(name: str):
-    import torch
-
-    from alexcli.errors import UsageError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return name
-
-
-def _data_folder(data: Optional[Path], ckpt: Path) -> Path:
-    """--data, or the folder the checkpoint was trained on when it still exists."""
-    from alexcli.errors import UsageError
-    from alexcli.train.checkpoint import read_meta
-
-    if data is not None:
-        return data
-    folder = read_meta(ckpt).get("data", {}).get("folder")
-    if folder and Path(folder).is_dir():
-        return Path(folder)
-    raise UsageError(f"--data is needed: {ckpt} was trained on {folder or 'an unknown folder'}, which is not here")
+from alexcli.cli._ui import data_folder as _data_folder, device_name as _device, emit_json, out, progress
 
 
 def _run(ckpts: list[Path], data: Optional[Path], split: str, crops: str, batch: int, workers: int, device: str,
@@ -94,12 +67,12 @@ def _strip_per_class(result: dict, keep: bool) -> dict:
 
 def eval_command(
     ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set [default: the one it was trained on]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set (default: the one it was trained on)."),
     split: str = typer.Option("val", help="Split to score: val, test or train."),
     crops: str = typer.Option("center", help="center: the central 224 patch; ten: the four corners, the centre "
                                              "and their reflections, softmax averaged (section 4.1)."),
     batch: int = typer.Option(128, help="Images per batch (x10 patches with --crops ten)."),
-    workers: int = typer.Option(-1, help="Decoding processes [default: a quarter of the cores, one per shard]."),
+    workers: int = typer.Option(-1, help="Decoding processes (default: a quarter of the cores, one per shard)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: str = typer.Option("none", help="none or bf16."),
     per_class: bool = typer.Option(False, "--per-class", help="Also show each class's top-1 error."),
@@ -121,11 +94,11 @@ def eval_command(
 
 def ensemble_command(
     ckpts: List[Path] = typer.Argument(..., help="Checkpoints to average (their class lists must match)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set [default: the first one's]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set (default: the first one's)."),
     split: str = typer.Option("val", help="Split to score."),
     crops: str = typer.Option("center", help="center or ten (section 4.1)."),
     batch: int = typer.Option(128, help="Images per batch."),
-    workers: int = typer.Option(-1, help="Decoding processes [default: a quarter of the cores, one per shard]."),
+    workers: int = typer.Option(-1, help="Decoding processes (default: a quarter of the cores, one per shard)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: str = typer.Option("none", help="none or bf16."),
     per_class: bool = typer.Option(False, "--per-class", help="Also show the ensemble's error per class."),

@@ -26,13 +26,13 @@ def render_summary(s: dict) -> None:
 
 def prepare_command(
     src: Path = typer.Argument(..., help="Source tree: SRC/train/<class>/<image>, optionally SRC/val and SRC/test."),
-    out_dir: Path = typer.Option(None, "--out", help="Output folder [default: shards/<name of SRC>]."),
+    out_dir: Path = typer.Option(None, "--out", help="Output folder (default: shards/<name of SRC>)."),
     size: int = typer.Option(256, help="Side of the square images written (section 2: 256)."),
     quality: int = typer.Option(90, help="JPEG quality of the written images."),
     resample: str = typer.Option("bicubic", help="Resize filter: bicubic, bilinear, lanczos or box."),
     seed: int = typer.Option(0, help="Seed of the shuffle of training samples across shards."),
     shard_size: int = typer.Option(1000, help="Samples per shard."),
-    workers: int = typer.Option(0, help="Worker processes [default: all cores]."),
+    workers: int = typer.Option(0, help="Worker processes (default: all cores)."),
     max_pixels: int = typer.Option(89_478_485, help="Reject sources with more pixels than this."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any file has to be rejected."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different data set in --out."),

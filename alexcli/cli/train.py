@@ -62,7 +62,7 @@ class TrainView:
 
 def train_command(
     data: Path = typer.Option(..., "--data", help="A prepared data set (alexcli prepare)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder [default: runs/<name of --data>]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<name of --data>)."),
     epochs: int = typer.Option(90, help="Epochs to train (section 5: about 90); with --resume, the new total."),
     batch: int = typer.Option(128, help="Images per SGD step over all GPUs (section 5: 128)."),
     lr: float = typer.Option(0.01, help="Initial learning rate (section 5: 0.01)."),
@@ -90,7 +90,7 @@ def train_command(
     amp: str = typer.Option("none", help="none or bf16 (autocast)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (faster on GPUs)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    loader_workers: int = typer.Option(-1, help="Decoding processes per rank [default: up to 4, one per shard]."),
+    loader_workers: int = typer.Option(-1, help="Decoding processes per rank (default: on a GPU all cores but one per rank up to 8, on the CPU a quarter of them; at most one per shard)."),
     keep: int = typer.Option(3, help="Epoch checkpoints to keep besides the best."),
     steps_per_epoch: int = typer.Option(0, help="Cap on steps per epoch (0: one pass over the training set)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --epochs."),

@@ -191,7 +191,8 @@ class ShardStream(IterableDataset):
                 yield from _samples(self.split, self.split.shards[i])
 
     def __iter__(self):
-        torch.set_num_threads(1)
+        if get_worker_info() is not None:  # a decoding process: leave the cores to the others
+            torch.set_num_threads(1)
         slot, slots = self._slot()
         if self.train:
             items = _buffer_shuffle(self._train_samples(slot, slots),

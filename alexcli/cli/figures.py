@@ -1,0 +1,146 @@
+"""`alexcli predict`, `kernels` and `neighbors`: the paper's qualitative results (section 6.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from alexcli.cli._ui import data_folder as _data_folder, device_name as _device, emit_json, err, out, progress
+
+
+def predict_command(
+    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
+    images: List[Path] = typer.Argument(..., help="Image files in any format Pillow reads."),
+    crops: str = typer.Option("center", help="center: the central patch; ten: the four corners, the centre and "
+                                             "their reflections, softmax averaged (section 4.1)."),
+    top: int = typer.Option(5, help="How many of the most probable classes to show."),
+    fig: Optional[Path] = typer.Option(None, "--out", help="Also draw the images with their top probabilities "
+                                                           "as bars (Figure 4, left) into this PNG."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """The most probable classes of any image, with their probabilities (Figure 4, left).
+
+    Each image is resized and cropped exactly as `alexcli prepare` does it (shorter side to the
+    checkpoint's image size, the central square, JPEG), then fed as `alexcli eval` does (mean image
+    subtracted, centre crop or ten patches). When an image sits in a folder named after one of the
+    classes (ImageNet's layout), that class is shown as its label and its bar drawn red.
+
+    Example: alexcli predict runs/demo/ckpt-e030.safetensors photo.jpg cat.png --out predictions.png
+    """
+    from alexcli.figures import draw_predictions, percent, predict
+
+    result, pixels = predict(ckpt, [str(i) for i in images], crops=crops, top=top, device=_device(device))
+    if fig is not None:
+        result["out"] = str(draw_predictions(result, pixels, fig))
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    for row in result["images"]:
+        label = row["label"]
+        title = row["image"] + (f"  (its folder names class {label['name']}: rank {label['rank']})" if label else "")
+        out.print(f"[bold]{title}[/bold]", soft_wrap=True)
+        table = Table()
+        table.add_column("#", justify="right")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        for i, t in enumerate(row["top"], 1):
+            name = f"[bold]{t['name']}[/bold]" if label and t["index"] == label["index"] else t["name"]
+            table.add_row(str(i), name, percent(t["probability"]))
+        out.print(table)
+    if fig is not None:
+        out.print(f"wrote {result['out']}", soft_wrap=True)
+
+
+def kernels_command(
+    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
+    fig: Path = typer.Option(..., "--out", help="The PNG to write."),
+    scale: int = typer.Option(4, help="Each kernel pixel becomes SCALE x SCALE pixels (nearest neighbour)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
+) -> None:
+    """The first layer's kernels as one picture (Figure 3).
+
+    Each kernel's RGB weights are min-max normalised on their own (its lowest weight black, its
+    highest white, as is customary; absolute scales differ between kernels and are not shown), then
+    enlarged. With the paper's two columns (--groups 2), the kernels of column 0 (the first half of
+    conv1's outputs) form the upper block and those of column 1 the lower one, in rows of 16.
+
+    Example: alexcli kernels runs/demo/ckpt-e030.safetensors --out kernels.png
+    """
+    from alexcli.figures import write_kernels
+
+    result = write_kernels(ckpt, fig, scale=scale)
+    if as_json:
+        emit_json({k: result[k] for k in ("out", "kernels", "columns", "kernel_size")}
+                  | {k: result[k] for k in ("scale", "pixels", "normalisation")})
+        return
+    h, w = result["kernel_size"]
+    blocks = f"{result['columns']} column blocks" if result["columns"] > 1 else "one block"
+    out.print(f"wrote {result['out']}: {result['kernels']} kernels of {h}x{w}, {blocks}, "
+              f"{result['pixels'][0]}x{result['pixels'][1]} pixels (min-max per kernel)", soft_wrap=True)
+
+
+def neighbors_command(
+    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
+    images: List[Path] = typer.Argument(..., help="Query image files in any format Pillow reads."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set (default: the one it was trained on)."),
+    fig: Optional[Path] = typer.Option(None, "--out", help="Draw each query and its neighbours (Figure 4, right) "
+                                                           "into this PNG."),
+    k: int = typer.Option(6, "--k", help="Neighbours per query."),
+    split: str = typer.Option("train", help="The split to search."),
+    cache: Optional[Path] = typer.Option(None, help="Where the split's codes are cached "
+                                                    "(default: features-<checkpoint>-<split>.safetensors beside it)."),
+    batch: int = typer.Option(128, help="Images per batch while computing the codes."),
+    workers: int = typer.Option(-1, help="Decoding processes (default: a quarter of the cores, one per shard)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """The training images nearest to each query in the last hidden layer (Figure 4, right).
+
+    Distance is Euclidean between the 4096-d codes of fc7 (after its ReLU; fewer units with
+    --width), taken from the centre crop with the network in eval mode. The training set's codes
+    are computed once and cached beside the checkpoint, as float16 to halve the space (the queries'
+    codes are rounded the same way); the cache is recomputed when the checkpoint or the data set
+    changes.
+
+    Example: alexcli neighbors runs/demo/ckpt-e030.safetensors photo.jpg --data shards/demo --out neighbors.png
+    """
+    from alexcli.figures import draw_neighbors, neighbors
+
+    folder = _data_folder(data, ckpt)
+    with progress(f"codes of {split}") as update:
+        result, queries, pictures = neighbors(ckpt, [str(i) for i in images], folder, split=split, k=k,
+                                              device=_device(device), batch=batch, workers=workers, cache=cache,
+                                              progress=update)
+    if result["features"]["reused"]:
+        err.print(f"codes of {result['features']['images']:,} {split} images from {result['features']['cache']}",
+                  soft_wrap=True)
+    if fig is not None:
+        result["out"] = str(draw_neighbors(result, queries, pictures, fig))
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    for row in result["queries"]:
+        out.print(f"[bold]{row['image']}[/bold]: nearest {split} images", soft_wrap=True)
+        table = Table()
+        table.add_column("#", justify="right")
+        table.add_column("class")
+        table.add_column("distance", justify="right")
+        table.add_column("sample")
+        for i, n in enumerate(row["neighbors"], 1):
+            table.add_row(str(i), n["name"], f"{n['distance']:.3f}", f"{n['shard']}:{n['key']}")
+        out.print(table)
+    if fig is not None:
+        out.print(f"wrote {result['out']}", soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict_command)
+    app.command("kernels")(kernels_command)
+    app.command("neighbors")(neighbors_command)
