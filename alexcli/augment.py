@@ -8,8 +8,9 @@ A plugin registers a factory in the `alexcli.augmentations` entry-point group:
     factory(ctx: AugmentContext) -> augment(x: Tensor, gen: torch.Generator) -> Tensor
 
 `x` is a float32 batch (N, 3, H, W) on the training device, pixel values on the 0..1 scale.
-`gen` is a CPU generator: draw the (few) random numbers on the CPU with it and move them to
-`x.device`, so a run gives the same images on CPU and GPU and follows `--seed` exactly.
+`gen` is a CPU generator: draw the (few) random numbers on the CPU with it and move them with
+`to_device(t, x)`, so a run gives the same images on CPU and GPU, follows `--seed` exactly, and
+does not stall the host (see to_device).
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ class AugmentContext:
     eigvec: torch.Tensor       # (3, 3) eigenvectors in columns
 
 
+def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Move random numbers drawn on the CPU to LIKE's device without stalling the host: a copy from
+    ordinary (pageable) memory makes the CPU wait for all queued GPU work, which would stop the
+    loader's next batch from overlapping this step. Pinned memory (cached by torch) does not."""
+    if like.device.type != "cuda":
+        return t
+    return t.pin_memory().to(like.device, non_blocking=True)
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 on the 0..1 scale the statistics use."""
     return images.float().div_(255.0)
@@ -47,7 +57,7 @@ def crop_at(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, size: int) -> t
     """Per-image crops of side SIZE at offsets (oy[i], ox[i]), as one gather over the batch."""
     n, c, h, w = x.shape
     ar = torch.arange(size, device=x.device)
-    idx = ((oy.to(x.device)[:, None] + ar)[:, :, None] * w + (ox.to(x.device)[:, None] + ar)[:, None, :])
+    idx = ((to_device(oy, x)[:, None] + ar)[:, :, None] * w + (to_device(ox, x)[:, None] + ar)[:, None, :])
     idx = idx.reshape(n, 1, size * size).expand(n, c, size * size)
     return x.reshape(n, c, h * w).gather(2, idx).reshape(n, c, size, size)
 
@@ -101,7 +111,7 @@ def crop(ctx: AugmentContext) -> Augment:
 def flip(ctx: AugmentContext) -> Augment:
     """Section 4.1: horizontal reflection of half the images."""
     def run(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+        mask = to_device(torch.rand(x.shape[0], generator=gen) < 0.5, x)
         return torch.where(mask[:, None, None, None], x.flip(-1), x)
     return run
 
@@ -111,7 +121,7 @@ def pca(ctx: AugmentContext) -> Augment:
     Eigenvalues are those of the 0..1-scale covariance (as fb.resnet.torch uses them)."""
     def run(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         alpha = torch.randn(x.shape[0], 3, generator=gen) * PCA_STD
-        shift = (alpha.to(x.device) * ctx.eigval) @ ctx.eigvec.T  # (N, 3): one RGB offset per image
+        shift = (to_device(alpha, x) * ctx.eigval) @ ctx.eigvec.T  # (N, 3): one RGB offset per image
         return x + shift[:, :, None, None].to(x.dtype)
     return run
 

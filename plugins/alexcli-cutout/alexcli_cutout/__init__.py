@@ -14,7 +14,8 @@ image, on the whole batch at once on the training device.
 - Value: 0. After `mean` that is the data set's mean image, i.e. "no information", as the
   paper intends for normalised inputs; place `cutout` after `mean` in `--augment`.
 - Randomness: two integers per image, drawn on the CPU from the `torch.Generator` alexcli passes
-  in (rows first, then columns), then moved to the images' device, so CPU and GPU runs cut the
+  in (rows first, then columns), then moved with `alexcli.augment.to_device` (pinned, no host
+  stall) to the images' device, so CPU and GPU runs cut the
   same patches and `--seed` decides them all.
 """
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from alexcli.augment import to_device
 
 __all__ = ["SIDE_FRACTION", "cutout", "cutout_with", "cutout_at", "draw_centres"]
 
@@ -42,8 +45,8 @@ def cutout_at(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, side: int) ->
     """X (N, C, H, W) with a SIDE x SIDE square centred at (cy[i], cx[i]) set to 0 in image i,
     clipped to the image. One mask for the whole batch, no loop over images; X is not modified."""
     n, _, h, w = x.shape
-    top = cy.to(x.device)[:, None] - side // 2  # (N, 1)
-    left = cx.to(x.device)[:, None] - side // 2
+    top = to_device(cy, x)[:, None] - side // 2  # (N, 1)
+    left = to_device(cx, x)[:, None] - side // 2
     rows = torch.arange(h, device=x.device)[None, :]  # (1, H)
     cols = torch.arange(w, device=x.device)[None, :]
     in_rows = (rows >= top) & (rows < top + side)  # (N, H)
