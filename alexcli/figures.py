@@ -100,7 +100,8 @@ def image_params(meta: dict):
 
 def load_image(path, params) -> torch.Tensor:
     """Any image file -> uint8 (3, S, S): the pixels the network would see had prepare written it."""
-    from alexcli.data.image import Reject, convert, pil_pixels
+    from alexcli.data.image import Reject, convert
+    from alexcli.train.loader import decode_batch
 
     path = Path(path)
     try:
@@ -115,7 +116,7 @@ def load_image(path, params) -> torch.Tensor:
         jpg, _ = convert(data, params)
     except Reject as exc:
         raise DataError(f"{path}: {exc}") from None
-    return pil_pixels(jpg).permute(2, 0, 1).contiguous()
+    return decode_batch([jpg])[0].contiguous()  # decoded as the training loader decodes
 
 
 def load_images(paths: Sequence, params) -> torch.Tensor:

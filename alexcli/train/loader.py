@@ -77,7 +77,7 @@ class _Failure:
         self.message = message
 
 
-def _decode_batch(jpgs: list[bytes]) -> torch.Tensor:
+def decode_batch(jpgs: list[bytes]) -> torch.Tensor:
     """JPEG bytes -> uint8 (B, 3, H, W), decoded with the same PIL (pillow-simd) that prepare used,
     so the network sees exactly the pixels the mean image and PCA were computed on. Each image is
     written once, straight into the batch: the memory is (B, H, W, 3), so the result has
@@ -205,10 +205,10 @@ class ShardStream(IterableDataset):
                 jpgs.append(jpg)
                 labels.append(label)
                 if len(jpgs) == self.batch:
-                    yield _decode_batch(jpgs), torch.tensor(labels)
+                    yield decode_batch(jpgs), torch.tensor(labels)
                     jpgs, labels = [], []
             if jpgs:
-                yield _decode_batch(jpgs), torch.tensor(labels)
+                yield decode_batch(jpgs), torch.tensor(labels)
         except DataError as exc:
             yield _Failure(str(exc))
         except OSError as exc:  # PIL on a corrupt JPEG
