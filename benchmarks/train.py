@@ -453,13 +453,14 @@ def repeat_batch(x: torch.Tensor, y: torch.Tensor):
     return itertools.repeat((x, y))
 
 
-def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int, seed: int):
-    """The trainer's input path: loader (pinned memory on CUDA) -> device without blocking the host."""
+def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int, seed: int, decode: str = "cpu"):
+    """The trainer's input path: loader (pinned memory on CUDA) -> device without blocking the host
+    (with decode="device" the JPEGs are decoded there, as `train --decode device` does)."""
     cuda = device.type == "cuda"
-    it = loader.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit)
+    it = loader.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit, decode=decode)
     try:
         for images, labels in it:
-            yield images.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
+            yield loader.images_on(images, device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
     finally:
         it.close()
 
@@ -599,17 +600,18 @@ def loader_fed_bench(args, device: torch.device, split, fastest: Config, result:
         f"{', pinned memory, non_blocking copies' if cuda else ''}) or on one uint8 batch already on the device; "
         f"{steps} steps after {warm}, {repeat} rounds:")
     on_device = Config(f"{fastest.name}, batch on device", None, None, step, warm)
-    fed = Config(f"{fastest.name}, from the loader", None, None, step, warm)
+    fed = Config(f"{fastest.name}, from the loader" + (" (decode on device)" if args.decode == "device" else ""),
+                 None, None, step, warm)
     for r in range(repeat):
         on_device.runs.append(time_steps(step, resident, warm, steps, device))
         t0 = time.perf_counter()
-        fed.runs.append(time_steps(step, loader_fed(split, batch, workers, device, warm + steps, seed=r),
-                                   warm, steps, device))
+        fed.runs.append(time_steps(step, loader_fed(split, batch, workers, device, warm + steps, seed=r,
+                                                    decode=args.decode), warm, steps, device))
         say(f"  round {r + 1}/{repeat}: on device {on_device.last():,.1f}/s, from the loader {fed.last():,.1f}/s "
             f"(the loader's whole call, worker start and warm-up included: {time.perf_counter() - t0:.1f} s)")
     ratio = fed.rate / on_device.rate
     target = TARGETS["loader_fed_vs_on_device"]
-    result["loader_fed"] = {"workers": workers, "config": fastest.name, "warmup": warm,
+    result["loader_fed"] = {"workers": workers, "config": fastest.name, "warmup": warm, "decode": args.decode,
                             "images_per_s": {"on_device": on_device.rate, "from_loader": fed.rate},
                             "ratio": ratio, "target": target, "met": ratio >= target}
     return [(on_device.name, on_device.rate), (fed.name, fed.rate)]
@@ -637,6 +639,9 @@ def parse_args(argv=None):
                                                "per-core figure like part 1, steadier on a shared machine]")
     p.add_argument("--compile", action="store_true", help="also time ours bf16+CL through torch.compile")
     p.add_argument("--all", action="store_true", help="run the CUDA-only measurements on the CPU too (slow)")
+    p.add_argument("--decode", choices=["cpu", "device"], default="cpu",
+                   help="where the loader-fed step decodes JPEGs: cpu (PIL in the loader processes) or device "
+                        "(nvJPEG on the GPU), as `alexcli train --decode`")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.backends.cudnn.benchmark, on by default as the trainer sets it on CUDA")
     p.add_argument("--source", type=Path, help="extracted source photos: DIR/train/<class>/<image>")

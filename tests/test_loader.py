@@ -130,3 +130,17 @@ def test_damaged_header_is_named(train_data, tmp_path):
     split = loader.open_split(data, "val")
     with pytest.raises(DataError, match=rf"val-000000.tar: damaged tar header at byte {off}"):
         list(loader.batches(split, 4, train=False, workers=0))
+
+
+def test_decode_on_the_device_gives_the_loaders_pixels(train_data):
+    """--decode device: the loader packs the JPEG bytes, images_on() decodes them where training runs
+    (torchvision's decoder here on the CPU; nvJPEG on a GPU)."""
+    split = loader.open_split(train_data, "val")
+    cpu = list(loader.batches(split, 5, train=False, workers=0))
+    packed = list(loader.batches(split, 5, train=False, workers=1, decode="device"))
+    assert [len(y) for _, y in cpu] == [len(y) for _, y in packed]
+    for (a, ya), (b, yb) in zip(cpu, packed):
+        assert isinstance(b, (tuple, list)) and b[0].dtype == torch.uint8 and len(b[1]) == len(yb) + 1
+        got = loader.images_on(b, "cpu")
+        assert got.shape == a.shape and torch.equal(ya, yb)
+        assert (got.int() - a.int()).abs().max() <= 2  # both libjpeg-turbo here; nvJPEG may differ slightly

@@ -91,6 +91,9 @@ def train_command(
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (faster on GPUs)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     loader_workers: int = typer.Option(-1, help="Decoding processes per rank (default: on a GPU all cores but one per rank up to 8, on the CPU a quarter of them; at most one per shard)."),
+    decode: str = typer.Option("cpu", help="Where training JPEGs are decoded: cpu (pillow-simd in the loader "
+                                           "processes, the pixels prepare's statistics used) or device (nvJPEG "
+                                           "on the GPU; the loader only reads, for machines with few or slow cores)."),
     keep: int = typer.Option(3, help="Epoch checkpoints to keep besides the best."),
     steps_per_epoch: int = typer.Option(0, help="Cap on steps per epoch (0: one pass over the training set)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --epochs."),
@@ -124,7 +127,8 @@ def train_command(
     cfg = TrainConfig(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, schedule=schedule,
                       patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
                       device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last,
-                      compile=compile_, loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch)
+                      compile=compile_, loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch,
+                      decode=decode)
     from dataclasses import replace as _replace
 
     from alexcli.model.alexnet import INITS

@@ -38,6 +38,7 @@ class TrainConfig:
     steps_per_epoch: int = 0                 # 0: one pass over the training set; >0 caps it (benchmarks, demo)
     val_batch: int = 0                       # 0: same as the per-rank training batch
     init_from: str = ""                      # a checkpoint to fine-tune from (train --init CKPT)
+    decode: str = "cpu"                      # cpu: PIL in the loader processes; device: nvJPEG on the GPU
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -56,6 +57,8 @@ class TrainConfig:
             raise UsageError(f"--amp must be one of {', '.join(AMP)}, not {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.decode not in ("cpu", "device"):
+            raise UsageError(f"--decode must be cpu or device, not {self.decode!r}")
         if self.keep < 0:
             raise UsageError(f"--keep must be 0 or more, not {self.keep}")
 

@@ -171,8 +171,8 @@ class ShardStream(IterableDataset):
     shard of this rank once, in order, the last batch possibly short."""
 
     def __init__(self, split: Split, batch: int, *, train: bool, rank: int = 0, world: int = 1,
-                 seed: int = 0, epoch: int = 0, buffer: int = SHUFFLE_BUFFER):
-        self.split, self.batch, self.train = split, batch, train
+                 seed: int = 0, epoch: int = 0, buffer: int = SHUFFLE_BUFFER, decode: str = "cpu"):
+        self.split, self.batch, self.train, self.decode = split, batch, train, decode
         self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
 
     def _slot(self) -> tuple[int, int]:
@@ -205,14 +205,46 @@ class ShardStream(IterableDataset):
                 jpgs.append(jpg)
                 labels.append(label)
                 if len(jpgs) == self.batch:
-                    yield decode_batch(jpgs), torch.tensor(labels)
+                    yield self._images(jpgs), torch.tensor(labels)
                     jpgs, labels = [], []
             if jpgs:
-                yield decode_batch(jpgs), torch.tensor(labels)
+                yield self._images(jpgs), torch.tensor(labels)
         except DataError as exc:
             yield _Failure(str(exc))
         except OSError as exc:  # PIL on a corrupt JPEG
             yield _Failure(f"{self.split.folder}: undecodable image in a {self.split.name} shard ({exc})")
+
+
+    def _images(self, jpgs: list[bytes]):
+        return decode_batch(jpgs) if self.decode == "cpu" else pack(jpgs)
+
+
+DECODE = ("cpu", "device")
+
+
+def pack(jpgs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of undecoded JPEGs as one uint8 tensor and the offsets of each (for --decode device)."""
+    offsets = torch.tensor([0] + [len(j) for j in jpgs]).cumsum(0)
+    return torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8), offsets
+
+
+def images_on(images, device, non_blocking: bool = True) -> torch.Tensor:
+    """uint8 (B, 3, H, W) images on DEVICE, from a decoded batch or from pack()ed JPEGs, which are
+    decoded there: with nvJPEG on a GPU (torchvision.io.decode_jpeg), so the loader's processes
+    only read and shuffle. nvJPEG's pixels can differ from PIL's (which prepare's statistics used)
+    by a level or two in places."""
+    if not isinstance(images, (tuple, list)):
+        return images.to(device, non_blocking=non_blocking)
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data, offsets = images
+    parts = [data[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 marks its image codecs deprecated
+        decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=torch.device(device))
+    return torch.stack(decoded)
 
 
 def steps_per_epoch(split: Split, batch: int, world: int) -> int:
@@ -233,11 +265,13 @@ def auto_workers(split: Split, world: int, wanted: int) -> int:
 
 
 def batches(split: Split, batch: int, *, train: bool, workers: int, rank: int = 0, world: int = 1,
-            seed: int = 0, epoch: int = 0, pin: bool = False, limit: int | None = None) -> Iterator:
-    """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch)."""
+            seed: int = 0, epoch: int = 0, pin: bool = False, limit: int | None = None,
+            decode: str = "cpu") -> Iterator:
+    """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch).
+    decode="device" yields pack()ed JPEGs for images_on() to decode on the training device."""
     if train:
         check_slots(split, world, workers)
-    stream = ShardStream(split, batch, train=train, rank=rank, world=world, seed=seed, epoch=epoch)
+    stream = ShardStream(split, batch, train=train, rank=rank, world=world, seed=seed, epoch=epoch, decode=decode)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     it = iter(loader)

@@ -324,8 +324,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         seen, done_steps = 0, 0
         for images, labels in loader.batches(train_split, per_rank, train=True, workers=workers, rank=rank,
                                              world=world, seed=cfg.seed, epoch=epoch,
-                                             pin=r.device.type == "cuda", limit=steps):
-            x = aug.to_float(images.to(r.device, non_blocking=True))
+                                             pin=r.device.type == "cuda", limit=steps, decode=cfg.decode):
+            x = aug.to_float(loader.images_on(images, r.device))
             labels = labels.to(r.device, non_blocking=True)
             x = pipeline(x, gen)
             if x.shape[-1] != arch.crop:  # no 'crop' in --augment: the centre patch
