@@ -219,3 +219,13 @@ def test_torchrun_launch_on_cpu(train_data, tmp_path):
     summary = json.loads(r.stdout)  # only rank 0 prints
     assert summary["world"] == 2 and summary["rank"] == 0
     assert summary["parameters"] < 1_000_000  # fc8 sized to the 8 demo classes, not 1000
+
+
+def test_keep_prunes_old_checkpoints_but_not_the_best(train_data, tmp_path):
+    out = tmp_path / "keep"
+    r = train(train_data, out, "--epochs", "3", "--keep", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    best = json.loads(r.stdout)["best_epoch"]
+    kept = sorted(p.name for p in out.glob("ckpt-e*.safetensors"))
+    assert kept == sorted({"ckpt-e003.safetensors", f"ckpt-e{best:03d}.safetensors"})
+    assert sorted(p.name for p in out.glob("state-e*")) == ["state-e003.json", "state-e003.safetensors"]
