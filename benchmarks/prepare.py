@@ -21,6 +21,13 @@ on which PIL is installed (both are printed); the ratios are what matter:
   alexcli / floor   >= 0.70   prepare's extra work (stats, tar, checks) costs little
   alexcli / obvious >= 1.0    prepare is no slower than the naive loop, despite doing more
 
+With --breakdown (the default) it then times each step of prepare's per-image work on its own,
+in the order prepare runs them, over the training files (best of --repeat passes): reading the
+file, convert() (decode, crop + resize, encode), decoding the JPEG as written for the statistics
+(and, for comparison, the same decode through PIL), adding it to the statistics, and the tar
+member writing with its sha256. Each is shown in ms per image and as a share of the floor's time
+per image, which says where the time goes and what ratio the unavoidable steps allow.
+
 With --workers-scaling (the default) it also times prepare() with workers=1 and workers=2 (a
 spawn pool; this part uses two cores), on the data and on --copies times the data (symbolic links
 to the same photos under new names, so prepare sees N x copies files). A pool costs a few seconds
@@ -66,8 +73,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from alexcli.data.prepare import PrepareConfig, prepare  # noqa: E402
+from alexcli.data import stats as S  # noqa: E402
+from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, convert, pil_pixels  # noqa: E402
+from alexcli.data.prepare import CHUNK, PrepareConfig, prepare  # noqa: E402
 from alexcli.data.scan import scan  # noqa: E402
+from alexcli.data.shards import ShardWriter, sample_key  # noqa: E402
 from alexcli.env import pil_info  # noqa: E402
 from pil_speed import floor, obvious  # noqa: E402  (beside this file: the same per-image code)
 
@@ -247,6 +257,74 @@ def print_single(best: dict[str, tuple[int, float]]) -> None:
     print(f"alexcli / obvious = {rate['alexcli'] / rate['obvious']:.2f} (target >= 1.0)")
 
 
+def breakdown(src: Path, tmp: Path, repeat: int) -> dict[str, float]:
+    """Seconds per image of each step of prepare's per-image work (training images, as
+    _process_chunk and the shard writing run them), best of `repeat` passes per step."""
+    import json
+
+    source = scan(src)
+    items = list(source.splits.get("train", ()))
+    params = ImageParams(size=SIZE, quality=QUALITY)
+    decoder, sums = WrittenJpegDecoder(params), S.ImageSums(SIZE)
+    best: dict[str, float] = {}
+    jpgs = []
+    for _ in range(repeat):
+        took = dict.fromkeys(("read", "convert", "decode as written", "statistics", "tar + sha256"), 0.0)
+        jpgs.clear()
+        writer = ShardWriter(tmp / "breakdown.tar")
+        try:
+            for k, item in enumerate(items):
+                t0 = time.perf_counter()
+                data = (src / item.relpath).read_bytes()
+                t1 = time.perf_counter()
+                try:
+                    jpg, info = convert(data, params)
+                except Reject:  # not counted, as in prepare's rate
+                    continue
+                t2 = time.perf_counter()
+                pixels = decoder(jpg)
+                t3 = time.perf_counter()
+                sums.add(pixels)
+                if k % CHUNK == CHUNK - 1:
+                    sums.take()
+                t4 = time.perf_counter()
+                meta = {"path": item.relpath, "class": item.label, **info}
+                writer.write(sample_key(k, item.relpath),
+                             {"jpg": jpg, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
+                t5 = time.perf_counter()
+                jpgs.append(jpg)
+                for key, dt in zip(took, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                    took[key] += dt
+        finally:
+            writer.abort()
+        for key, total in took.items():
+            best[key] = min(best.get(key, float("inf")), total / len(jpgs))
+    # The two decoders of the written JPEGs side by side, each in a loop of its own.
+    decoders = {"(decode as written: the fast path)": decoder._fast} if decoder.fast else {}
+    decoders["(decode as written: PIL)"] = pil_pixels
+    for key, fn in decoders.items():
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for jpg in jpgs:
+                fn(jpg)
+            best[key] = min(best.get(key, float("inf")), (time.perf_counter() - t0) / len(jpgs))
+    if not decoder.fast:
+        print("NOTE: the libjpeg-turbo decode path is off here (torchvision's op missing or not equal to PIL)")
+    return best
+
+
+def print_breakdown(steps: dict[str, float], floor_s: float) -> None:
+    print(f"{'step':<36} {'ms/image':>9} {'x floor':>8}")
+    for key, s in steps.items():
+        print(f"{key:<36} {s * 1e3:>9.3f} {s / floor_s:>8.2f}")
+    work = sum(s for key, s in steps.items() if not key.startswith("("))
+    print(f"{'sum of the steps':<36} {work * 1e3:>9.3f} {work / floor_s:>8.2f}")
+    least = steps["convert"] + steps["decode as written"]
+    print(f"\nfloor / sum of the steps = {floor_s / work:.2f}")
+    print(f"floor / (convert + decode as written) = {floor_s / least:.2f}: the ceiling for a prepare that "
+          "converts and reads back what it wrote, with statistics, tar and file reading free")
+
+
 def workers_scaling(src: Path, tmp: Path, repeat: int, copies: int) -> dict[int, float]:
     """prepare() with 1 and 2 workers on the data and on `copies` x its training files (links).
     Reports the whole call and the steady state (first chunk in -> last chunk in, start-up
@@ -310,6 +388,8 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="use generated demo images even if real data exists")
     p.add_argument("--demo-per-class", type=int, default=63, help="demo images per class (8 classes; default %(default)s)")
     p.add_argument("--repeat", type=int, default=3, help="runs per pipeline; the best counts (default %(default)s)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each step of prepare's per-image work (default on)")
     p.add_argument("--workers-scaling", action=argparse.BooleanOptionalAction, default=True,
                    help="also time prepare() with 1 and 2 workers (default on)")
     p.add_argument("--copies", type=int, default=4, help="the larger scaling set is this many x the training files "
@@ -339,6 +419,10 @@ def main(argv=None) -> None:
         print("\nsingle core:", flush=True)
         best = single_core(src, blobs, tmp, args.repeat)
         print_single(best)
+        if args.breakdown:
+            print(f"\nwhere prepare's per-image time goes (training images, one core, best of {args.repeat}):",
+                  flush=True)
+            print_breakdown(breakdown(src, tmp, args.repeat), best["floor"][1] / best["floor"][0])
         if args.workers_scaling:
             if cpus:
                 os.sched_setaffinity(0, cpus)  # the pool's processes inherit this

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexcli.data.image import ImageParams, Reject, centre_box, convert, to_rgb
+from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, centre_box, convert, pil_pixels, to_rgb
 
 
 def encode(img, fmt="PNG", **kw):
@@ -99,3 +99,38 @@ def test_truncated_jpeg_is_rejected_not_padded():
 def test_over_the_pixel_limit_is_rejected():
     with pytest.raises(Reject, match="image too large: 100x100 = 10000 pixels exceeds the limit of 9999"):
         convert(encode(Image.new("RGB", (100, 100))), ImageParams(max_pixels=9999))
+
+
+@pytest.mark.parametrize("size,quality", [(256, 90), (32, 95), (57, 75)])
+def test_written_jpeg_decoder_gives_pils_pixels(size, quality):
+    p = ImageParams(size=size, quality=quality)
+    dec = WrittenJpegDecoder(p)
+    rng = np.random.default_rng(size)
+    sources = [Image.fromarray(rng.integers(0, 256, (size + 40, size + 9, 3), dtype=np.uint8)),
+               Image.new("L", (size * 2, size), 77),
+               Image.linear_gradient("L").resize((size * 3, size * 2)).convert("RGB")]
+    for src in sources:
+        jpg, _ = convert(encode(src), p)
+        ref = decode(jpg)
+        for got in (dec(jpg), dec.checked(jpg), pil_pixels(jpg)):
+            assert got.shape == (size, size, 3) and got.is_contiguous()
+            assert np.array_equal(got.numpy(), ref)
+
+
+def test_written_jpeg_decoder_uses_libjpeg_turbo_here():
+    # torchvision is a dependency, so its decoder should load (without importing torchvision) and
+    # agree with PIL; if this fails prepare still works, through PIL, about 0.1 ms slower per image.
+    import sys
+
+    had_torchvision = "torchvision" in sys.modules
+    assert WrittenJpegDecoder(ImageParams()).fast
+    assert ("torchvision" in sys.modules) == had_torchvision
+
+
+def test_written_jpeg_decoder_falls_back_to_pil_on_any_difference():
+    p = ImageParams(size=32)
+    dec = WrittenJpegDecoder(p)
+    jpg, _ = convert(encode(Image.new("RGB", (40, 40), (1, 2, 3))), p)
+    dec._op = lambda data, mode, orient: (pil_pixels(jpg) + 1).permute(2, 0, 1)  # off by one, else like the op
+    assert np.array_equal(dec.checked(jpg).numpy(), decode(jpg)) and not dec.fast
+    assert np.array_equal(dec(jpg).numpy(), decode(jpg))

@@ -15,7 +15,7 @@ from PIL import Image
 from alexcli.data import stats as S
 from alexcli.data.demo import BROKEN, CLASSES, make_demo
 from alexcli.data.prepare import PrepareConfig, prepare
-from alexcli.data.shards import verify_shard
+from alexcli.data.shards import _tobuf, member_header, verify_shard
 from alexcli.errors import DataError, StrictRejectError, UsageError
 from conftest import SMALL
 
@@ -122,14 +122,52 @@ def test_stats_equal_a_one_pass_numpy_computation(prepared):
     assert manifest["stats"]["image_count"] == len(imgs)
 
 
-def test_exact_block_keeps_float32_sums_exact():
-    assert S.exact_block(256 * 256) == 256 and S.exact_block(224 * 224) == 256 and S.exact_block(227 * 227) == 227
-    sums = S.ImageSums(33)  # 1089 pixels: blocks of 121
-    white = np.full((33, 33, 3), 255, np.uint8)
-    for _ in range(3):
+def _numpy_sums(images):
+    x = np.stack(images).astype(np.int64)
+    pixels = x.reshape(-1, 3)
+    return x.sum(0), pixels.T @ pixels
+
+
+@pytest.mark.parametrize("n", [3, 300])  # 300: the float32 accumulators are folded after 256 images
+def test_image_sums_are_exact(n):
+    rng = np.random.default_rng(n)
+    size = 33  # odd: rows of pixels of any length, not only blocks of 256
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    images[0][:] = 255  # the largest products, in both an early and a late fold
+    images[-1][:] = 255
+    sums = S.ImageSums(size)
+    for k, img in enumerate(images):
+        sums.add(img if k % 2 else __import__("torch").from_numpy(img))  # numpy or torch
+    got = sums.take()
+    image_sum, gram = _numpy_sums(images)
+    assert got["image_sum"].dtype == (np.uint16 if n <= 257 else np.float32)
+    assert np.array_equal(got["image_sum"], image_sum)
+    assert np.array_equal(got["gram"], gram) and got["count"][0] == n
+    assert sums.take()["count"][0] == 0  # take() resets
+
+
+def test_image_sums_of_white_images_stay_exact_past_float32():
+    # 257 white 256x256 images: each position's r*r sum is 257 * 255^2 > 2^24, the Gram total
+    # 257 * 65536 * 255^2 > 2^32; both must come out exact.
+    sums = S.ImageSums(256)
+    white = np.full((256, 256, 3), 255, np.uint8)
+    for _ in range(257):
         sums.add(white)
     got = sums.take()
-    assert got["gram"][0, 1] == 3 * 33 * 33 * 255 * 255 and got["count"][0] == 3
+    assert (got["gram"] == 257 * 256 * 256 * 255 * 255).all() and (got["image_sum"] == 257 * 255).all()
+    assert got["image_sum"].dtype == np.uint16  # 257 * 255 = 65535 still fits
+
+
+@pytest.mark.parametrize("name", ["", "00000007_n01440764_10026.jpg", "x" * 100, "x" * 101, "caf\u00e9.json"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 25_000, 8 ** 11 - 1, 8 ** 11])
+def test_member_headers_are_tarfiles_own(name, size):
+    try:
+        ref = _tobuf(name, size)
+    except ValueError:  # tarfile: "overflow in number field"
+        with pytest.raises(ValueError):
+            member_header(name, size)
+        return
+    assert member_header(name, size) == ref
 
 
 def test_two_workers_write_the_same_bytes(prepared, demo_src, tmp_path):

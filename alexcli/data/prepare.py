@@ -16,7 +16,6 @@ How a run is organised, and why:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -32,7 +31,7 @@ import numpy as np
 
 from alexcli import __version__
 from alexcli.data import stats as S
-from alexcli.data.image import ImageParams, Reject, convert
+from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, convert
 from alexcli.data.scan import Item, Source, scan
 from alexcli.env import pil_info
 from alexcli.data.shards import MANIFEST, ShardWriter, sample_key, shard_name, write_json_atomic
@@ -108,15 +107,13 @@ def _setup_worker(root: str, params: ImageParams) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _W.update(root=Path(root), params=params, sums=S.ImageSums(params.size))
+    _W.update(root=Path(root), params=params, sums=S.ImageSums(params.size), decode=WrittenJpegDecoder(params))
 
 
 def _process_chunk(task: tuple[str, int, list[tuple[int, Item]]]):
     """Convert one chunk. Returns (samples, rejects, statistic sums or None)."""
-    from PIL import Image
-
     split, _shard, entries = task
-    root, params, sums = _W["root"], _W["params"], _W["sums"]
+    root, params, sums, decode = _W["root"], _W["params"], _W["sums"], _W["decode"]
     samples, rejects = [], []
     for index, item in entries:
         try:
@@ -129,8 +126,7 @@ def _process_chunk(task: tuple[str, int, list[tuple[int, Item]]]):
             rejects.append({"path": item.relpath, "split": split, "reason": str(exc)})
             continue
         if split == "train":
-            pixels = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
-            sums.add(pixels)
+            sums.add(decode(jpg))  # the statistics are over the JPEG as written: what the network will see
         meta = {"path": item.relpath, "class": item.label, **info}
         samples.append((sample_key(index, item.relpath),
                         {"jpg": jpg, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()}))

@@ -1,11 +1,15 @@
 """Mean image, RGB mean/std and RGB PCA over the training images as written to the shards.
 
-Accumulation is exact. Per image we add the uint8 pixels into a float32 image sum (exact: a chunk
-holds far fewer than 2^24 / 255 images) and the 3x3 Gram matrix sum_p x_p x_p^T, computed over
-blocks of at most 258 pixels in float32 (each block sum is <= 258 * 255^2 < 2^24, so exact too) and summed
-in float64. Across chunks and shards the sums are integers held in float64 / int64 / Python ints,
-so the result does not depend on how the work was split across workers or resumed runs.
-The covariance is then formed from exact integers, avoiding the cancellation of E[xx] - E[x]^2.
+Accumulation is exact. Per image we add the pixels (as float32) into an image sum and, for the
+3x3 Gram matrix sum_p x_p x_p^T, the six products r*r, g*g, b*b, r*g, g*b, r*b *per pixel
+position* into float32 accumulators: three fused multiply-adds over the flat HWC array and its
+copies shifted by one and two values (which line up r with g, g with b and r with b). A product is
+at most 255^2, so a position's sum over 256 images stays below 2^24 and float32 holds it exactly;
+every 256 images (and when the sums are taken) the accumulators are summed over positions into
+float64, where the totals are exact integers too. Across chunks and shards the sums are integers
+held in float64 / int64 / Python ints, so the result does not depend on how the work was split
+across workers or resumed runs. The covariance is then formed from exact integers, avoiding the
+cancellation of E[xx] - E[x]^2.
 
 Scale: statistics are saved on a 0..1 pixel scale (as the published ImageNet references are).
 Covariance is the population covariance over all pixels of all training images.
@@ -13,54 +17,87 @@ Covariance is the population covariance over all pixels of all training images.
 
 from __future__ import annotations
 
-import warnings
 from fractions import Fraction
 
 import numpy as np
 
 STATS_FILE = "stats.safetensors"
+FOLD = 256  # images per float32 accumulation: 256 * 255^2 < 2^24, so every partial sum is exact
+IMAGE_SUM_EXACT = (1 << 24) // 255  # float32 pixel sums are exact up to this many images
 
 
-def exact_block(pixels: int) -> int:
-    """The largest divisor of `pixels` whose block sums of 255*255 fit float32's 2^24 exactly."""
-    limit = (1 << 24) // (255 * 255)  # 258
-    return max(d for d in range(1, limit + 1) if pixels % d == 0)
+def _divisor_near(n: int, target: int) -> int:
+    """The largest divisor of n that is at most `target`."""
+    return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
 class ImageSums:
-    """Per-worker accumulator over decoded size x size x 3 uint8 images."""
+    """Per-worker accumulator over decoded size x size x 3 uint8 images (HWC, numpy or torch)."""
 
     def __init__(self, size: int):
         import torch  # imported in workers only; the CLI stays light
 
-        # PIL's arrays are read-only; we only read them, so torch's warning about it is noise.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.torch = torch
         self.size = size
-        self.image = torch.zeros(size * size * 3, dtype=torch.float32)
-        self.gram = torch.zeros(3, 3, dtype=torch.float64)
+        n = size * size * 3
+        self.image = torch.zeros(n, dtype=torch.float32)  # pixel sums, exact below IMAGE_SUM_EXACT images
+        self._x = torch.empty(n, dtype=torch.float32)
+        self._sq = torch.zeros(n, dtype=torch.float32)  # r*r, g*g, b*b at each pixel
+        self._next = torch.zeros(n, dtype=torch.float32)  # r*g, g*b (and b * next pixel's r: unused)
+        self._next2 = torch.zeros(n, dtype=torch.float32)  # r*b (and two unused products)
+        x = self._x
+        # (accumulator, factor, factor) views made once: slicing per image costs more than it seems.
+        self._products = [(self._sq, x, x), (self._next[:-1], x[:-1], x[1:]), (self._next2[:-2], x[:-2], x[2:])]
+        self._gram = np.zeros((3, 3), np.int64)
+        self._pending = 0  # images in the float32 product accumulators
         self.count = 0
-        self._buf = torch.empty(size * size * 3, dtype=torch.float32)
-        self._block = exact_block(size * size)
+        self._rows = _divisor_near(size * size, 256)  # pixels summed per row in _lanes (speed only)
 
-    def add(self, hwc: np.ndarray) -> None:
+    def add(self, hwc) -> None:
         t = self.torch
-        self._buf.copy_(t.from_numpy(hwc).reshape(-1))
-        self.image.add_(self._buf)
-        rows = self._buf.view(-1, self._block, 3)  # blocks whose float32 sums stay exact
-        self.gram.add_(t.bmm(rows.transpose(1, 2), rows).sum(0, dtype=t.float64))
+        if isinstance(hwc, np.ndarray):
+            hwc = t.from_numpy(np.require(hwc, np.uint8, ["C", "W"]))
+        if tuple(hwc.shape) != (self.size, self.size, 3) or hwc.dtype != t.uint8:
+            raise ValueError(f"expected a {self.size}x{self.size}x3 uint8 image, got {tuple(hwc.shape)} {hwc.dtype}")
+        if self.count == IMAGE_SUM_EXACT:
+            raise ValueError(f"take() the sums at least every {IMAGE_SUM_EXACT} images")
+        x = self._x
+        x.copy_(hwc.reshape(-1))
+        self.image.add_(x)
+        for acc, a, b in self._products:
+            acc.addcmul_(a, b)
         self.count += 1
+        self._pending += 1
+        if self._pending == FOLD:
+            self._fold()
+
+    def _lanes(self, acc) -> np.ndarray:
+        """Sum of a flat HWC accumulator over pixels, per channel lane, in float64 (exact)."""
+        wide = acc.to(self.torch.float64).view(-1, 3 * self._rows).sum(0)  # sums columns: vectorised
+        return wide.view(-1, 3).sum(0).numpy()
+
+    def _fold(self) -> None:
+        if self._pending:
+            sq, nx, nx2 = (np.rint(self._lanes(a)).astype(np.int64) for a in (self._sq, self._next, self._next2))
+            rg, gb, rb = nx[0], nx[1], nx2[0]
+            self._gram += np.array([[sq[0], rg, rb], [rg, sq[1], gb], [rb, gb, sq[2]]], np.int64)
+            for a in (self._sq, self._next, self._next2):
+                a.zero_()
+            self._pending = 0
 
     def take(self) -> dict[str, np.ndarray]:
-        """The sums so far (image sum float32, exact; Gram and count int64) as numpy arrays, and reset."""
+        """The sums so far (image sum uint16 or float32, exact; Gram and count int64) as numpy arrays,
+        and reset. Workers send these back for every chunk: uint16, exact up to 257 images, sends a
+        quarter of what float64 would."""
+        self._fold()
+        image = self.image.numpy().reshape(self.size, self.size, 3)
         out = {
-            # float32 is exact for a chunk (< 2^24 / 255 images) and halves what workers send back.
-            "image_sum": self.image.numpy().copy().reshape(self.size, self.size, 3),
-            "gram": np.rint(self.gram.numpy()).astype(np.int64),
+            "image_sum": image.astype(np.uint16) if self.count <= 0xFFFF // 255 else image.copy(),
+            "gram": self._gram.copy(),
             "count": np.array([self.count], dtype=np.int64),
         }
         self.image.zero_()
-        self.gram.zero_()
+        self._gram[:] = 0
         self.count = 0
         return out
 
