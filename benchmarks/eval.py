@@ -27,10 +27,11 @@ import json
 import os
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from _data import extract_tar  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 
@@ -52,8 +53,7 @@ def make_shards(tmp: Path) -> Path:
 
     src = tmp / "src"
     if SAMPLE.is_file():
-        with tarfile.open(SAMPLE) as tar:
-            tar.extractall(src, filter="data")
+        extract_tar(SAMPLE, src)
         size = 256
     else:
         from alexcli.data.demo import make_demo

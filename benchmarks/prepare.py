@@ -65,7 +65,6 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -79,6 +78,7 @@ from alexcli.data.prepare import CHUNK, PrepareConfig, prepare  # noqa: E402
 from alexcli.data.scan import scan  # noqa: E402
 from alexcli.data.shards import ShardWriter, sample_key  # noqa: E402
 from alexcli.env import pil_info  # noqa: E402
+from _data import cpu_model, extract_tar  # noqa: E402  (benchmarks/_data.py)
 from pil_speed import floor, obvious  # noqa: E402  (beside this file: the same per-image code)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,16 +88,6 @@ QUALITY = 90  # JPEG quality, as prepare's default
 
 
 # ---------------------------------------------------------------- machine and data
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def available_cpus() -> set[int] | None:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -110,15 +100,6 @@ def pin_to_one_cpu(cpus: set[int] | None) -> str:
     cpu = min(cpus)
     os.sched_setaffinity(0, {cpu})
     return f"pinned to CPU {cpu}"
-
-
-def extract_tar(tar: Path, dest: Path) -> Path:
-    with tarfile.open(tar) as tf:
-        try:
-            tf.extractall(dest, filter="data")  # Python >= 3.11.4 / 3.12: refuses unsafe members
-        except TypeError:
-            tf.extractall(dest)
-    return dest
 
 
 def find_data(args, tmp: Path) -> tuple[Path, str]:

@@ -54,10 +54,11 @@ import platform
 import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from _data import cpu_model, extract_tar  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +87,6 @@ def say(*parts) -> None:
 
 
 # ---------------------------------------------------------------- machine
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -156,15 +147,6 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- data
-
-def extract_tar(tar: Path, dest: Path) -> Path:
-    with tarfile.open(tar) as tf:
-        try:
-            tf.extractall(dest, filter="data")  # Python >= 3.11.4 / 3.12
-        except TypeError:
-            tf.extractall(dest)
-    return dest
-
 
 def find_source(args, tmp: Path) -> tuple[Path, str]:
     """The source photo tree (a root with train/<class>/<image>) and where it came from."""
