@@ -318,41 +318,21 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, rank, "augment"))
         emit("epoch", epoch=epoch, steps=steps, lr=schedule.lr)
         t0 = time.perf_counter()
-        runner.train()
-        loss_sum = torch.zeros((), device=r.device, dtype=torch.float64)
-        wrong = torch.zeros((), device=r.device, dtype=torch.long)
-        seen, done_steps = 0, 0
-        for images, labels in loader.batches(train_split, per_rank, train=True, workers=workers, rank=rank,
-                                             world=world, seed=cfg.seed, epoch=epoch,
-                                             pin=r.device.type == "cuda", limit=steps, decode=cfg.decode):
-            x = aug.to_float(loader.images_on(images, r.device))
-            labels = labels.to(r.device, non_blocking=True)
-            x = pipeline(x, gen)
-            if x.shape[-1] != arch.crop:  # no 'crop' in --augment: the centre patch
-                x = aug.center_crop(x, arch.crop)
-            # the loader's batches have channels-last strides; give the model the layout it was asked for
-            x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-            with autocast() if autocast else contextlib.nullcontext():
-                logits = runner(x)
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach().double() * len(labels)
-            wrong += (logits.detach().argmax(1) != labels).sum()
-            seen += len(labels)
-            done_steps += 1
-            if done_steps % LOG_EVERY == 0 or done_steps == steps:
-                mean_loss = float(loss_sum) / seen
-                if not math.isfinite(mean_loss):
-                    good = ck.ckpt_name(epoch - 1) if epoch > 1 else "none (first epoch)"
-                    raise TrainingDiverged(
-                        f"loss became {mean_loss} at epoch {epoch} step {done_steps} (lr {schedule.lr:g}); "
-                        f"stopped; last good checkpoint: {out / good if epoch > 1 else good}; "
-                        f"try a lower --lr or --init caffe")
-                emit("step", n=done_steps, loss=mean_loss, images=seen * world)
+
+        def logged(n: int, mean_loss: float, seen: int, epoch=epoch) -> None:
+            if not math.isfinite(mean_loss):
+                good = out / ck.ckpt_name(epoch - 1) if epoch > 1 else "none (first epoch)"
+                raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch} step {n} (lr {schedule.lr:g}); "
+                                       f"stopped; last good checkpoint: {good}; try a lower --lr or --init caffe")
+            emit("step", n=n, loss=mean_loss, images=seen * world)
+
+        batches = loader.batches(train_split, per_rank, train=True, workers=workers, rank=rank, world=world,
+                                 seed=cfg.seed, epoch=epoch, pin=r.device.type == "cuda", limit=steps,
+                                 decode=cfg.decode)
+        loss_sum, wrong, seen = train_epoch(runner, opt, batches, pipeline, gen, arch.crop, cfg, r.device,
+                                            autocast, steps, logged)
         train_seconds = time.perf_counter() - t0
-        totals = r.all_sum(torch.tensor([float(loss_sum), float(wrong), float(seen)], dtype=torch.float64))
+        totals = r.all_sum(torch.tensor([loss_sum, wrong, float(seen)], dtype=torch.float64))
         train_loss, train_err = float(totals[0] / totals[2]), float(totals[1] / totals[2])
         val = (evaluate_split(runner, val_split, cfg, r, eval_mean, arch.crop, arch.num_classes, workers)
                if val_split else None)
@@ -380,6 +360,36 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             "best_epoch": best["epoch"], "best_val_top1_error": None if best["epoch"] is None else best["val_top1_error"],
             "checkpoint": str(out / ck.ckpt_name(cfg.epochs)), "parameters": meta_base["parameters"],
             "device": str(r.device), "world": world}
+
+
+def train_epoch(runner, opt, batches, pipeline, gen, crop: int, cfg: TrainConfig, device, autocast, steps: int,
+                logged) -> tuple[float, float, int]:
+    """One epoch of SGD steps; returns this rank's (loss sum, top-1 misses, images). LOGGED(step,
+    mean loss, images) is called every LOG_EVERY steps: each call syncs the device once."""
+    runner.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    seen = done = 0
+    for images, labels in batches:
+        x = pipeline(aug.to_float(loader.images_on(images, device)), gen)
+        labels = labels.to(device, non_blocking=True)
+        if x.shape[-1] != crop:  # no 'crop' in --augment: the centre patch
+            x = aug.center_crop(x, crop)
+        # the loader's batches have channels-last strides; give the model the layout it was asked for
+        x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        with autocast() if autocast else contextlib.nullcontext():
+            logits = runner(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach().double() * len(labels)
+        wrong += (logits.detach().argmax(1) != labels).sum()
+        seen += len(labels)
+        done += 1
+        if done % LOG_EVERY == 0 or done == steps:
+            logged(done, float(loss_sum) / seen, seen)
+    return float(loss_sum), float(wrong), seen
 
 
 def _save_epoch(out, epoch, net, opt, stats, meta_base, metrics, schedule, best, cfg, steps, world) -> None:
