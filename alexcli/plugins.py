@@ -28,6 +28,7 @@ GROUPS: dict[str, str] = {
     "norm": "alexcli.layers.norm",
     "pool": "alexcli.layers.pool",
     "augmentation": "alexcli.augmentations",
+    "architecture": "alexcli.architectures",
 }
 
 BUILTIN_PACKAGE = "alexcli"

@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from alexcli import __version__
-from alexcli.cli import demo, doctor, eval as eval_cmd, figures, plugins, prepare, train
+from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, train
 from alexcli.errors import AlexcliError
 
 app = typer.Typer(
@@ -40,7 +40,7 @@ def _root(
     _debug = debug
 
 
-for module in (prepare, train, eval_cmd, figures, demo, plugins, doctor):
+for module in (prepare, train, eval_cmd, experiment, figures, demo, plugins, doctor):
     module.register(app)
 
 

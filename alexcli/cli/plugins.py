@@ -10,7 +10,7 @@ def plugins_command(
     check: bool = typer.Option(False, "--check", help="Import every plugin and report the ones that fail (exit 1 if any)."),
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
 ) -> None:
-    """List the registered layer variants and augmentations: kind, name, package and version.
+    """List the registered architectures, layer variants and augmentations: kind, name, package, version.
 
     Names come from package metadata, so listing imports no plugin; --check imports each one.
     Set ALEXCLI_LOAD_PLUGINS=pkg1,pkg2 to load only those third-party packages ("" for none).

@@ -27,12 +27,15 @@ def render_summary(s: dict) -> None:
 def prepare_command(
     src: Path = typer.Argument(..., help="Source tree: SRC/train/<class>/<image>, optionally SRC/val and SRC/test."),
     out_dir: Path = typer.Option(None, "--out", help="Output folder (default: shards/<name of SRC>)."),
-    size: int = typer.Option(256, help="Side of the square images written (section 2: 256)."),
+    size: int = typer.Option(256, help="Side of the square images written (section 2: 256). A JPEG that is "
+                                       "already RGB and size x size is copied unchanged (CIFAR at --size 32)."),
     quality: int = typer.Option(90, help="JPEG quality of the written images."),
     resample: str = typer.Option("bicubic", help="Resize filter: bicubic, bilinear, lanczos or box."),
     seed: int = typer.Option(0, help="Seed of the shuffle of training samples across shards."),
     shard_size: int = typer.Option(1000, help="Samples per shard."),
     workers: int = typer.Option(0, help="Worker processes (default: all cores)."),
+    holdout: float = typer.Option(0.0, help="Hold out this fraction of each class of train/ as the val split "
+                                            "(for a source without val/, e.g. CIFAR-10's training folder)."),
     max_pixels: int = typer.Option(89_478_485, help="Reject sources with more pixels than this."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any file has to be rejected."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different data set in --out."),
@@ -44,7 +47,9 @@ def prepare_command(
     (the paper's section 2). Files that cannot be used are listed in rejected.json with the
     reason. Interrupted, the same command continues where it stopped.
 
-    Example: alexcli prepare /data/imagenet --out shards/imagenet --workers 16
+    Examples:
+      alexcli prepare /data/imagenet --out shards/imagenet --workers 16
+      alexcli prepare /data/cifar10 --size 32 --holdout 0.1 --out shards/cifar10
     """
     from alexcli.data.image import RESAMPLE
     from alexcli.data.prepare import PrepareConfig, prepare
@@ -56,7 +61,7 @@ def prepare_command(
         raise UsageError("--workers must be >= 0")
     out_dir = out_dir or Path("shards") / Path(src).resolve().name
     cfg = PrepareConfig(size=size, quality=quality, resample=resample, max_pixels=max_pixels, seed=seed,
-                        shard_size=shard_size, workers=workers, strict=strict, overwrite=overwrite)
+                        shard_size=shard_size, workers=workers, holdout=holdout, strict=strict, overwrite=overwrite)
     with progress("prepare") as update:
         summary = prepare(src, out_dir, cfg, progress=update)
     if as_json:

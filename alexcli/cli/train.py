@@ -66,6 +66,7 @@ def train_command(
     epochs: int = typer.Option(90, help="Epochs to train (section 5: about 90); with --resume, the new total."),
     batch: int = typer.Option(128, help="Images per SGD step over all GPUs (section 5: 128)."),
     lr: float = typer.Option(0.01, help="Initial learning rate (section 5: 0.01)."),
+    weight_decay: float = typer.Option(0.0005, help="Weight decay (section 5: 0.0005)."),
     schedule: str = typer.Option("plateau", help="plateau: lr/10 when val error stops improving, at most 3 times "
                                                  "(the paper); steps: lr/10 at --lr-steps."),
     patience: int = typer.Option(3, help="Epochs without val improvement before the plateau schedule divides lr."),
@@ -73,16 +74,24 @@ def train_command(
     augment: str = typer.Option("mean,crop,flip,pca", help="Augmentations in order, by registry name (alexcli plugins)."),
     layer: List[str] = typer.Option([], "--layer", help="Layer variant KIND=NAME (act, norm, pool), repeatable: "
                                                        "--layer norm=none --layer act=tanh."),
-    groups: int = typer.Option(2, help="2: the paper's two columns (groups on conv2/4/5); 1: one column."),
+    arch_name: str = typer.Option("alexnet", "--arch", help="Architecture by registry name: alexnet (the paper's), "
+                                                           "cifar-local (the four-layer CIFAR-10 net of Figure 1 "
+                                                           "and section 3.3), or a plugin's (alexcli plugins)."),
+    groups: Optional[int] = typer.Option(None, help="alexnet: 2 (default) the paper's two columns (groups on "
+                                                    "conv2/4/5); 1: one column."),
     width: float = typer.Option(1.0, help="Channel multiplier for small experiments (structure kept)."),
-    crop: int = typer.Option(224, help="Input side: 224 (paper, conv1 padding 2) or 227 (Caffe, padding 0)."),
-    init: str = typer.Option("paper", help="Initialisation: paper (N(0,0.01), biases 1), caffe (biases 0.1, "
-                                           "fc6/7 std 0.005), kaiming (He normal; leaves the flat start at once), "
-                                           "or a checkpoint to fine-tune from: its architecture and every layer "
-                                           "whose shape fits are taken, a classifier for other classes is new."),
+    crop: Optional[int] = typer.Option(None, help="Input side; alexnet: 224 (default; paper, conv1 padding 2) or "
+                                                  "227 (Caffe, padding 0); cifar-local: 24 (default) up to the "
+                                                  "prepared size."),
+    init: Optional[str] = typer.Option(None, help="Initialisation; alexnet: paper (default; N(0,0.01), biases 1), "
+                                                  "caffe (biases 0.1, fc6/7 std 0.005), kaiming (He normal; leaves "
+                                                  "the flat start at once); cifar-local: convnet (default; "
+                                                  "cuda-convnet's initW) or kaiming. Or a checkpoint to fine-tune "
+                                                  "from: its architecture and every layer whose shape fits are "
+                                                  "taken, a classifier for other classes is new."),
     conv6: bool = typer.Option(False, "--conv6", help="Add the sixth convolutional layer of the paper's "
                                                       "pre-trained models (section 6)."),
-    dropout: float = typer.Option(0.5, help="Dropout in fc6 and fc7 (section 4.2: 0.5)."),
+    dropout: Optional[float] = typer.Option(None, help="alexnet: dropout in fc6 and fc7 (default 0.5, section 4.2)."),
     seed: int = typer.Option(0, help="Seed of initialisation, data order, augmentation and dropout."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     gpus: int = typer.Option(1, help="Data-parallel processes (DistributedDataParallel; gloo on CPU)."),
@@ -110,9 +119,11 @@ def train_command(
       alexcli train --data shards/imagenet --out runs/alexnet --gpus 2
       alexcli train --data shards/imagenet --out runs/alexnet --resume --epochs 100
       alexcli train --data shards/demo --width 0.25 --crop 64 --init kaiming --layer norm=none
+      alexcli train --data shards/cifar10 --arch cifar-local --epochs 30 --lr 0.001 --weight-decay 0
       alexcli train --data shards/birds --init runs/alexnet/ckpt-e090.safetensors --conv6 --lr 0.001
     """
-    from alexcli.model.alexnet import Arch, build_model, count_parameters, shapes, with_layers
+    from alexcli import plugins
+    from alexcli.model.alexnet import Arch, build_model, count_parameters, make_arch, shapes, with_layers
     from alexcli.train.config import TrainConfig
     from alexcli.train.loop import describe, train
     from alexcli.errors import UsageError
@@ -124,25 +135,26 @@ def train_command(
     from alexcli.augment import parse as parse_augment
 
     out_dir = out_dir or Path("runs") / Path(data).resolve().name
-    cfg = TrainConfig(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, schedule=schedule,
+    cfg = TrainConfig(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, schedule=schedule,
                       patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
                       device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last,
                       compile=compile_, loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch,
                       decode=decode)
     from dataclasses import replace as _replace
 
-    from alexcli.model.alexnet import INITS
-
     init_from = ""
-    if init in INITS:
-        arch = Arch(crop=crop, width=width, groups=groups, init=init, dropout=dropout)
-    elif Path(init).is_file():  # fine-tuning: the architecture comes from the checkpoint
+    inits = getattr(plugins.get("architecture", arch_name), "inits", ())  # an unknown --arch fails here
+    if init is not None and Path(init).is_file():  # fine-tuning: the architecture comes from the checkpoint
         from alexcli.train.checkpoint import read_meta
 
         init_from = init
-        arch = _replace(Arch.from_dict(read_meta(init)["arch"]), dropout=dropout)
+        arch = Arch.from_dict(read_meta(init)["arch"])
+        if dropout is not None:
+            arch = _replace(arch, dropout=dropout)
+    elif init is None or init in inits or not inits:
+        arch = make_arch(arch_name, crop=crop, width=width, groups=groups, init=init, dropout=dropout)
     else:
-        raise UsageError(f"--init {init!r}: neither a preset ({', '.join(INITS)}) nor a checkpoint file")
+        raise UsageError(f"--init {init!r}: neither a preset of {arch_name} ({', '.join(inits)}) nor a checkpoint file")
     arch = with_layers(_replace(arch, conv6=arch.conv6 or conv6), layer)
     cfg = _replace(cfg, init_from=init_from)
     if dry_run:

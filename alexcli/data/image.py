@@ -100,6 +100,11 @@ def convert(data: bytes, p: ImageParams) -> tuple[bytes, dict]:
             if scale < 1:
                 im.draft(im.mode, (int(w * scale) + 1, int(h * scale) + 1))
         im.load()
+        if (im.format == "JPEG" and im.mode == "RGB" and (w, h) == (p.size, p.size)
+                and not im.info.get("progressive")):
+            # already what prepare would write (CIFAR's 32x32 JPEGs at --size 32): keep the
+            # source's bytes rather than add a second lossy encoding
+            return data, dict(info, copied=True)
         rgb = to_rgb(im)
         sw, sh = rgb.size  # smaller than (w, h) when draft() scaled the decode
         out = rgb.resize((p.size, p.size), RESAMPLE[p.resample], box=centre_box(sw, sh))

@@ -32,7 +32,7 @@ import numpy as np
 from alexcli import __version__
 from alexcli.data import stats as S
 from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, convert
-from alexcli.data.scan import Item, Source, scan
+from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.env import pil_info
 from alexcli.data.shards import MANIFEST, ShardWriter, sample_key, shard_name, write_json_atomic
 from alexcli.errors import DataError, Interrupted, StrictRejectError, UsageError
@@ -54,6 +54,7 @@ class PrepareConfig:
     workers: int = 0  # 0: all cores
     strict: bool = False  # any rejected file is a failure
     overwrite: bool = False  # replace a different data set in --out
+    holdout: float = 0.0  # fraction of each class of train/ held out as the val split (sources without val/)
 
     def image_params(self) -> ImageParams:
         return ImageParams(self.size, self.quality, self.resample, self.max_pixels)
@@ -240,6 +241,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     if cfg.size < 8 or not 1 <= cfg.quality <= 100 or cfg.shard_size < 1:
         raise UsageError("--size must be >= 8, --quality 1..100 and --shard-size >= 1")
     source = scan(src)
+    if cfg.holdout:
+        source = hold_out(source, cfg.holdout, cfg.seed)
     if cfg.strict and source.rejected:
         first = source.rejected[0]
         raise StrictRejectError(f"--strict: {len(source.rejected)} files cannot be used, "

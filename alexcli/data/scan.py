@@ -111,6 +111,32 @@ def _flat_val_labels(root: Path, files: list[Path]) -> dict[str, str] | None:
     return None
 
 
+def hold_out(source: Source, fraction: float, seed: int) -> Source:
+    """Move FRACTION of each class's training files (drawn with SEED) into a `val` split, for a
+    source that has none (CIFAR-10's training folder, say): a held-out split to test on."""
+    import random
+
+    if not 0 < fraction < 1:
+        raise UsageError(f"--holdout must be between 0 and 1, not {fraction}")
+    if source.splits.get("val"):
+        raise UsageError(f"--holdout: {source.root} already has a val split; hold out only from a source without one")
+    by_class: dict[int, list[Item]] = {}
+    for it in source.splits["train"]:
+        by_class.setdefault(it.label, []).append(it)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda it: it.relpath)
+        random.Random(f"{seed}/holdout/{label}").shuffle(items)
+        n = round(len(items) * fraction)
+        val += items[:n]
+        train += items[n:]
+    val.sort(key=lambda it: it.relpath)
+    train.sort(key=lambda it: it.relpath)
+    notes = source.notes + [f"val: {len(val):,} training files held out ({fraction:g} of each class, seed {seed})"]
+    return Source(source.root, source.classes, source.class_names, {**source.splits, "train": train, "val": val},
+                  source.rejected, notes)
+
+
 def scan(src: str | os.PathLike) -> Source:
     root = Path(src)
     if not root.exists():

@@ -27,8 +27,11 @@ LAYER_KINDS = {"act": "activation", "norm": "norm", "pool": "pool"}
 
 @dataclass(frozen=True)
 class Arch:
-    """Everything needed to rebuild the network; stored in every checkpoint."""
+    """Everything needed to rebuild the network; stored in every checkpoint. `name` is the
+    architecture's registry name (`alexcli.architectures`); the fields after it are read by each
+    architecture as it needs (the CIFAR net has no columns, conv6 or dropout)."""
 
+    name: str = "alexnet"      # registry name: alexnet, cifar-local, or a plugin's
     num_classes: int = 1000
     crop: int = 224            # input side; 224 with conv1 padding 2 (paper), 227 with padding 0 (Caffe)
     width: float = 1.0         # multiplies every layer's channels and units (small experiments)
@@ -63,8 +66,6 @@ class Arch:
     def validate(self) -> None:
         if self.groups not in (1, 2):
             raise UsageError(f"--groups must be 1 or 2, not {self.groups}")
-        if self.init not in INITS:
-            raise UsageError(f"--init must be one of {', '.join(INITS)}, not {self.init!r}")
         if not 0 < self.width <= 4:
             raise UsageError(f"--width must be in (0, 4], not {self.width}")
         if self.num_classes < 2:
@@ -117,6 +118,8 @@ class AlexNet(nn.Module):
     def __init__(self, arch: Arch, factories: dict):
         super().__init__()
         arch.validate()
+        if arch.init not in INITS:
+            raise UsageError(f"--init must be one of {', '.join(INITS)}, not {arch.init!r}")
         self.arch = arch
         act, norm, pool = factories["activation"], factories["norm"], factories["pool"]
         c1, c2, c3, c4, c5 = arch.channels()
@@ -201,21 +204,49 @@ def init_weights(model: AlexNet, preset: str) -> None:
         nn.init.constant_(module.bias, one if name in ONE_BIAS else 0.0)
 
 
-def build_model(arch: Arch) -> tuple[AlexNet, dict]:
-    """The network for ARCH and the provenance of its layer variants (name, package, version)."""
+def alexnet(arch: Arch, factories: dict) -> AlexNet:
+    """Registry factory (`alexcli.architectures`: alexnet). An architecture plugin's factory has
+    this signature: (Arch, {"activation"|"norm"|"pool": layer factory}) -> nn.Module taking
+    (N, 3, crop, crop) images on the 0..1 scale minus the mean image and returning logits."""
+    return AlexNet(arch, factories)
+
+
+alexnet.defaults = {}
+alexnet.inits = INITS
+alexnet.stages = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")
+
+
+def arch_defaults(name: str) -> dict:
+    """The Arch fields architecture NAME sets differently from AlexNet (e.g. the CIFAR net's crop 24)."""
+    return dict(getattr(plugins.get("architecture", name), "defaults", {}))
+
+
+def make_arch(name: str = "alexnet", **fields) -> Arch:
+    """An Arch for registry name NAME: its defaults, then FIELDS (those given as None are left out)."""
+    return Arch(name=name, **{**arch_defaults(name), **{k: v for k, v in fields.items() if v is not None}})
+
+
+def build_model(arch: Arch) -> tuple[nn.Module, dict]:
+    """The network for ARCH and the provenance of its architecture and layer variants (name,
+    package, version), as checkpoints record them."""
     arch.validate()
+    factory = plugins.get("architecture", arch.name)
+    info = plugins.info("architecture", arch.name)
     factories, used = resolve_layers(arch)
-    return AlexNet(arch, factories), used
+    used = {"architecture": {"name": arch.name, "package": info.package, "version": info.version}, **used}
+    return factory(arch, factories), used
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def shapes(model: AlexNet, batch: int = 1) -> dict[str, tuple[int, ...]]:
-    """Output shape after each named stage, for tests and `alexcli train --dry-run`."""
+def shapes(model: nn.Module, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Output shape after each named stage (the factory's `stages`, else every direct child), for
+    tests and `alexcli train --dry-run`."""
     out, hooks = {}, []
-    for name in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8"):
+    stages = getattr(plugins.get("architecture", model.arch.name), "stages", None)
+    for name in stages or [n for n, _ in model.named_children()]:
         hooks.append(getattr(model, name).register_forward_hook(
             lambda _m, _i, y, name=name: out.__setitem__(name, tuple(y.shape))))
     try:

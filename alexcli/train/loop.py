@@ -97,6 +97,10 @@ class Rank:
         if use_cuda and world > torch.cuda.device_count():
             raise UsageError(f"--gpus {world}: only {torch.cuda.device_count()} CUDA device(s) visible")
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if not use_cuda:
+            from alexcli.env import tune_cpu
+
+            tune_cpu()
         if use_cuda:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
@@ -134,7 +138,6 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int):
         velocity, _ = ck.load_trainer_state(Path(cfg.out), start)
     if cfg.parallel == "columns":
         from alexcli.model.columns import ColumnAlexNet
-
         devices = ([torch.device("cuda", 0), torch.device("cuda", 1)] if r.device.type == "cuda"
                    else [torch.device("cpu")] * 2)
         if r.device.type == "cuda" and torch.cuda.device_count() < 2:
@@ -486,6 +489,8 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
     cfg.validate()
     if not resume:
         arch.validate()
+        if cfg.parallel == "columns" and arch.name != "alexnet":
+            raise UsageError(f"--parallel columns splits AlexNet's two columns; {arch.name} has none")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _join_torchrun(cfg, arch, resume, overwrite, progress)
     cfg, arch, start = _setup(cfg, arch, resume, overwrite)
@@ -573,6 +578,9 @@ def _spawn(cfg: TrainConfig, arch: Arch, start: int, progress: Progress | None) 
 
 
 def describe(arch: Arch) -> str:
+    if arch.name != "alexnet":
+        return (f"{arch.name}, {arch.num_classes} classes, crop {arch.crop}, width {arch.width:g}, "
+                f"{arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}")
     c = arch.channels()
     return (f"AlexNet {'-'.join(map(str, c))} conv, fc {arch.fc_units}, {arch.num_classes} classes, "
             f"crop {arch.crop}, groups {arch.groups}, {arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}")

@@ -1,0 +1,139 @@
+"""`alexcli experiment`: the paper's CIFAR-10 experiments end to end on a tiny generated set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexcli.data.prepare import PrepareConfig, prepare
+from alexcli.experiment import ExperimentConfig, Fit, crossing, plans
+from alexcli.model.alexnet import make_arch
+from alexcli.train import loader
+from alexcli.train.memory import load_split
+from conftest import run_cli
+from test_cifar import write_cifar_like
+
+FAST = ["--batch", "16", "--sweep-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar-like")
+    src = write_cifar_like(root / "src", classes=4, per_class=24)
+    out = root / "cifar"
+    prepare(src, out, PrepareConfig(size=32, holdout=0.25, shard_size=32, workers=1))
+    return out
+
+
+def test_crossing_interpolates_between_epochs():
+    h = [{"epoch": 1, "train_error": 0.5, "seconds": 10.0}, {"epoch": 2, "train_error": 0.3, "seconds": 20.0},
+         {"epoch": 3, "train_error": 0.2, "seconds": 30.0}]
+    assert crossing(h, 0.25) == pytest.approx((2.5, 25.0))
+    assert crossing(h, 0.5) == (1.0, 10.0)
+    assert crossing(h, 0.1) == (None, None)
+    # reached in the first epoch: interpolated from nothing learnt at epoch 0 is not assumed
+    assert crossing([{"epoch": 1, "train_error": 0.2, "seconds": 5.0}], 0.25) == (1.0, 5.0)
+
+
+def test_variants_see_the_same_images_in_the_same_order(cifar, monkeypatch):
+    cfg = ExperimentConfig(data=str(cifar), out="unused", batch=8)
+    train = load_split(cifar, "train")
+    stats = loader.load_data_stats(cifar)
+    seen = {}
+    for plan in plans("relu-vs-tanh", cfg, 32):
+        fit = Fit(plan, make_arch("cifar-local", num_classes=4, **plan.arch_fields), train, None, stats, lr=0.01,
+                  epochs=2, seed=3, batch=8, momentum=0.9, device=torch.device("cpu"))
+        batches = []
+        real = fit.net.forward
+        monkeypatch.setattr(fit.net, "forward", lambda x, real=real, b=batches: (b.append(x.clone()), real(x))[1])
+        fit.run(lambda *a, **k: None)
+        seen[plan.label] = torch.cat(batches)
+    assert seen["relu"].shape == (2 * len(train), 3, 32, 32)
+    assert torch.equal(seen["relu"], seen["tanh"])
+
+
+def test_relu_vs_tanh_end_to_end_and_resumes_from_finished_fits(cifar, tmp_path):
+    out = tmp_path / "rvt"
+    args = ["experiment", "relu-vs-tanh", "--data", cifar, "--out", out, "--epochs", "4", "--lrs", "0.003,0.03",
+            "--target", "0.5", *FAST]
+    r = run_cli(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res == json.loads((out / "results.json").read_text())
+    assert res["train_images"] == 72 and set(res["learning_rates"]) == {"relu", "tanh"}
+    for label in ("relu", "tanh"):
+        sweep = res["sweep"][label]
+        assert [row["lr"] for row in sweep] == [0.003, 0.03]
+        finite = [row for row in sweep if row["train_error"] is not None]
+        assert res["learning_rates"][label] == min(finite, key=lambda row: row["train_error"])["lr"]
+        (run,) = res["runs"][label]
+        assert [row["epoch"] for row in run["history"]] == [1, 2, 3, 4] or run["diverged"]
+        assert Path(run["checkpoint"]).is_file()
+        want = crossing(run["history"], 0.5)[0]
+        assert res["reach"][label]["epochs"]["values"] == [want]
+    e_relu, e_tanh = res["reach"]["relu"]["epochs"]["mean"], res["reach"]["tanh"]["epochs"]["mean"]
+    if e_relu and e_tanh:
+        assert res["ratio_epochs"]["mean"] == pytest.approx(e_tanh / e_relu)
+    assert (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "relu" in r.stderr and "chosen by the sweep" in r.stderr
+
+    # run again: every fit is read back from fits/, nothing is trained, the results are the same
+    again = run_cli(*args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("done before, read from fits/") == 6  # 2 x 2 sweep runs, 2 final runs
+    assert "epoch   1" not in again.stderr
+    res2 = json.loads(again.stdout)
+    for k in ("learning_rates", "reach", "ratio_epochs", "runs"):
+        assert res2[k] == res[k]
+
+
+def test_lrn_end_to_end_and_checkpoints_score_the_same_in_eval(cifar, tmp_path):
+    out = tmp_path / "lrn"
+    r = run_cli("experiment", "lrn", "--data", cifar, "--out", out, "--epochs", "3", "--lrs", "0.002", "--seeds", "2",
+                *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "without - with normalisation" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["test_images"] == 24 and res["learning_rates"] == {"lrn": 0.002, "none": 0.002}
+    assert res["sweep"] == {}  # one learning rate: no sweep
+    for label in ("lrn", "none"):
+        errors = [run["test_error"] for run in res["runs"][label]]
+        assert len(errors) == 2 and all(0 <= e <= 1 for e in errors)
+        assert res["test"][label]["test_error"]["mean"] == pytest.approx(sum(errors) / 2)
+        assert all(run["history"][-1]["test_error"] == run["test_error"] for run in res["runs"][label])
+    diffs = [b["test_error"] - a["test_error"] for a, b in zip(res["runs"]["lrn"], res["runs"]["none"])]
+    assert res["difference"]["values"] == pytest.approx(diffs)
+    # the saved weights are an ordinary checkpoint: alexcli eval gives the same centre-patch error
+    ckpt = out / "lrn-seed1.safetensors"
+    e = run_cli("eval", ckpt, "--data", cifar, "--json")
+    assert e.returncode == 0, e.stderr
+    scored = json.loads(e.stdout)
+    assert scored["images"] == 24
+    assert scored["models"][0]["top1_error"] == pytest.approx(res["runs"]["lrn"][1]["test_error"])
+
+
+def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
+    r = run_cli("experiment", "dropout", "--data", cifar)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown experiment 'dropout'; experiments: relu-vs-tanh, lrn"
+    r = run_cli("experiment", "lrn", "--data", cifar, "--lrs", "fast")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --lrs 'fast': expected learning rates like 0.001,0.01"
+    r = run_cli("experiment", "lrn", "--data", cifar, "--norm", "batchnorm-typo")
+    assert r.returncode == 2 and "unknown norm 'batchnorm-typo'" in r.stderr
+    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--crop", "40", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "--crop 40 is larger than the 32x32 images" in r.stderr
+    no_val = tmp_path / "noval"
+    prepare(cifar.parent / "src", no_val, PrepareConfig(size=32, workers=1))
+    r = run_cli("experiment", "lrn", "--data", no_val, "--out", tmp_path / "y", "--lrs", "0.01")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: {no_val}: no val or test split to measure test error on; prepare it with "
+                                "--holdout 0.1 (CIFAR-10's training folder) or from a source with val/")
+    r = run_cli("experiment", "lrn", "--data", tmp_path / "missing")
+    assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_has_an_example():
+    r = run_cli("experiment", "--help")
+    assert r.returncode == 0 and "alexcli experiment relu-vs-tanh --data shards/cifar10" in r.stdout
