@@ -21,7 +21,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +92,6 @@ class Plan:
     weight_decay: float
     lr_drops: tuple[int, ...] = ()          # epochs after which lr /= 10
     test: bool = False                      # score the held-out split after every epoch
-    extra: dict = field(default_factory=dict)
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:

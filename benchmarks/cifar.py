@@ -144,15 +144,17 @@ def main() -> None:
               "batch": args.batch, "device": str(device),
               "machine": f"{cpu_model()}, {os.cpu_count()} cores" + (
                   f", {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""),
-              "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_tuning": args.cpu_tuning,
+              "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+              "cpu_tuning": args.cpu_tuning,
               "epoch_seconds": {k: v * scale for k, v in best.items()},
               "images_per_s": {k: len(train) / v for k, v in best.items()},
               "share_outside_model": outside, "streaming_over_memory": ratio}
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{result['machine']}; torch {result['torch']}, {result['threads']} threads, cpu tuning {args.cpu_tuning}; {args.variant} net, "
-          f"crop {arch.crop}, batch {args.batch}, {len(train):,} images per timed epoch (best of {args.repeat})")
+    print(f"{result['machine']}; torch {result['torch']}, {result['threads']} threads, cpu tuning "
+          f"{args.cpu_tuning}; {args.variant} net, crop {arch.crop}, batch {args.batch}, "
+          f"{len(train):,} images per timed epoch (best of {args.repeat})")
     for k in rows:
         print(f"  {k:<16} {result['epoch_seconds'][k]:7.1f} s per {full:,}-image epoch  "
               f"{result['images_per_s'][k]:8,.0f} img/s")

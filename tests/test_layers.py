@@ -27,6 +27,22 @@ def test_lrn_variants_equal_the_formula(name, alpha):
     assert not torch.allclose(got, lrn_loop(a, 5, 1e-4 * (5 if name == "lrn-convnet" else 1 / 5), 0.75, 2.0))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_gradient_equals_autograd_of_the_formula(groups):
+    """The built-in LRN's hand-written CPU backward against autograd through the plain formula."""
+    from alexcli.model.layers import lrn_paper
+
+    torch.manual_seed(0)
+    a = (torch.rand(2, 12, 4, 4, dtype=torch.float64) * 30).requires_grad_()
+    g = torch.randn(2, 12, 4, 4, dtype=torch.float64)
+    got = torch.autograd.grad(lrn_paper(12).forward_grouped(a, groups), a, g)[0]
+    want = torch.autograd.grad(torch.cat([lrn_loop(part, 5, 1e-4, 0.75, 2.0) for part in a.chunk(groups, 1)], 1),
+                               a, g)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: lrn_paper(12).forward_grouped(t, groups), (a.detach()[:1, :, :2, :2]
+                                                                                       .clone().requires_grad_(),))
+
+
 @pytest.mark.parametrize("kind", ["activation", "norm", "pool"])
 def test_every_registered_layer_works(kind):
     reg.reset()

@@ -102,6 +102,22 @@ class PerColumn(nn.Module):
         return torch.cat([m(part) for m, part in zip(self.cols, x.chunk(self.groups, dim=1))], dim=1)
 
 
+def output_side(module: nn.Module, stack, crop: int) -> int:
+    """Side of STACK's output for a crop x crop input, found by running it on zeros in eval mode
+    (in train mode the probe would update a batch norm plugin's running statistics); 0 when a
+    pooling window outgrows its input."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            x = stack(torch.zeros(1, 3, crop, crop))
+    except RuntimeError:  # a pooling window larger than its input
+        return 0
+    finally:
+        module.train(was_training)
+    return x.shape[-1]
+
+
 def resolve_layers(arch: Arch) -> tuple[dict, dict]:
     """Registry factories for the arch's variants, and their provenance for the checkpoint."""
     factories, used = {}, {}
@@ -150,17 +166,8 @@ class AlexNet(nn.Module):
         init_weights(self, arch.init)
 
     def feature_side(self) -> int:
-        """Side of pool5's maps for this crop, found by running the conv stack on an empty tensor."""
-        was_training = self.training
-        self.eval()  # in train mode the probe would update a batch norm plugin's running statistics
-        try:
-            with torch.no_grad():
-                x = self.conv_features(torch.zeros(1, 3, self.arch.crop, self.arch.crop))
-        except RuntimeError:  # a pooling window larger than its input
-            return 0
-        finally:
-            self.train(was_training)
-        return x.shape[-1]
+        """Side of pool5's maps for this crop."""
+        return output_side(self, self.conv_features, self.arch.crop)
 
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool1(self.norm1(self.act1(self.conv1(x))))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexcli.errors import UsageError
+from alexcli.model.alexnet import output_side
 
 CONV_MAPS = (64, 64)
 LOCAL_MAPS = (32, 32)
@@ -105,17 +106,8 @@ class CifarNet(nn.Module):
         init_cifar(self, arch.init)
 
     def _side_after_convs(self, crop: int) -> int:
-        was = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                x = self.pool2(self.norm2(self.act2(self.conv2(self.pool1(self.norm1(self.act1(
-                    self.conv1(torch.zeros(1, 3, crop, crop)))))))))
-        except RuntimeError:  # a pooling window larger than its input
-            return 0
-        finally:
-            self.train(was)
-        return x.shape[-1]
+        return output_side(self, lambda x: self.pool2(self.norm2(self.act2(self.conv2(self.pool1(self.norm1(
+            self.act1(self.conv1(x)))))))), crop)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """local4's activations, flattened: the last hidden layer."""
