@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from alexcli import augment as aug
-from alexcli.errors import UsageError
+from alexcli.errors import Interrupted, UsageError
 from alexcli.model.alexnet import build_model, count_parameters, make_arch
 from alexcli.train import loader
 from alexcli.train.memory import InMemory, load_split
@@ -225,7 +225,8 @@ def _fit_key(plan: Plan, arch, cfg: ExperimentConfig, lr: float, epochs: int, se
 
 def crossing(history: list[dict], target: float) -> tuple[float | None, float | None]:
     """(epochs, seconds) at which the training error first reaches TARGET, interpolated linearly
-    between the ends of the two epochs around the crossing (from epoch 0 at chance error)."""
+    between the ends of the two epochs around the crossing; the end of epoch 1 when the first
+    epoch already reaches it; (None, None) when no epoch does."""
     prev_e, prev_err, prev_s = 0.0, None, 0.0
     for row in history:
         err, e, s = row["train_error"], float(row["epoch"]), row["seconds"]
@@ -246,8 +247,7 @@ def _spread(values: list[float]) -> dict:
             "n": len(vals), "values": values}
 
 
-def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress | None = None) -> dict:
-    """Run experiment NAME; returns (and writes to OUT/results.json) its summary."""
+def _run(name: str, cfg: ExperimentConfig, progress: Progress | None) -> dict:
     from alexcli.data.shards import read_manifest, write_json_atomic
 
     progress = progress or (lambda *a, **k: None)
@@ -333,6 +333,22 @@ def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress | None =
         for plan in the_plans:
             save = out / f"{plan.label}-seed{seed}.safetensors"
             runs[plan.label].append(fit(plan, chosen[plan.label], cfg.epochs, seed, save))
+    return _finish(name, cfg, out, device, train, test, crop, chosen, sweeps, runs, t_start)
+
+
+def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress | None = None) -> dict:
+    """Run experiment NAME; returns (and writes to OUT/results.json) its summary. Interrupted, it
+    keeps every finished training run in OUT/fits/ and says so; run again, it continues."""
+    try:
+        return _run(name, cfg, progress)
+    except KeyboardInterrupt:
+        done = len(list((Path(cfg.out) / "fits").glob("*.json")))
+        raise Interrupted(f"interrupted: {done} finished training runs are kept in {Path(cfg.out) / 'fits'}; "
+                          f"run the same command again to continue") from None
+
+
+def _finish(name, cfg, out, device, train, test, crop, chosen, sweeps, runs, t_start) -> dict:
+    from alexcli.data.shards import write_json_atomic
 
     summary = {"experiment": name, "data": str(Path(cfg.data).resolve()), "device": str(device),
                "train_images": len(train), "test_images": len(test) if test is not None else 0,

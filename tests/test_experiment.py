@@ -137,3 +137,34 @@ def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
 def test_help_has_an_example():
     r = run_cli("experiment", "--help")
     assert r.returncode == 0 and "alexcli experiment relu-vs-tanh --data shards/cifar10" in r.stdout
+
+
+def test_interrupted_experiment_keeps_finished_runs_and_continues(cifar, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "int"
+    args = ["experiment", "relu-vs-tanh", "--data", str(cifar), "--out", str(out), "--epochs", "40",
+            "--lrs", "0.003,0.01", *FAST]
+    p = subprocess.Popen([sys.executable, "-m", "alexcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not list((out / "fits").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    kept = len(list((out / "fits").glob("*.json")))
+    assert kept >= 1
+    assert stderr.strip().splitlines()[-1] == (f"error: interrupted: {kept} finished training runs are kept in "
+                                               f"{out / 'fits'}; run the same command again to continue")
+    assert not (out / "results.json").exists()
+    # run again with fewer epochs for the final runs: the sweep runs already done are read back
+    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--out", out, "--epochs", "2", "--lrs", "0.003,0.01",
+                *FAST)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("done before, read from fits/") >= kept
+    assert (out / "results.json").is_file()
