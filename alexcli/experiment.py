@@ -333,7 +333,7 @@ def _run(name: str, cfg: ExperimentConfig, progress: Progress | None) -> dict:
         for plan in the_plans:
             save = out / f"{plan.label}-seed{seed}.safetensors"
             runs[plan.label].append(fit(plan, chosen[plan.label], cfg.epochs, seed, save))
-    return _finish(name, cfg, out, device, train, test, crop, chosen, sweeps, runs, t_start)
+    return _finish(name, cfg, out, device, train, test, crop, chosen, sweeps, runs, t_start, the_plans)
 
 
 def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress | None = None) -> dict:
@@ -347,12 +347,15 @@ def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress | None =
                           f"run the same command again to continue") from None
 
 
-def _finish(name, cfg, out, device, train, test, crop, chosen, sweeps, runs, t_start) -> dict:
+def _finish(name, cfg, out, device, train, test, crop, chosen, sweeps, runs, t_start, the_plans) -> dict:
     from alexcli.data.shards import write_json_atomic
 
     summary = {"experiment": name, "data": str(Path(cfg.data).resolve()), "device": str(device),
                "train_images": len(train), "test_images": len(test) if test is not None else 0,
                "config": {**asdict(cfg), "lrs": list(cfg.lrs), "crop": crop},
+               "variants": {p.label: {"arch": runs[p.label][0]["arch"], "augment": list(p.augment),
+                                      "weight_decay": p.weight_decay, "lr_drops_after_epochs": list(p.lr_drops)}
+                            for p in the_plans},
                "learning_rates": chosen, "sweep": sweeps,
                "parameters": {k: v[0]["parameters"] for k, v in runs.items()},
                "runs": {k: [{kk: r.get(kk) for kk in ("seed", "lr", "diverged", "history", "test_error",

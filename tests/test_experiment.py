@@ -64,6 +64,11 @@ def test_relu_vs_tanh_end_to_end_and_resumes_from_finished_fits(cifar, tmp_path)
     res = json.loads(r.stdout)
     assert res == json.loads((out / "results.json").read_text())
     assert res["train_images"] == 72 and set(res["learning_rates"]) == {"relu", "tanh"}
+    # Figure 1: no regularisation of any kind, whole images, no normalisation
+    for label in ("relu", "tanh"):
+        v = res["variants"][label]
+        assert (v["augment"], v["weight_decay"], v["arch"]["activation"], v["arch"]["norm"], v["arch"]["crop"]) == \
+            (["mean"], 0.0, label, "none", 32)
     for label in ("relu", "tanh"):
         sweep = res["sweep"][label]
         assert [row["lr"] for row in sweep] == [0.003, 0.03]
@@ -99,6 +104,10 @@ def test_lrn_end_to_end_and_checkpoints_score_the_same_in_eval(cifar, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["test_images"] == 24 and res["learning_rates"] == {"lrn": 0.002, "none": 0.002}
     assert res["sweep"] == {}  # one learning rate: no sweep
+    for label in ("lrn", "none"):
+        v = res["variants"][label]
+        assert (v["augment"], v["weight_decay"], v["arch"]["norm"], v["arch"]["crop"]) == \
+            (["mean", "crop", "flip"], 0.004, label, 24)
     for label in ("lrn", "none"):
         errors = [run["test_error"] for run in res["runs"][label]]
         assert len(errors) == 2 and all(0 <= e <= 1 for e in errors)
