@@ -51,8 +51,8 @@ class ExperimentConfig:
     seeds: int = 1                          # seeds 0..seeds-1; mean and spread over them
     subset: int = 0                         # training images used (0: all); the first ones of the shuffled shards
     batch: int = 128                        # cuda-convnet's minibatch for these nets
-    lrs: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01)   # the sweep; one value: no sweep
-    sweep_epochs: int = 2
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)   # the sweep; one value: no sweep
+    sweep_epochs: int = 1
     momentum: float = 0.9
     weight_decay: float = 0.004             # lrn only: cuda-convnet's wc on local3, local4, fc10
     crop: int = 0                           # 0: 32 for relu-vs-tanh (whole images), 24 for lrn (random crops)

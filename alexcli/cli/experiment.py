@@ -92,9 +92,9 @@ def experiment_command(
     epochs: int = typer.Option(30, help="Epochs of each final run."),
     seeds: int = typer.Option(1, help="Seeds per variant (0..N-1): mean and spread are reported."),
     subset: int = typer.Option(0, help="Training images to use (0: all): the first of the shuffled shards."),
-    lrs: str = typer.Option("0.0003,0.001,0.003,0.01", help="Learning rates of the sweep that picks each "
+    lrs: str = typer.Option("0.001,0.003,0.01,0.03", help="Learning rates of the sweep that picks each "
                                                             "variant's own; give one to skip the sweep."),
-    sweep_epochs: int = typer.Option(2, help="Epochs of each sweep run."),
+    sweep_epochs: int = typer.Option(1, help="Epochs of each sweep run."),
     batch: int = typer.Option(128, help="Images per SGD step."),
     weight_decay: float = typer.Option(0.004, help="lrn: weight decay on local3, local4 and fc10 (cuda-convnet's "
                                                    "wc); relu-vs-tanh uses none, as Figure 1."),
