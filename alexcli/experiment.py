@@ -21,7 +21,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,7 @@ class ExperimentConfig:
     subset: int = 0                         # training images used (0: all); the first ones of the shuffled shards
     batch: int = 128                        # cuda-convnet's minibatch for these nets
     lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)   # the sweep; one value: no sweep
+    fixed_lrs: dict = field(default_factory=dict)  # variant -> lr (--lrs relu=0.003,tanh=0.01): no sweep
     sweep_epochs: int = 1
     momentum: float = 0.9
     weight_decay: float = 0.004             # lrn only: cuda-convnet's wc on local3, local4, fc10
@@ -70,7 +71,7 @@ class ExperimentConfig:
             raise UsageError(f"--subset must be 0 (all) or more, not {self.subset}")
         if self.batch < 1:
             raise UsageError(f"--batch must be at least 1, not {self.batch}")
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+        if not (self.lrs or self.fixed_lrs) or any(lr <= 0 for lr in [*self.lrs, *self.fixed_lrs.values()]):
             raise UsageError(f"--lrs must be positive learning rates, not {','.join(map(str, self.lrs))}")
         if self.sweep_epochs < 1:
             raise UsageError(f"--sweep-epochs must be at least 1, not {self.sweep_epochs}")
@@ -266,6 +267,11 @@ def _run(name: str, cfg: ExperimentConfig, progress: Progress | None) -> dict:
     if crop > size:
         raise UsageError(f"--crop {crop} is larger than the {size}x{size} images of {cfg.data}")
     the_plans = plans(name, cfg, crop)
+    if cfg.fixed_lrs:
+        labels = [p.label for p in the_plans]
+        if sorted(cfg.fixed_lrs) != sorted(labels):
+            given = ",".join(f"{k}={v:g}" for k, v in cfg.fixed_lrs.items())
+            raise UsageError(f"--lrs {given}: give one rate for each of {', '.join(labels)} (or a list to sweep)")
     test_split = _test_split(cfg.data, manifest) if any(p.test for p in the_plans) else None
     train = load_split(cfg.data, "train", limit=cfg.subset,
                        progress=lambda d, n: progress("load", done=d, total=n)).to(device)
@@ -304,7 +310,8 @@ def _run(name: str, cfg: ExperimentConfig, progress: Progress | None) -> dict:
         write_json_atomic(path, result)
         return result
 
-    total = steps * (len(cfg.lrs) * cfg.sweep_epochs * len(the_plans) * (len(cfg.lrs) > 1)
+    sweeping = not cfg.fixed_lrs and len(cfg.lrs) > 1
+    total = steps * (len(cfg.lrs) * cfg.sweep_epochs * len(the_plans) * sweeping
                      + cfg.epochs * cfg.seeds * len(the_plans))
     progress("start", total=total, train=len(train), test=len(test) if test is not None else 0, device=str(device),
              plans=[p.label for p in the_plans])
@@ -312,8 +319,8 @@ def _run(name: str, cfg: ExperimentConfig, progress: Progress | None) -> dict:
     # the learning rate of each variant: the one with the lowest training error after a short run
     chosen, sweeps = {}, {}
     for plan in the_plans:
-        if len(cfg.lrs) == 1:
-            chosen[plan.label] = cfg.lrs[0]
+        if not sweeping:
+            chosen[plan.label] = cfg.fixed_lrs.get(plan.label) or cfg.lrs[0]
             continue
         rows = []
         for lr in cfg.lrs:

@@ -128,7 +128,11 @@ def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
     r = run_cli("experiment", "dropout", "--data", cifar)
     assert r.returncode == 2 and r.stderr.strip() == "error: unknown experiment 'dropout'; experiments: relu-vs-tanh, lrn"
     r = run_cli("experiment", "lrn", "--data", cifar, "--lrs", "fast")
-    assert r.returncode == 2 and r.stderr.strip() == "error: --lrs 'fast': expected learning rates like 0.001,0.01"
+    assert r.returncode == 2 and r.stderr.strip() == ("error: --lrs 'fast': expected learning rates like 0.001,0.01 "
+                                                      "or relu=0.003,tanh=0.01")
+    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--lrs", "relu=0.003", "--out", tmp_path / "z")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --lrs relu=0.003: give one rate for each of relu, tanh (or a list to sweep)"
     r = run_cli("experiment", "lrn", "--data", cifar, "--norm", "batchnorm-typo")
     assert r.returncode == 2 and "unknown norm 'batchnorm-typo'" in r.stderr
     r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--crop", "40", "--out", tmp_path / "x")
@@ -141,6 +145,16 @@ def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
                                 "--holdout 0.1 (CIFAR-10's training folder) or from a source with val/")
     r = run_cli("experiment", "lrn", "--data", tmp_path / "missing")
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_one_learning_rate_per_variant_skips_the_sweep(cifar, tmp_path):
+    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--out", tmp_path / "o", "--epochs", "1",
+                "--lrs", "relu=0.002,tanh=0.02", "--batch", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["learning_rates"] == {"relu": 0.002, "tanh": 0.02} and res["sweep"] == {}
+    assert [run["lr"] for run in res["runs"]["tanh"]] == [0.02]
+    assert "chosen by the sweep" not in r.stderr
 
 
 def test_help_has_an_example():

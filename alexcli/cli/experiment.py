@@ -93,7 +93,8 @@ def experiment_command(
     seeds: int = typer.Option(1, help="Seeds per variant (0..N-1): mean and spread are reported."),
     subset: int = typer.Option(0, help="Training images to use (0: all): the first of the shuffled shards."),
     lrs: str = typer.Option("0.001,0.003,0.01,0.03", help="Learning rates of the sweep that picks each "
-                                                            "variant's own; give one to skip the sweep."),
+                                                            "variant's own; one rate, or one per variant "
+                                                            "(relu=0.003,tanh=0.01), skips the sweep."),
     sweep_epochs: int = typer.Option(1, help="Epochs of each sweep run."),
     batch: int = typer.Option(128, help="Images per SGD step."),
     weight_decay: float = typer.Option(0.004, help="lrn: weight decay on local3, local4 and fc10 (cuda-convnet's "
@@ -114,6 +115,7 @@ def experiment_command(
     Examples:
       alexcli prepare cifar10 --size 32 --holdout 0.1 --out shards/cifar10
       alexcli experiment relu-vs-tanh --data shards/cifar10 --epochs 30 --seeds 3
+      alexcli experiment relu-vs-tanh --data shards/cifar10 --lrs relu=0.003,tanh=0.01 --seeds 3
       alexcli experiment lrn --data shards/cifar10 --epochs 60 --lrs 0.001 --json
     """
     from alexcli.errors import UsageError
@@ -121,15 +123,19 @@ def experiment_command(
 
     if name not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
+    rates, fixed = (), {}
     try:
-        rates = tuple(float(v) for v in lrs.split(",") if v.strip())
+        if "=" in lrs:  # one rate per variant, e.g. relu=0.003,tanh=0.01
+            fixed = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in lrs.split(",") if item.strip())}
+        else:
+            rates = tuple(float(v) for v in lrs.split(",") if v.strip())
     except ValueError:
-        raise UsageError(f"--lrs {lrs!r}: expected learning rates like 0.001,0.01") from None
+        raise UsageError(f"--lrs {lrs!r}: expected learning rates like 0.001,0.01 or relu=0.003,tanh=0.01") from None
     from alexcli import plugins
 
     plugins.info("norm", norm)  # an unknown name fails before any work
     cfg = ExperimentConfig(data=str(data), out=str(out_dir or Path("runs") / "experiments" / name), epochs=epochs,
-                           seeds=seeds, subset=subset, batch=batch, lrs=rates, sweep_epochs=sweep_epochs,
+                           seeds=seeds, subset=subset, batch=batch, lrs=rates, fixed_lrs=fixed, sweep_epochs=sweep_epochs,
                            weight_decay=weight_decay, crop=crop, norm=norm, width=width, device=device, target=target)
     view = ExperimentView()
     try:
