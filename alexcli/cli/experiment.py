@@ -86,7 +86,7 @@ def render(r: dict) -> None:
 
 
 def experiment_command(
-    name: str = typer.Argument(..., help="relu-vs-tanh (Figure 1) or lrn (section 3.3: 13% vs 11%)."),
+    name: str = typer.Argument(..., metavar="NAME", help="relu-vs-tanh (Figure 1) or lrn (section 3.3: 13% vs 11%)."),
     data: Path = typer.Option(..., "--data", help="A prepared CIFAR-10 (alexcli prepare SRC --size 32 --holdout 0.1)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: runs/experiments/NAME)."),
     epochs: int = typer.Option(30, help="Epochs of each final run."),
