@@ -38,6 +38,12 @@ class AugmentContext:
     eigval: torch.Tensor       # (3,) eigenvalues of the RGB covariance, descending
     eigvec: torch.Tensor       # (3, 3) eigenvectors in columns
 
+    @classmethod
+    def from_stats(cls, stats: dict, crop: int, device) -> "AugmentContext":
+        """The context for a data set's statistics (as loader.load_data_stats gives them) on DEVICE."""
+        return cls(crop=crop, mean_image=stats["mean_image"].float().to(device),
+                   eigval=stats["pca_eigval"].float().to(device), eigvec=stats["pca_eigvec"].float().to(device))
+
 
 def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Move random numbers drawn on the CPU to LIKE's device without stalling the host: a copy from

@@ -32,6 +32,7 @@ from alexcli import augment as aug
 from alexcli.errors import Interrupted, UsageError
 from alexcli.model.alexnet import build_model, count_parameters, make_arch
 from alexcli.train import loader
+from alexcli.train.loop import derive_seed
 from alexcli.train.memory import InMemory, load_split
 from alexcli.train.optim import PaperSGD, set_lr
 
@@ -101,10 +102,6 @@ def _device(cfg: ExperimentConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def derive_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
 def plans(name: str, cfg: ExperimentConfig, crop: int) -> list[Plan]:
     if name == "relu-vs-tanh":
         # Figure 1: "no regularization of any kind"; the 13pct net (no normalisation)
@@ -137,10 +134,8 @@ class Fit:
         if plain:
             groups.append({"params": plain, "weight_decay": 0.0})
         self.opt = PaperSGD(groups, lr=lr, momentum=momentum, weight_decay=plan.weight_decay)
-        self.mean_image = stats["mean_image"].float().to(device)
-        ctx = aug.AugmentContext(crop=arch.crop, mean_image=self.mean_image,
-                                 eigval=stats["pca_eigval"].float().to(device),
-                                 eigvec=stats["pca_eigvec"].float().to(device))
+        ctx = aug.AugmentContext.from_stats(stats, arch.crop, device)
+        self.mean_image = ctx.mean_image
         self.pipeline, self.augment_used = aug.build(list(plan.augment), ctx)
 
     def run(self, progress: Progress) -> dict:
@@ -199,16 +194,12 @@ class Fit:
     def score(self, data: InMemory, crops: str = "center") -> float:
         """Top-1 error on DATA: the mean image subtracted, the centre patch or the mean softmax of
         the ten patches (section 4.1)."""
+        from alexcli.evaluate import model_probs
+
         self.net.eval()
         wrong = 0
         for i in range(0, len(data), 1000):
-            x = aug.to_float(data.images[i:i + 1000]) - self.mean_image
-            if crops == "ten":
-                patches = aug.ten_crops(x, self.arch.crop)
-                n = patches.shape[0]
-                probs = self.net(patches.flatten(0, 1)).softmax(1).view(n, 10, -1).mean(1)
-            else:
-                probs = self.net(aug.center_crop(x, self.arch.crop))
+            probs = model_probs(self.net, aug.to_float(data.images[i:i + 1000]), self.mean_image, self.arch.crop, crops)
             wrong += int((probs.argmax(1) != data.labels[i:i + 1000]).sum())
         return wrong / len(data)
 
@@ -418,8 +409,6 @@ def _save_weights(path: Path, f: Fit, plan: Plan, arch, train: InMemory, stats: 
                   manifest: dict, result: dict) -> None:
     from alexcli.train import checkpoint as ck
 
-    data = {"mean_image": stats["mean_image"].float(), "pca_eigval": stats["pca_eigval"].float(),
-            "pca_eigvec": stats["pca_eigvec"].float()}
     variants = {**f.variants, **{f"augment:{k}": v for k, v in f.augment_used.items()}}
     last = result["history"][-1]
     meta = {"arch": arch.to_dict(), "variants": variants, "augment": list(plan.augment),
@@ -430,7 +419,7 @@ def _save_weights(path: Path, f: Fit, plan: Plan, arch, train: InMemory, stats: 
             "metrics": {"train_top1_error": last["train_error"], "train_loss": last["train_loss"],
                         "val_top1_error": result.get("test_error")},
             "experiment": {"variant": plan.label, "lr": result["lr"], "seed": result["seed"]}}
-    ck.save_checkpoint(path, f.net.state_dict(), data, meta)
+    ck.save_checkpoint(path, f.net.state_dict(), ck.stats_tensors(stats), meta)
 
 
 def _plot(name: str, runs: dict, cfg: ExperimentConfig, path: Path) -> None:

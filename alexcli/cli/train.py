@@ -135,8 +135,8 @@ def train_command(
     from alexcli.augment import parse as parse_augment
 
     out_dir = out_dir or Path("runs") / Path(data).resolve().name
-    cfg = TrainConfig(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                      patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
+    cfg = TrainConfig(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
+                      schedule=schedule, patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
                       device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last,
                       compile=compile_, loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch,
                       decode=decode)

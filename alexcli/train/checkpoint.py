@@ -75,6 +75,11 @@ def write_json(path: Path, obj) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8"))
 
 
+def stats_tensors(stats: dict) -> dict[str, torch.Tensor]:
+    """The data set's mean image and PCA as a checkpoint stores them (its `data.*` tensors)."""
+    return {k: stats[k].float() for k in ("mean_image", "pca_eigval", "pca_eigvec")}
+
+
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], data: dict[str, torch.Tensor],
                     meta: dict) -> None:
     tensors = {f"model.{k}": v for k, v in state_dict.items()}

@@ -97,13 +97,13 @@ class Rank:
         if use_cuda and world > torch.cuda.device_count():
             raise UsageError(f"--gpus {world}: only {torch.cuda.device_count()} CUDA device(s) visible")
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-        if not use_cuda:
-            from alexcli.env import tune_cpu
-
-            tune_cpu()
         if use_cuda:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        else:
+            from alexcli.env import tune_cpu
+
+            tune_cpu()
 
     @property
     def main(self) -> bool:
@@ -138,6 +138,7 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int):
         velocity, _ = ck.load_trainer_state(Path(cfg.out), start)
     if cfg.parallel == "columns":
         from alexcli.model.columns import ColumnAlexNet
+
         devices = ([torch.device("cuda", 0), torch.device("cuda", 1)] if r.device.type == "cuda"
                    else [torch.device("cpu")] * 2)
         if r.device.type == "cuda" and torch.cuda.device_count() < 2:
@@ -201,12 +202,6 @@ def _load_velocity(opt: PaperSGD, net, velocity: dict[str, torch.Tensor]) -> Non
     for n, p in net.named_parameters():
         if n in velocity:
             opt.state[p]["velocity"] = velocity[n].to(p.device, p.dtype).clone()
-
-
-def _augment_context(stats: dict, crop: int, device) -> aug.AugmentContext:
-    return aug.AugmentContext(crop=crop, mean_image=stats["mean_image"].float().to(device),
-                              eigval=stats["pca_eigval"].float().to(device),
-                              eigvec=stats["pca_eigvec"].float().to(device))
 
 
 def _autocast(cfg: TrainConfig, device):
@@ -290,7 +285,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
     net, runner, opt, variants, transfer = _build(cfg, arch, r, start)
     if transfer:
         emit("init_from", transfer)
-    ctx = _augment_context(stats, arch.crop, r.device)
+    ctx = aug.AugmentContext.from_stats(stats, arch.crop, r.device)
     pipeline, aug_used = aug.build(list(cfg.augment), ctx)
     eval_mean = ctx.mean_image if "mean" in cfg.augment else None
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.patience, cfg.lr_steps)
@@ -396,10 +391,8 @@ def train_epoch(runner, opt, batches, pipeline, gen, crop: int, cfg: TrainConfig
 
 
 def _save_epoch(out, epoch, net, opt, stats, meta_base, metrics, schedule, best, cfg, steps, world) -> None:
-    data = {"mean_image": stats["mean_image"].float(), "pca_eigval": stats["pca_eigval"].float(),
-            "pca_eigvec": stats["pca_eigvec"].float()}
     meta = dict(meta_base, epoch=epoch, metrics=metrics, init=meta_base["arch"]["init"])
-    ck.save_checkpoint(out / ck.ckpt_name(epoch), one_device_state(net), data, meta)
+    ck.save_checkpoint(out / ck.ckpt_name(epoch), one_device_state(net), ck.stats_tensors(stats), meta)
     best_json = dict(best, val_top1_error=None if best["epoch"] is None else best["val_top1_error"])
     state = {"config": cfg.to_dict(), "schedule": _json_safe(schedule.state_dict()), "best": best_json,
              "position": {"epoch": epoch, "step": epoch * steps, "steps_per_epoch": steps, "world": world,
