@@ -6,12 +6,12 @@
 #   bash scripts/device_check.sh --prepare
 #     -> .whl/ (webdataset, braceexpand: the device's Python lacks them) and
 #        shards/imagenet-sample (the 500 sample photos, one per class, at 256 in 16 shards; 14 MB)
-# On the device (the `run` tool), about 4-5 minutes:
-#   command: bash scripts/device_check.sh     carry: [".whl", "shards/imagenet-sample"]   timeout_s: 480
+# On the device (the `run` tool), about 4-5 minutes (estimated; never run there yet):
+#   command: bash scripts/device_check.sh     carry: [".whl", "shards/imagenet-sample"]   timeout_s: 420
 # Locally, a dry run of the same steps on the CPU (minutes, tiny step counts):
 #   DEVICE=cpu PY=.venv/bin/python bash scripts/device_check.sh
 #
-# Everything goes to $OUT (the files that come back): log.txt, step.json, step-nvjpeg.json,
+# Everything goes to $OUT (the files that come back): log.txt, step.json, profile.json, step-nvjpeg.json,
 # train/ (metrics of the smoke run), eval.json. Each step has its own time limit and a failed step
 # does not stop the others; the script's exit code is the number of failed steps.
 set -uo pipefail
@@ -57,27 +57,32 @@ if [[ $DEVICE == cuda ]]; then
     export PYTHONPATH=/tmp/site
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     BENCH=(--device cuda --workers 12)
+    PROFILE=(--device cuda)
     TRAIN=(--schedule steps --lr-steps 100 --gpus 1 --amp bf16 --channels-last --batch 128 --epochs 3)
 else
     PY=${PY:-python3}
     BENCH=(--device cpu --all --steps 1 --step-repeat 1 --warmup 1 --workers 1)
+    PROFILE=(--device cpu --batch 8 --steps 1 --warmup 1)
     TRAIN=(--schedule steps --lr-steps 100 --device cpu --width 0.25 --crop 128 --init kaiming --batch 32 --epochs 1)
 fi
 "$PY" -m alexcli --version
 
 # 1. the tests that need a GPU (columns on the GPU and the CPU), plus the model and layer tests there
-step 120 "pytest (GPU-only tests and layers/model/columns on this machine)" \
+step 90 "pytest (GPU-only tests and layers/model/columns on this machine)" \
     "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_columns.py tests/test_layers.py tests/test_model.py
 # 2. the training step: fp32 (TF32 default and strict), torchvision, bf16+CL, compiled; loader-fed (PIL)
-step 240 "benchmarks/train.py step, PIL loader" bash -c \
+step 180 "benchmarks/train.py step, PIL loader" bash -c \
     "\"$PY\" benchmarks/train.py ${BENCH[*]} --compile --skip-loader --shards $DATA --json > \"$OUT/step.json\""
+# 2b. where the step's device time goes: fp32, strict fp32, bf16+CL, one column, no LRN
+step 90 "benchmarks/profile_step.py" bash -c \
+    "\"$PY\" benchmarks/profile_step.py ${PROFILE[*]} --json > \"$OUT/profile.json\""
 # 3. the loader-fed step with JPEGs decoded on the GPU (nvJPEG), bf16+CL without compile
-step 120 "benchmarks/train.py loader-fed, decode on device" bash -c \
+step 90 "benchmarks/train.py loader-fed, decode on device" bash -c \
     "\"$PY\" benchmarks/train.py ${BENCH[*]} --skip-loader --decode device --shards $DATA --json > \"$OUT/step-nvjpeg.json\""
 # 4. the trainer end to end on the device, then eval of its checkpoint (the sample has one photo per
 #    class, so no val split: a fixed schedule, and eval scores the training images)
 rm -rf /tmp/alexcli-run
-step 150 "alexcli train (smoke)" "$PY" -m alexcli train --data $DATA --out /tmp/alexcli-run "${TRAIN[@]}"
+step 120 "alexcli train (smoke)" "$PY" -m alexcli train --data $DATA --out /tmp/alexcli-run "${TRAIN[@]}"
 mkdir -p "$OUT/train" && cp /tmp/alexcli-run/metrics.jsonl /tmp/alexcli-run/*.png "$OUT/train/" 2>/dev/null
 ckpt=$(ls /tmp/alexcli-run/ckpt-e*.safetensors 2>/dev/null | tail -1)
 step 60 "alexcli eval (ten patches)" bash -c \
