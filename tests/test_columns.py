@@ -46,7 +46,7 @@ def assert_same(merged: dict, ref: dict):
 
 
 VARIANTS = [dict(norm="lrn"), dict(norm="lrn-convnet", conv6=True), dict(norm="none", pool="2x2"),
-            dict(norm="batchnorm")]
+            dict(norm="batchnorm"), dict(norm="lrn", input_scale=255.0)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))

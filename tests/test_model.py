@@ -110,3 +110,29 @@ def test_caffe_init():
     assert abs(model.fc6.weight.std().item() - 0.005) < 0.0003
     assert abs(model.fc8.weight.std().item() - 0.01) < 0.0005
     assert torch.all(model.conv2.bias == 0.1) and torch.all(model.conv3.bias == 0)
+
+
+def test_input_scale_multiplies_the_input_before_conv1():
+    """input_scale=255 is the same network fed 255 times the input: the paper's raw pixel values.
+    On such input LRN is no longer a constant factor, which is what the option is for."""
+    torch.manual_seed(0)
+    raw, _ = build_model(Arch(num_classes=10, width=0.125, crop=100, init="kaiming", input_scale=255.0))
+    plain, _ = build_model(Arch(num_classes=10, width=0.125, crop=100, init="kaiming"))
+    plain.load_state_dict(raw.state_dict())
+    raw, plain = raw.double().eval(), plain.double().eval()
+    x = torch.rand(2, 3, 100, 100, dtype=torch.float64) - 0.5
+    torch.testing.assert_close(raw(x), plain(x * 255.0), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(raw(x), plain(x) * 255.0)  # not homogeneous: LRN sees the scale
+    with pytest.raises(UsageError, match="--input-scale must be in"):
+        build_model(Arch(input_scale=0.0))
+
+
+def test_old_checkpoint_arch_takes_the_architecture_default_scale():
+    """Arch dicts written before input_scale existed: AlexNet's were trained at 1, the CIFAR net's
+    at cuda-convnet's 255, so each missing field takes its architecture's default."""
+    old_alexnet = {k: v for k, v in Arch().to_dict().items() if k != "input_scale"}
+    assert Arch.from_dict(old_alexnet).input_scale == 1.0
+    old_cifar = {k: v for k, v in Arch(name="cifar-local", crop=24).to_dict().items() if k != "input_scale"}
+    assert Arch.from_dict(old_cifar).input_scale == 255.0 and Arch.from_dict(old_cifar).crop == 24
+    assert Arch.from_dict({**old_cifar, "input_scale": 1.0}).input_scale == 1.0
+    assert Arch.from_dict({"name": "not-installed"}).name == "not-installed"  # build_model names it

@@ -191,6 +191,7 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--batch", "7", "--gpus", "2"], "--batch 7 does not split evenly over --gpus 2"),
     (["--schedule", "cosine"], "--schedule must be plateau or steps"),
     (["--crop", "40"], "--crop 40 is too small"),
+    (["--input-scale", "-1"], "--input-scale must be in (0, 10000], not -1.0"),
 ])
 def test_bad_options(train_data, tmp_path, args, message):
     r = run_cli("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",
@@ -229,3 +230,19 @@ def test_keep_prunes_old_checkpoints_but_not_the_best(train_data, tmp_path):
     kept = sorted(p.name for p in out.glob("ckpt-e*.safetensors"))
     assert kept == sorted({"ckpt-e003.safetensors", f"ckpt-e{best:03d}.safetensors"})
     assert sorted(p.name for p in out.glob("state-e*")) == ["state-e003.json", "state-e003.safetensors"]
+
+
+def test_input_scale_is_recorded_and_eval_uses_it(train_data, tmp_path):
+    """`--input-scale 255` (the paper's raw pixel values) travels in the checkpoint's arch, and eval
+    rebuilds the network with it: its error equals the one train measured on the same split."""
+    out = tmp_path / "raw"
+    r = train(train_data, out, "--epochs", "1", "--input-scale", "255", "--lr", "0.0001", "--json")
+    assert r.returncode == 0, r.stderr
+    from alexcli.train.checkpoint import read_meta
+
+    ckpt = out / "ckpt-e001.safetensors"
+    assert read_meta(ckpt)["arch"]["input_scale"] == 255.0
+    r = run_cli("eval", ckpt, "--data", train_data, "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads(r.stdout)["models"][0]["top1_error"] == pytest.approx(metrics["val_top1_error"], abs=1e-9)

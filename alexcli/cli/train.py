@@ -92,6 +92,10 @@ def train_command(
     conv6: bool = typer.Option(False, "--conv6", help="Add the sixth convolutional layer of the paper's "
                                                       "pre-trained models (section 6)."),
     dropout: Optional[float] = typer.Option(None, help="alexnet: dropout in fc6 and fc7 (default 0.5, section 4.2)."),
+    input_scale: Optional[float] = typer.Option(None, "--input-scale", help="Multiply the input (0..1 pixels "
+                                                "minus the mean image) by this before conv1: 255 feeds the paper's "
+                                                "raw pixel values, the scale its LRN constants act at. alexnet: 1 "
+                                                "(default), cifar-local: 255 (default, as cuda-convnet)."),
     seed: int = typer.Option(0, help="Seed of initialisation, data order, augmentation and dropout."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     gpus: int = typer.Option(1, help="Data-parallel processes (DistributedDataParallel; gloo on CPU)."),
@@ -151,8 +155,11 @@ def train_command(
         arch = Arch.from_dict(read_meta(init)["arch"])
         if dropout is not None:
             arch = _replace(arch, dropout=dropout)
+        if input_scale is not None:
+            arch = _replace(arch, input_scale=input_scale)
     elif init is None or init in inits or not inits:
-        arch = make_arch(arch_name, crop=crop, width=width, groups=groups, init=init, dropout=dropout)
+        arch = make_arch(arch_name, crop=crop, width=width, groups=groups, init=init, dropout=dropout,
+                         input_scale=input_scale)
     else:
         raise UsageError(f"--init {init!r}: neither a preset of {arch_name} ({', '.join(inits)}) nor a checkpoint file")
     arch = with_layers(_replace(arch, conv6=arch.conv6 or conv6), layer)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alexcli import plugins
-from alexcli.errors import UsageError
+from alexcli.errors import PluginError, UsageError
 
 # Section 3.5: kernels per layer; fc6/fc7 have 4096 units.
 CONV_CHANNELS = (96, 256, 384, 384, 256)
@@ -42,6 +42,10 @@ class Arch:
     dropout: float = 0.5       # section 4.2: fc6 and fc7
     init: str = "paper"        # paper | caffe | kaiming
     conv6: bool = False        # the sixth conv layer of the paper's pre-trained models (section 6)
+    # Multiplies the network's input (0..1 pixels minus the mean image) before conv1: 255 feeds the
+    # paper's "(centered) raw RGB values" (section 2), the scale its LRN constants were chosen for;
+    # 1 (AlexNet's default here) leaves LRN a near-constant factor. See README, "Pixel scale and LRN".
+    input_scale: float = 1.0
 
     @property
     def conv1_padding(self) -> int:
@@ -60,8 +64,14 @@ class Arch:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Arch":
+        """The Arch a checkpoint stored. A field the dict lacks (written before the field existed)
+        takes its architecture's default, so an old checkpoint rebuilds the network it trained."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            base = arch_defaults(d.get("name", "alexnet"))
+        except PluginError:  # the architecture's package is missing: build_model names it
+            base = {}
+        return cls(**{k: v for k, v in {**base, **d}.items() if k in known})
 
     def validate(self) -> None:
         if self.groups not in (1, 2):
@@ -72,6 +82,8 @@ class Arch:
             raise UsageError(f"a classifier needs at least 2 classes, not {self.num_classes}")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1), not {self.dropout}")
+        if not 0 < self.input_scale <= 1e4:
+            raise UsageError(f"--input-scale must be in (0, 10000], not {self.input_scale}")
 
 
 def with_layers(arch: Arch, specs: list[str]) -> Arch:
@@ -170,6 +182,8 @@ class AlexNet(nn.Module):
         return output_side(self, self.conv_features, self.arch.crop)
 
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arch.input_scale != 1:
+            x = x * self.arch.input_scale
         x = self.pool1(self.norm1(self.act1(self.conv1(x))))
         x = self.pool2(self.norm2(self.act2(self.conv2(x))))
         x = self.act3(self.conv3(x))
@@ -214,7 +228,8 @@ def init_weights(model: AlexNet, preset: str) -> None:
 def alexnet(arch: Arch, factories: dict) -> AlexNet:
     """Registry factory (`alexcli.architectures`: alexnet). An architecture plugin's factory has
     this signature: (Arch, {"activation"|"norm"|"pool": layer factory}) -> nn.Module taking
-    (N, 3, crop, crop) images on the 0..1 scale minus the mean image and returning logits."""
+    (N, 3, crop, crop) images on the 0..1 scale minus the mean image and returning logits; it
+    multiplies them by `arch.input_scale` itself where it wants another scale."""
     return AlexNet(arch, factories)
 
 

@@ -37,7 +37,8 @@ INITS = ("convnet", "kaiming")
 # cuda-convnet's `initW` per layer (weights ~ N(0, initW), biases 0) in the 11pct/13pct files.
 CONVNET_INIT_STD = {"conv1": 1e-4, "conv2": 1e-2, "local3": 4e-2, "local4": 4e-2, "fc10": 1e-2}
 # Defaults of this architecture for the Arch fields that differ from AlexNet's.
-DEFAULTS = {"crop": 24, "groups": 1, "init": "convnet", "dropout": 0.0, "norm": "lrn", "num_classes": 10}
+DEFAULTS = {"crop": 24, "groups": 1, "init": "convnet", "dropout": 0.0, "norm": "lrn", "num_classes": 10,
+            "input_scale": PIXEL_SCALE}
 
 
 class LocallyConnected2d(nn.Module):
@@ -111,7 +112,7 @@ class CifarNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """local4's activations, flattened: the last hidden layer."""
-        x = x * PIXEL_SCALE
+        x = x * self.arch.input_scale
         x = self.pool1(self.norm1(self.act1(self.conv1(x))))
         x = self.pool2(self.norm2(self.act2(self.conv2(x))))
         x = self.act3(self.local3(x))
@@ -137,7 +138,7 @@ def init_cifar(model: CifarNet, preset: str) -> None:
             nn.init.normal_(layer.weight, 0.0, CONVNET_INIT_STD[name])
         else:
             fan_in = layer.weight.shape[-1] if isinstance(layer, LocallyConnected2d) else layer.weight[0].numel()
-            gain = 1.0 / PIXEL_SCALE if name == "conv1" else 1.0
+            gain = 1.0 / model.arch.input_scale if name == "conv1" else 1.0
             nn.init.normal_(layer.weight, 0.0, gain * math.sqrt(2.0 / fan_in))
         nn.init.zeros_(layer.bias)
 

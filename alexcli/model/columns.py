@@ -53,7 +53,7 @@ class Column(nn.Module):
 
     def __init__(self, model: AlexNet, k: int, device: torch.device):
         super().__init__()
-        self.conv6_on = model.arch.conv6
+        self.conv6_on, self.input_scale = model.arch.conv6, model.arch.input_scale
         for name in SPLIT:
             if hasattr(model, name):
                 setattr(self, name, _part(getattr(model, name), device))
@@ -69,6 +69,8 @@ class Column(nn.Module):
 
     def lower(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 (the whole image) and conv2 (own maps only), each with ReLU, LRN and pooling."""
+        if self.input_scale != 1:
+            x = x * self.input_scale
         x = self.pool1(self.norm1(self.act1(self.conv1(x))))
         return self.pool2(self.norm2(self.act2(self.conv2(x))))
 

@@ -571,12 +571,14 @@ def _spawn(cfg: TrainConfig, arch: Arch, start: int, progress: Progress | None) 
 
 
 def describe(arch: Arch) -> str:
+    scale = f", input x{arch.input_scale:g}" if arch.input_scale != 1 else ""
     if arch.name != "alexnet":
         return (f"{arch.name}, {arch.num_classes} classes, crop {arch.crop}, width {arch.width:g}, "
-                f"{arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}")
+                f"{arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}{scale}")
     c = arch.channels()
     return (f"AlexNet {'-'.join(map(str, c))} conv, fc {arch.fc_units}, {arch.num_classes} classes, "
-            f"crop {arch.crop}, groups {arch.groups}, {arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}")
+            f"crop {arch.crop}, groups {arch.groups}, {arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}"
+            f"{scale}")
 
 
 __all__ = ["train", "run_rank", "TrainingDiverged", "derive_seed", "describe", "evaluate_split"]
