@@ -246,3 +246,23 @@ def test_input_scale_is_recorded_and_eval_uses_it(train_data, tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads(r.stdout)["models"][0]["top1_error"] == pytest.approx(metrics["val_top1_error"], abs=1e-9)
+
+
+def test_lrn_divisor_script_measures_what_lrn_does(run3, train_data, capsys):
+    """scripts/lrn_divisor.py: the divisor relative to k^beta is at least 1 everywhere, and on
+    0..1 input (this run's scale) it is within 1% of 1: LRN there is a constant factor."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lrn_divisor.py"
+    spec = importlib.util.spec_from_file_location("lrn_divisor", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main([str(run3[0] / "ckpt-e003.safetensors"), "--data", str(train_data), "--images", "16",
+                          "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["images"] == 16 and result["input_scale"] == 1.0
+    assert set(result["layers"]) == {"norm1", "norm2"}
+    for layer in result["layers"].values():
+        assert list(layer["k_beta"]) == [2.0, 0.75] and layer["values"] > 0
+        assert 1.0 - 1e-9 <= layer["median"] <= layer["p99"] <= layer["max"] < 1.01
