@@ -23,20 +23,19 @@ Configurations (one synthetic batch already on the device, the paper's net at 10
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alexcli.model.alexnet import Arch, build_model  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
+from train import make_step, without_tf32  # noqa: E402  (benchmarks/train.py: the same step, timed there)
 
 CONFIGS = {  # name: (Arch changes, bf16 autocast + channels-last, TF32 allowed)
     "fp32": ({}, False, True),
@@ -80,25 +79,11 @@ def build(device: torch.device, name: str):
     return model, PaperSGD(model.parameters(), lr=0.01)
 
 
-def make_step(model, opt, name: str, device: torch.device):
+def config_step(model, opt, name: str, device: torch.device):
+    """CONFIGS[name]'s training step, built as benchmarks/train.py builds its configurations."""
     _, fast, tf32 = CONFIGS[name]
-
-    def step(x, y):
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32 and saved[0]
-        try:
-            if fast:
-                x = x.contiguous(memory_format=torch.channels_last)
-            ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
-            with ctx:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    return step
+    step = make_step(model, opt, amp=fast, channels_last=fast, device=device)
+    return step if tf32 else without_tf32(step)
 
 
 def profile(step, x, y, device: torch.device, warmup: int, steps: int) -> tuple[dict[str, float], float, list]:
@@ -168,7 +153,7 @@ def main(argv=None) -> dict:
               "top": {}}
     for name in names:
         model, opt = build(device, name)
-        groups, wall, top = profile(make_step(model, opt, name, device), x, y, device, args.warmup, args.steps)
+        groups, wall, top = profile(config_step(model, opt, name, device), x, y, device, args.warmup, args.steps)
         result["ms_per_step"][name] = groups
         result["top"][name] = top
         result["wall_ms_per_step"][name] = wall

@@ -188,10 +188,7 @@ def find_shards(args, src: Path | None, n_source: int, tmp: Path) -> tuple[Path,
 
 def augment_pipeline(shards: Path, device: torch.device):
     """The trainer's default augmentation, built as loop.py builds it, on DEVICE."""
-    stats = loader.load_data_stats(shards)
-    ctx = aug.AugmentContext(crop=CROP, mean_image=stats["mean_image"].float().to(device),
-                             eigval=stats["pca_eigval"].float().to(device),
-                             eigvec=stats["pca_eigvec"].float().to(device))
+    ctx = aug.AugmentContext.from_stats(loader.load_data_stats(shards), CROP, device)
     pipeline, _ = aug.build(aug.parse(AUGMENT), ctx)
     return pipeline
 
