@@ -14,6 +14,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def device_name(name: str) -> str:
+    """--device auto|cpu|cuda as a torch device name ("cuda" or "cpu"), or a one-line error."""
+    import torch
+
+    from alexcli.errors import UsageError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return name
+
+
 def pil_info() -> dict:
     """pillow-simd and Pillow both install the `PIL` package; report whose files are in use."""
     import PIL

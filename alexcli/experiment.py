@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from alexcli import augment as aug
+from alexcli.env import device_name, tune_cpu
 from alexcli.errors import Interrupted, UsageError
 from alexcli.model.alexnet import build_model, count_parameters, make_arch
 from alexcli.train import loader
@@ -78,10 +79,7 @@ class ExperimentConfig:
             raise UsageError(f"--sweep-epochs must be at least 1, not {self.sweep_epochs}")
         if not 0 < self.target < 1:
             raise UsageError(f"--target must be between 0 and 1, not {self.target}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be auto, cpu or cuda, not {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is visible")
+        device_name(self.device)  # an unknown or unavailable device fails here, before any work
 
 
 @dataclass
@@ -94,12 +92,6 @@ class Plan:
     weight_decay: float
     lr_drops: tuple[int, ...] = ()          # epochs after which lr /= 10
     test: bool = False                      # score the held-out split after every epoch
-
-
-def _device(cfg: ExperimentConfig) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def plans(name: str, cfg: ExperimentConfig, crop: int) -> list[Plan]:
@@ -247,10 +239,8 @@ def _run(name: str, cfg: ExperimentConfig, progress: Progress | None) -> dict:
     if name not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
     t_start = time.perf_counter()
-    device = _device(cfg)
+    device = torch.device(device_name(cfg.device))
     if device.type == "cpu":
-        from alexcli.env import tune_cpu
-
         tune_cpu()
     manifest = read_manifest(cfg.data)
     size = int(manifest["parameters"]["size"])

@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from alexcli.env import device_name  # noqa: F401  (the commands' --device, re-exported)
+
 # Data goes to stdout; progress and diagnostics to stderr.
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -53,21 +55,6 @@ def progress(description: str, unit: str = "images", quiet: bool = False) -> Ite
     finally:
         if started:
             bar.stop()
-
-
-def device_name(name: str) -> str:
-    """--device auto|cpu|cuda as a torch device name, or a one-line error."""
-    import torch
-
-    from alexcli.errors import UsageError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return name
 
 
 def data_folder(data: Optional[Path], ckpt: Path) -> Path:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from alexcli import augment as aug
+from alexcli.env import device_name, tune_cpu
 from alexcli.errors import AlexcliError, UsageError
 from alexcli.evaluate import Tally, predict_probs
 from alexcli.model.alexnet import Arch, build_model, count_parameters
@@ -91,9 +92,7 @@ def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool) 
 class Rank:
     def __init__(self, rank: int, world: int, local_rank: int, cfg: TrainConfig):
         self.rank, self.world, self.local_rank = rank, world, local_rank
-        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is visible")
+        use_cuda = device_name(cfg.device) == "cuda"
         if use_cuda and world > torch.cuda.device_count():
             raise UsageError(f"--gpus {world}: only {torch.cuda.device_count()} CUDA device(s) visible")
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -101,8 +100,6 @@ class Rank:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
         else:
-            from alexcli.env import tune_cpu
-
             tune_cpu()
 
     @property
