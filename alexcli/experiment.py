@@ -369,13 +369,13 @@ def _test_split(folder: str, manifest: dict) -> str:
 
 
 def _summarise_speed(runs: dict, target: float, epochs: int) -> dict:
+    cross = {label: [crossing(r["history"], target) for r in rs] for label, rs in runs.items()}
     reach = {}
-    for label, rs in runs.items():
-        ep, sec = zip(*(crossing(r["history"], target) for r in rs))
+    for label, points in cross.items():
+        ep, sec = zip(*points)
         reach[label] = {"epochs": _spread(list(ep)), "seconds": _spread(list(sec))}
     ratios, sratios = [], []
-    for r_relu, r_tanh in zip(runs["relu"], runs["tanh"]):
-        (e_relu, s_relu), (e_tanh, s_tanh) = crossing(r_relu["history"], target), crossing(r_tanh["history"], target)
+    for (e_relu, s_relu), (e_tanh, s_tanh) in zip(cross["relu"], cross["tanh"]):
         ratios.append(e_tanh / e_relu if e_relu and e_tanh else None)
         sratios.append(s_tanh / s_relu if s_relu and s_tanh else None)
     return {"target_error": target, "reach": reach, "ratio_epochs": _spread(ratios), "ratio_seconds": _spread(sratios),
