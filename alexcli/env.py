@@ -1,4 +1,5 @@
-"""What this installation is: versions, which PIL is in use, devices. Used by `alexcli doctor`."""
+"""What this machine and installation are: versions, which PIL is in use, cores, devices; the
+`--device` rule and the CPU tuning a training process applies. Used by every command."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ def _version(dist: str) -> str | None:
         return md.version(dist)
     except md.PackageNotFoundError:
         return None
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and `taskset` narrow),
+    the one count every default (prepare's workers, the loaders' processes) starts from."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def device_name(name: str) -> str:
@@ -51,7 +60,7 @@ def devices() -> dict:
 
     cuda = torch.cuda.is_available()
     return {
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_cores": cpu_cores(),
         "cuda": cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "torch_cuda_build": torch.version.cuda,
@@ -76,8 +85,9 @@ def tune_malloc() -> bool:
     """Keep freed memory in the process on Linux/glibc. By default glibc hands every freed block
     above its mmap threshold back to the OS, and a CPU training step frees and allocates tensors of
     a few MB hundreds of times, each time faulting in fresh zeroed pages. A 32 MB threshold (glibc's
-    largest) and a 1 GB trim threshold made CIFAR epochs on 2 cores about 15% faster
-    (benchmarks/cifar.py). Returns whether it was applied (not on other C libraries)."""
+    largest) and a 1 GB trim threshold are most of why `tune_cpu` makes a CIFAR-10 epoch on 2 cores
+    1.52x faster (56.4 s -> 37.2 s; benchmarks/cifar.py --cpu-tuning default, docs/performance.md).
+    Returns whether it was applied (not on other C libraries)."""
     import ctypes
 
     try:

@@ -1,6 +1,9 @@
 """Typed errors. The library raises these; the CLI edge turns each into one line and an exit code.
 
-Nothing below the CLI prints or exits: a command catches `AlexcliError` once (alexcli/cli/__init__.py).
+Nothing below the CLI prints or exits: `alexcli.cli.main` catches every exception once. An
+`AlexcliError` becomes `error: <its message>` and its exit code; anything else (a bug, or the
+machine failing under us) becomes `error: internal: <type>: <message>` and exit 1, with the
+traceback only under `--debug`.
 """
 
 
@@ -29,6 +32,12 @@ class PluginError(AlexcliError):
 
 class StrictRejectError(AlexcliError):
     """`prepare --strict` found files it had to reject."""
+
+    exit_code = 1
+
+
+class TrainingDiverged(AlexcliError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""
 
     exit_code = 1
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alexcli.augment import center_crop, subtract_mean, ten_crops, to_float
-
-CROPS = ("center", "ten")
+from alexcli.choices import Crops, choice
+from alexcli.data import stream
+from alexcli.events import Advance, Begin, Progress, ignore
+from alexcli.transforms import model_input, to_float
 
 
 @dataclass
@@ -57,15 +58,6 @@ class Tally:
                 "loss": self.loss_sum / n}
 
 
-def model_input(x: torch.Tensor, mean_image: torch.Tensor | None, crop: int, crops: str = "center") -> torch.Tensor:
-    """Float 0..1 images (N, 3, S, S) -> the network's input: (N, 3, crop, crop) or (N*10, 3, crop, crop)."""
-    if mean_image is not None:
-        x = subtract_mean(x, mean_image)
-    if crops == "ten":
-        return ten_crops(x, crop).flatten(0, 1)
-    return center_crop(x, crop)
-
-
 @torch.no_grad()
 def model_probs(model, x: torch.Tensor, mean_image, crop: int, crops: str = "center", autocast=None,
                 channels_last: bool = False) -> torch.Tensor:
@@ -103,7 +95,7 @@ class Scored:
 
 
 def load_scored(path, device) -> Scored:
-    from alexcli.train.checkpoint import load_model
+    from alexcli.checkpoint import load_model
 
     model, ckpt = load_model(path, device)
     mean = ckpt.data["mean_image"].float().to(device) if "mean" in ckpt.meta.get("augment", ["mean"]) else None
@@ -133,27 +125,21 @@ def check_compatible(scored: list[Scored], split) -> None:
 
 
 def score(paths: list, split, *, crops: str = "center", batch: int = 128, workers: int = 0, device="cpu",
-          autocast=None, channels_last: bool = False, progress=None) -> dict:
+          autocast=None, channels_last: bool = False, progress: Progress = ignore) -> dict:
     """Top-1/top-5 error of each checkpoint (a path, or a Scored already loaded) and of their
     averaged softmax (the paper's Table 2).
 
     Each batch is decoded once and scored by every model in turn; only the running counts are
     kept, so memory grows with the models' weights and nothing else."""
-    from alexcli.train import loader
-
-    if crops not in CROPS:
-        from alexcli.errors import UsageError
-
-        raise UsageError(f"--crops must be one of {', '.join(CROPS)}, not {crops!r}")
+    crops = choice(Crops, crops, "--crops")
     device = torch.device(device)
     scored = [p if isinstance(p, Scored) else load_scored(p, device) for p in paths]
     check_compatible(scored, split)
     n_classes = len(scored[0].classes)
     tallies = [Tally(n_classes) for _ in scored]
     ensemble = Tally(n_classes)
-    if progress:
-        progress("total", split.samples)
-    for images, labels in loader.batches(split, batch, train=False, workers=workers, pin=device.type == "cuda"):
+    progress(Begin(f"{'ensemble' if len(scored) > 1 else 'eval'} {split.name}", split.samples))
+    for images, labels in stream.batches(split, batch, train=False, workers=workers, pin=device.type == "cuda"):
         x = to_float(images.to(device, non_blocking=True))
         labels = labels.to(device)
         mean_probs = None
@@ -164,9 +150,8 @@ def score(paths: list, split, *, crops: str = "center", batch: int = 128, worker
             tally.add(p, labels)
             mean_probs = p if mean_probs is None else mean_probs + p
         ensemble.add(mean_probs / len(scored), labels)
-        if progress:
-            progress("advance", len(labels))
-    return {"split": split.name, "data": str(split.folder), "crops": crops, "images": ensemble.n,
+        progress(Advance(len(labels)))
+    return {"split": split.name, "data": str(split.folder), "crops": crops.value, "images": ensemble.n,
             "classes": scored[0].classes,
             "models": [dict(path=s.path, epoch=s.meta.get("epoch"), **t.result(), per_class=_per_class(t))
                        for s, t in zip(scored, tallies)],

@@ -1,10 +1,11 @@
-"""The plugin registry: one entry-point group per extension point.
+"""The plugin registry: one entry-point group per extension point (the kinds of `alexcli.specs`).
 
-alexcli's own layer variants and augmentations are registered in its pyproject.toml through the
-same groups as any third-party package's, so there is one code path for both. Names (and the
-package that provides each) come from package metadata alone, so listing is fast and a broken
-plugin cannot break a command that does not use it; a plugin's module is imported the first time
-its name is used.
+alexcli's own architectures, layer variants and augmentations are registered in its
+pyproject.toml through the same groups as any third-party package's, so there is one code path
+for both. Names (and the package that provides each) come from package metadata alone, so listing
+is fast and a broken plugin cannot break a command that does not use it; a plugin's module is
+imported the first time its name is used, and what it names is checked against its kind's
+contract (`alexcli.specs.check`) before anything calls it.
 
 Set ALEXCLI_LOAD_PLUGINS to a comma-separated list of package names to load only those
 third-party packages (alexcli's built-ins are always loaded); set it to an empty string to load
@@ -21,15 +22,7 @@ import re
 from dataclasses import dataclass
 
 from alexcli.errors import PluginError
-
-#: kind (what users type in --layer KIND=NAME) -> entry-point group
-GROUPS: dict[str, str] = {
-    "activation": "alexcli.layers.activation",
-    "norm": "alexcli.layers.norm",
-    "pool": "alexcli.layers.pool",
-    "augmentation": "alexcli.augmentations",
-    "architecture": "alexcli.architectures",
-}
+from alexcli.specs import GROUPS, check
 
 BUILTIN_PACKAGE = "alexcli"
 ENV_LOAD = "ALEXCLI_LOAD_PLUGINS"
@@ -52,6 +45,10 @@ class PluginInfo:
     @property
     def builtin(self) -> bool:
         return _canon(self.package) == BUILTIN_PACKAGE
+
+    def provenance(self) -> dict:
+        """What a checkpoint records of each variant it used, so loading it names the package."""
+        return {"name": self.name, "package": self.package, "version": self.version}
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "name": self.name, "target": self.target,
@@ -141,12 +138,28 @@ def _load(info: PluginInfo):
     except Exception as exc:  # a plugin may raise anything at import; report it, don't crash
         raise PluginError(f"{info.kind} {info.name!r} from package {info.package} {info.version} "
                           f"failed to load: {type(exc).__name__}: {exc}") from exc
+    problem = check(info.kind, obj)
+    if problem is not None:
+        raise PluginError(f"{info.kind} {info.name!r} from package {info.package} {info.version} ({info.target}) "
+                          f"does not fit the {info.kind} contract: {problem}")
     return obj
 
 
 def get(kind: str, name: str):
-    """Import and return the factory registered as KIND/NAME."""
+    """Import and return the factory registered as KIND/NAME, checked against its contract."""
     return _load(info(kind, name))
+
+
+def resolve(kind: str, value):
+    """A factory of KIND from a registered name or from the factory itself (a class or function,
+    as tests and notebooks pass them): either way checked against the kind's contract."""
+    if isinstance(value, str):
+        return get(kind, value)
+    _check_kind(kind)
+    problem = check(kind, value)
+    if problem is not None:
+        raise PluginError(f"{kind} {getattr(value, '__name__', value)!r} does not fit the {kind} contract: {problem}")
+    return value
 
 
 def check_all() -> list[tuple[PluginInfo, str | None]]:

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexcli.augment import to_float  # noqa: E402
-from alexcli.evaluate import load_scored, model_input  # noqa: E402
-from alexcli.train import loader  # noqa: E402
+from alexcli.data import dataset, stream  # noqa: E402
+from alexcli.evaluate import load_scored  # noqa: E402
+from alexcli.transforms import model_input, to_float  # noqa: E402
 
 NORMS = ("norm1", "norm2")
 
@@ -67,10 +67,10 @@ def main(argv=None) -> dict:
         return record
     for name, m in layers.items():
         m.register_forward_hook(hook(name))
-    split = loader.open_split(args.data, args.split)
+    split = dataset.open_split(args.data, args.split)
     n = 0
     with torch.no_grad():
-        for images, _ in loader.batches(split, min(64, args.images), train=False, workers=0):
+        for images, _ in stream.batches(split, min(64, args.images), train=False, workers=0):
             x = images[: args.images - n]
             model(model_input(to_float(x), scored.mean_image, scored.crop))
             n += len(x)

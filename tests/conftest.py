@@ -1,4 +1,4 @@
-"""Shared fixtures: every test makes its own small images (no ../shared needed)."""
+"""Shared fixtures: every test makes its own small images; nothing outside the repository is needed."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ from PIL import Image
 from alexcli import plugins
 from alexcli.data.prepare import PrepareConfig, prepare
 from alexcli.errors import UsageError
-from alexcli.model.alexnet import Arch, build_model, count_parameters, make_arch, shapes
+from alexcli.model.registry import Arch, build_model, count_parameters, make_arch, shapes
 from alexcli.model.cifar import LocallyConnected2d
-from alexcli.train import loader
-from alexcli.train.memory import load_split
+from alexcli.data import dataset, stream, tar
+from alexcli.data.memory import load_split
 from conftest import run_cli
 
 
@@ -182,9 +182,9 @@ def write_cifar_like(root: Path, classes: int = 4, per_class: int = 20, side: in
 def shard_samples(folder: Path, split: str) -> list[dict]:
     """Every sample of SPLIT as {extension: bytes}, read straight from the tar files."""
     samples = []
-    for entry in loader.open_split(folder, split).shards:
+    for entry in dataset.open_split(folder, split).shards:
         by_key = {}
-        for m in loader._ustar_members((folder / entry["name"]).read_bytes(), entry["name"]):
+        for m in tar._ustar_members((folder / entry["name"]).read_bytes(), entry["name"]):
             key, ext = m["fname"].split(".", 1)
             by_key.setdefault(key, {})[ext] = m["data"]
         samples += by_key.values()
@@ -232,22 +232,22 @@ def test_prepare_holdout_refuses_a_source_with_val(demo_src, tmp_path):
 def test_load_split_holds_the_pixels_the_streaming_loader_gives(prepared):
     data = prepared[0]
     mem = load_split(data, "train")
-    sp = loader.open_split(data, "train")
+    sp = dataset.open_split(data, "train")
     assert mem.images.shape == (sp.samples, 3, 32, 32) and mem.images.dtype == torch.uint8
     assert mem.images.is_contiguous()
     jpgs, labels = [], []
     for entry in sp.shards:
-        for jpg, cls in loader._samples(sp, entry):
-            jpgs.append(jpg)
-            labels.append(cls)
-    assert torch.equal(mem.images, loader.decode_batch(jpgs).contiguous())
+        for sample in tar.read_samples(sp.path(entry), entry["samples"]):
+            jpgs.append(sample.jpg)
+            labels.append(sample.label)
+    assert torch.equal(mem.images, stream.decode_batch(jpgs).contiguous())
     assert mem.labels.tolist() == labels
     part = load_split(data, "train", limit=5)
     assert torch.equal(part.images, mem.images[:5]) and part.labels.tolist() == labels[:5]
 
 
 def test_load_split_refuses_what_does_not_fit_in_memory(prepared, monkeypatch):
-    from alexcli.train import memory
+    from alexcli.data import memory
 
     monkeypatch.setattr(memory, "_free_bytes", lambda: 1000)
     with pytest.raises(UsageError, match=r"images of 32x32 need 0\.0 GiB in memory, more than half of the 0\.0 GiB "

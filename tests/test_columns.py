@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexcli.errors import UsageError
-from alexcli.model.alexnet import AlexNet, Arch, build_model, count_parameters, resolve_layers
+from alexcli.model.alexnet import AlexNet
 from alexcli.model.columns import ColumnAlexNet
+from alexcli.model.registry import Arch, build_model, count_parameters
 
 CPU2 = [torch.device("cpu")] * 2
 CROP = 100  # pool5 maps are 2x2, so fc6's input order (channel-major flatten) matters
@@ -16,14 +17,12 @@ TOL = dict(rtol=1e-5, atol=1e-9)  # double precision: far tighter in practice
 
 def small(seed=0, norm="lrn", **kw) -> AlexNet:
     """A narrow network in double precision. `norm="batchnorm"` plugs in nn.BatchNorm2d, a norm
-    with parameters and running statistics, through the factories as a plugin would."""
+    with parameters and running statistics, given to build_model as a class, as a plugin's would be."""
     torch.manual_seed(seed)
     arch = Arch(num_classes=10, crop=CROP, width=0.125, init="kaiming",
                 norm="none" if norm == "batchnorm" else norm, **kw)
-    factories = resolve_layers(arch)[0]
-    if norm == "batchnorm":
-        factories["norm"] = nn.BatchNorm2d
-    return AlexNet(arch, factories).double()
+    model, _ = build_model(arch, layers={"norm": nn.BatchNorm2d} if norm == "batchnorm" else None)
+    return model.double()
 
 
 def batch(seed=1, n=4):
@@ -152,9 +151,7 @@ def test_bad_input_is_a_one_line_usage_error():
     cases = [(small(groups=1), CPU2), (small(), CPU2 + CPU2[:1]), (small(), CPU2[:1])]
     torch.manual_seed(0)
     arch = Arch(num_classes=10, crop=CROP, width=0.125)
-    factories = resolve_layers(arch)[0]
-    factories["activation"] = nn.PReLU  # one slope shared by both columns: cannot be split
-    cases.append((AlexNet(arch, factories), CPU2))
+    cases.append((build_model(arch, layers={"activation": nn.PReLU})[0], CPU2))  # one slope for both columns
     for model, devices in cases:
         with pytest.raises(UsageError) as err:
             ColumnAlexNet(model, devices)

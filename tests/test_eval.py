@@ -26,7 +26,7 @@ def two_models(train_data, tmp_path_factory):
 
 def reference_probs(ckpt_path, data, crops):
     """Every val image read with tarfile + PIL, and the paper's input built by hand with numpy."""
-    from alexcli.train.checkpoint import load_model
+    from alexcli.checkpoint import load_model
 
     model, ckpt = load_model(ckpt_path)
     mean = ckpt.data["mean_image"].numpy()
@@ -101,13 +101,18 @@ def test_bad_eval_input(two_models, train_data, tmp_path):
     r = run_cli("eval", tmp_path / "missing.safetensors", "--data", train_data)
     assert r.returncode == 2 and "no such checkpoint" in r.stderr
     r = run_cli("eval", two_models[0], "--data", train_data, "--crops", "five")
-    assert r.returncode == 2 and "--crops must be one of center, ten" in r.stderr
+    assert r.returncode == 2 and "'--crops': Value error, 'five' is not one of 'center', 'ten'" in r.stderr
+    from alexcli.errors import UsageError
+    from alexcli.evaluate import score
+
+    with pytest.raises(UsageError, match=r"^--crops must be one of center, ten, not 'five'$"):  # the library, too
+        score([two_models[0]], None, crops="five")
 
 
 def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_src, tmp_path):
     from alexcli.data.prepare import PrepareConfig, prepare
     from safetensors.torch import load_file
-    from alexcli.train.checkpoint import read_meta
+    from alexcli.checkpoint import read_meta
 
     src = tmp_path / "three"  # a data set of 3 of the 8 classes
     for split in ("train", "val"):

@@ -98,7 +98,7 @@ def test_help_of_each_figure_command_has_an_example(capsys):
 
 @pytest.mark.parametrize("crops", ["center", "ten"])
 def test_predict_equals_a_reference_computation(model, demo_src, tmp_path, capsys, crops):
-    from alexcli.train.checkpoint import load_model
+    from alexcli.checkpoint import load_model
 
     images = plain_images(demo_src, 3)
     fig = tmp_path / "pred.png"
@@ -144,7 +144,7 @@ def test_bad_image_is_one_line_naming_it(model, demo_src, tmp_path, capsys):
 
 
 def test_kernels_grid(model, tmp_path, capsys):
-    from alexcli.train.checkpoint import load_checkpoint
+    from alexcli.checkpoint import load_checkpoint
 
     out = tmp_path / "k" / "kernels.png"
     scale = 3
@@ -182,7 +182,7 @@ def test_neighbors_finds_the_query_itself_and_caches(model, train_data, demo_src
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from alexcli.train.checkpoint import load_checkpoint, save_checkpoint
+    from alexcli.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
@@ -212,7 +212,7 @@ def test_neighbors_finds_the_query_itself_and_caches(model, train_data, demo_src
     keys = [bytes(r.numpy()).rstrip(b"\0").decode() for r in tensors["keys"]]
     assert keys == [s[0] for s in samples] and tensors["labels"].tolist() == [s[2] for s in samples]
     ck = load_checkpoint(ckpt_path)
-    from alexcli.train.checkpoint import load_model
+    from alexcli.checkpoint import load_model
 
     net, _ = load_model(ckpt_path)
     with torch.no_grad():

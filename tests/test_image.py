@@ -1,10 +1,11 @@
 import io
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
-from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, centre_box, convert, pil_pixels, to_rgb
+from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, centre_box, convert, decode_rgb, to_rgb
 
 
 def encode(img, fmt="PNG", **kw):
@@ -112,7 +113,7 @@ def test_written_jpeg_decoder_gives_pils_pixels(size, quality):
     for src in sources:
         jpg, _ = convert(encode(src), p)
         ref = decode(jpg)
-        for got in (dec(jpg), dec.checked(jpg), pil_pixels(jpg)):
+        for got in (dec(jpg), dec.checked(jpg), torch.from_numpy(decode_rgb(jpg).copy())):
             assert got.shape == (size, size, 3) and got.is_contiguous()
             assert np.array_equal(got.numpy(), ref)
 
@@ -131,6 +132,6 @@ def test_written_jpeg_decoder_falls_back_to_pil_on_any_difference():
     p = ImageParams(size=32)
     dec = WrittenJpegDecoder(p)
     jpg, _ = convert(encode(Image.new("RGB", (40, 40), (1, 2, 3))), p)
-    dec._op = lambda data, mode, orient: (pil_pixels(jpg) + 1).permute(2, 0, 1)  # off by one, else like the op
+    dec._op = lambda data, mode, orient: (torch.from_numpy(decode_rgb(jpg).copy()) + 1).permute(2, 0, 1)  # off by one, else like the op
     assert np.array_equal(dec.checked(jpg).numpy(), decode(jpg)) and not dec.fast
     assert np.array_equal(dec(jpg).numpy(), decode(jpg))

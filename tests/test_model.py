@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alexcli.errors import UsageError
-from alexcli.model.alexnet import Arch, build_model, count_parameters, shapes, with_layers
+from alexcli.model.registry import Arch, build_model, count_parameters, shapes, with_layers
 
 
 def conv(cin, cout, k, groups=1):
@@ -16,7 +16,7 @@ def fc(n_in, n_out):
 
 
 def expected_params(classes=1000, groups=2, side=6):
-    """The table of section 3.5 (DESIGN.md), computed from the layer sizes."""
+    """The table of section 3.5 (docs/design.md), computed from the layer sizes."""
     return (conv(3, 96, 11) + conv(96, 256, 5, groups) + conv(256, 384, 3) + conv(384, 384, 3, groups)
             + conv(384, 256, 3, groups) + fc(256 * side * side, 4096) + fc(4096, 4096) + fc(4096, classes))
 
@@ -69,8 +69,8 @@ def test_lrn_runs_within_each_column():
 
 
 @pytest.mark.parametrize("layers,attr,cls", [
-    (["act=tanh"], "act1", torch.nn.Tanh), (["norm=none"], "norm1", torch.nn.Identity),
-    (["pool=2x2"], "pool1", torch.nn.MaxPool2d)])
+    (["activation=tanh"], "act1", torch.nn.Tanh), (["act=tanh"], "act1", torch.nn.Tanh),  # act: the kept alias
+    (["norm=none"], "norm1", torch.nn.Identity), (["pool=2x2"], "pool1", torch.nn.MaxPool2d)])
 def test_layer_variants_by_name(layers, attr, cls):
     arch = with_layers(Arch(width=0.25, crop=64, num_classes=8), layers)
     model, used = build_model(arch)
@@ -87,7 +87,8 @@ def test_layer_variants_by_name(layers, attr, cls):
 def test_bad_layer_spec_and_unknown_name():
     from alexcli.errors import PluginError
 
-    with pytest.raises(UsageError, match="KIND=NAME"):
+    with pytest.raises(UsageError, match=r"^--layer 'norm': expected KIND=NAME with KIND one of activation, norm, "
+                                         r"pool \(or act\)$"):
         with_layers(Arch(), ["norm"])
     with pytest.raises(PluginError, match="unknown norm 'nope'; available: .*lrn"):
         build_model(with_layers(Arch(), ["norm=nope"]))

@@ -24,7 +24,7 @@ def test_update_rule_equals_the_formula_across_an_lr_change():
 
 
 def test_differs_from_torch_sgd_once_lr_changes():
-    """torch.optim.SGD scales the remembered velocity by the new lr (DESIGN.md)."""
+    """torch.optim.SGD scales the remembered velocity by the new lr (docs/design.md)."""
     torch.manual_seed(0)
     a = torch.randn(5, dtype=torch.float64, requires_grad=True)
     b = a.detach().clone().requires_grad_(True)
@@ -71,5 +71,5 @@ def test_steps_schedule():
 def test_bad_schedule_options():
     with pytest.raises(UsageError, match="--lr-steps"):
         Schedule("steps")
-    with pytest.raises(UsageError, match="plateau or steps"):
+    with pytest.raises(UsageError, match=r"^--schedule must be one of plateau, steps, not 'cosine'$"):
         Schedule("cosine")

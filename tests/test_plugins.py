@@ -98,3 +98,45 @@ def test_cli_plugins_with_a_broken_plugin_installed(tmp_path, demo_src):
     prep = run_cli("prepare", demo_src, "--out", tmp_path / "o", "--size", 16, "--workers", 1, env=env, cwd=tmp_path)
     assert prep.returncode == 0, prep.stderr
     assert run_cli("--help", env=env, cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("kind,source,problem", [
+    ("norm", "factory = 3\n", "int is not callable"),
+    ("norm", "def factory():\n    pass\n", "must take 1 positional argument(s) (factory(channels))"),
+    ("activation", "def factory(channels):\n    pass\n", "must take 0 positional argument(s) (factory())"),
+    ("architecture", "def factory(arch, layers):\n    pass\n", "lacks the attribute 'defaults'"),
+    ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {'depth': 9}\nfactory.inits = ('x',)\n"
+                     "factory.stages = ()\nfactory.feature_layer = 'fc'\n", "'defaults' name fields Arch does not have: depth"),
+    ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ()\n"
+                     "factory.stages = ()\nfactory.feature_layer = 'fc'\n", "'inits' must name at least one --init preset"),
+])
+def test_a_plugin_that_does_not_fit_its_contract_is_refused_naming_the_package(site, kind, source, problem,
+                                                                              monkeypatch):
+    from alexcli.specs import GROUPS
+
+    monkeypatch.delitem(sys.modules, "misfit_mod", raising=False)  # each case imports its own version
+    install_fake(site, "alexcli-misfit", "0.1", {GROUPS[kind]: {"misfit": "misfit_mod:factory"}},
+                 {"misfit_mod": source})
+    with pytest.raises(PluginError) as err:
+        reg.get(kind, "misfit")
+    assert str(err.value).startswith(f"{kind} 'misfit' from package alexcli-misfit 0.1 (misfit_mod:factory) does not "
+                                     f"fit the {kind} contract: ")
+    assert problem in str(err.value) and "\n" not in str(err.value)
+    errors = {p.name: e for p, e in reg.check_all()}
+    assert problem in errors["misfit"] and errors["relu"] is None
+
+
+def test_a_factory_may_be_given_as_a_class_or_by_name():
+    from torch import nn
+
+    from alexcli.model.registry import Arch, build_model
+
+    model, used = build_model(Arch(num_classes=4, width=0.125, crop=64), layers={"norm": nn.BatchNorm2d})
+    assert isinstance(model.norm1.cols[0], nn.BatchNorm2d) and model.norm1.cols[0].num_features == 6
+    assert "norm" not in used  # no registered variant to record: the checkpoint cannot name a package for it
+    assert reg.resolve("norm", "lrn") is reg.get("norm", "lrn")
+    def no_channels():
+        return nn.Identity()
+
+    with pytest.raises(PluginError, match=r"norm 'no_channels' does not fit the norm contract: it must take 1"):
+        reg.resolve("norm", no_channels)

@@ -1,7 +1,6 @@
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from PIL import Image
 from alexcli.data import stats as S
 from alexcli.data.demo import BROKEN, CLASSES, make_demo
 from alexcli.data.prepare import PrepareConfig, prepare
-from alexcli.data.shards import _tobuf, member_header, verify_shard
+from alexcli.data.dataset import verify_shard
+from alexcli.data.tar import _tobuf, member_header
 from alexcli.errors import DataError, StrictRejectError, UsageError
 from conftest import SMALL
 

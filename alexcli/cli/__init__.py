@@ -1,4 +1,9 @@
-"""The `alexcli` command: one module per command, wired here; errors translated once, in `main`."""
+"""The `alexcli` command: one module per command, wired here; every error translated once, in `main`.
+
+`main` is the edge: a bad option (Typer's own parsing), a typed library error, the machine failing
+under us (an OSError such as a full disk) and a bug all end as one `error: ...` line on stderr and
+an exit code; the traceback only with `--debug` or ALEXCLI_DEBUG=1.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,15 @@ from alexcli import __version__
 from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, train
 from alexcli.errors import AlexcliError
 
+# Typer 0.26+ carries its own copy of Click, whose errors derive from typer.TyperException; older
+# Typer raises Click's own.
+try:
+    _ParseError = typer.TyperException
+except AttributeError:  # pragma: no cover - Typer < 0.26
+    import click
+
+    _ParseError = click.ClickException
+
 app = typer.Typer(
     name="alexcli",
     help="Reproduce, study and extend AlexNet (Krizhevsky, Sutskever, Hinton 2012).\n\n"
@@ -23,6 +37,7 @@ app = typer.Typer(
 )
 
 _debug = False
+INTERNAL_EXIT = 1
 
 
 def _version(value: bool) -> None:
@@ -37,27 +52,45 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or set ALEXCLI_DEBUG=1)."),
 ) -> None:
     global _debug
-    _debug = debug
+    _debug = _debug or debug
 
 
 for module in (prepare, train, eval_cmd, experiment, figures, demo, plugins, doctor):
     module.register(app)
 
 
+def _fail(message: str, code: int) -> int:
+    if _debug:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code. A typed error becomes one line on stderr."""
+    """Run the CLI; returns the exit code. Whatever goes wrong becomes one line on stderr."""
     global _debug
-    _debug = os.environ.get("ALEXCLI_DEBUG", "") not in ("", "0")
+    _debug = os.environ.get("ALEXCLI_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
     try:
-        app(args=argv, prog_name="alexcli")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = app(args=argv, prog_name="alexcli", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except AlexcliError as exc:
-        if _debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        return _fail(str(exc), exc.exit_code)
+    except _ParseError as exc:  # a bad option or argument, found by Typer before the command runs
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            return 0
+        where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        return _fail(exc.format_message() + where, getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        return _fail("aborted", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except OSError as exc:  # the machine: a full disk, a file that vanished, a permission
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _fail(f"{where}{exc.strerror or exc}", 1)
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        return _fail(f"internal: {type(exc).__name__}: {exc} (run with --debug for the traceback)", INTERNAL_EXIT)
 
 
 def run() -> None:

@@ -1,17 +1,20 @@
-"""Shared pieces of the command layer: consoles, JSON output, the progress bar."""
+"""Shared pieces of the command layer: consoles, JSON output, the one progress view, and the
+options every command spells the same way."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from alexcli.env import device_name  # noqa: F401  (the commands' --device, re-exported)
+from alexcli.choices import Amp, Crops, Device
+from alexcli.events import Advance, Begin, Event, Label, Note
 
 # Data goes to stdout; progress and diagnostics to stderr.
 err = Console(stderr=True, highlight=False)
@@ -23,44 +26,61 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
-@contextlib.contextmanager
-def progress(description: str, unit: str = "images", quiet: bool = False) -> Iterator:
-    """Yields a callback (event, n) for the library: ("total", n) then ("advance", n).
-    The bar appears at the first "total", so an error found before the work starts prints
-    only its one line."""
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
-        console=err, disable=quiet, transient=False,
-    )
-    task = bar.add_task(description, total=None, rate="")
+class Reporter:
+    """Renders `alexcli.events` on stderr: a bar per `Begin` (count, rate, running loss, ETA),
+    `Advance` moves it, `Label` renames it, `Note` prints a line above it. Use as a context
+    manager; nothing is drawn before the first event, so an error found before the work starts
+    prints only its one line. QUIET drops the bars and the notes (for --json runs of the demo)."""
 
-    started = False
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+            TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"), TextColumn("eta"),
+            TimeRemainingColumn(), TimeElapsedColumn(), console=err, disable=quiet, transient=False)
+        self.task = None
+        self.started = False
+        self._t0, self._done, self._unit = 0.0, 0, "images"
 
-    def update(event: str, n: int) -> None:
-        nonlocal started
-        if event == "total":
-            if not started:
-                bar.start()
-                started = True
-            bar.update(task, total=n)
-        elif event == "advance":
-            bar.advance(task, n)
-            speed = bar.tasks[task].speed
-            if speed:
-                bar.update(task, rate=f"{speed:,.0f} {unit}/s")
+    def __enter__(self) -> "Reporter":
+        return self
 
-    try:
-        yield update
-    finally:
-        if started:
-            bar.stop()
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            self.bar.stop()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Note):
+            if not self.quiet:
+                self.bar.console.print(event.text, soft_wrap=True, markup=False)
+            return
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        if isinstance(event, Begin):
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(event.label, total=event.total, unit=event.unit, loss="", rate="")
+            self._t0, self._done, self._unit = time.perf_counter(), 0, event.unit
+        elif self.task is None:
+            return
+        elif isinstance(event, Label):
+            self.bar.update(self.task, description=event.text)
+        elif isinstance(event, Advance):
+            # the rate in images where the event says how many went by, else in the bar's own unit
+            self._done += event.n if event.images is None else event.images
+            unit = "img" if event.images is not None else self._unit
+            elapsed = max(time.perf_counter() - self._t0, 1e-9)
+            fields = {"rate": f"{self._done / elapsed:,.0f} {unit}/s"}
+            if event.loss is not None:
+                fields["loss"] = f"loss {event.loss:.3f}"
+            self.bar.update(self.task, advance=event.n, **fields)
 
 
 def data_folder(data: Optional[Path], ckpt: Path) -> Path:
     """--data, or the folder the checkpoint was trained on when it still exists."""
+    from alexcli.checkpoint import read_meta
     from alexcli.errors import UsageError
-    from alexcli.train.checkpoint import read_meta
 
     if data is not None:
         return data
@@ -68,3 +88,35 @@ def data_folder(data: Optional[Path], ckpt: Path) -> Path:
     if folder and Path(folder).is_dir():
         return Path(folder)
     raise UsageError(f"--data is needed: {ckpt} was trained on {folder or 'an unknown folder'}, which is not here")
+
+
+# ---------------------------------------------------------------- options spelled the same everywhere
+
+def json_option():
+    return typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+
+
+def device_option():
+    return typer.Option(Device.auto, help="auto (CUDA when a GPU is visible), cpu or cuda.")
+
+
+def amp_option():
+    return typer.Option(Amp.none, help="none (fp32) or bf16 autocast.")
+
+
+def crops_option():
+    return typer.Option(Crops.center, help="center: the central patch; ten: the four corners, the centre and their "
+                                           "reflections, softmax averaged (section 4.1).")
+
+
+def workers_option():
+    return typer.Option(-1, min=-1, help="Decoding processes (default -1: on the CPU a quarter of the cores, on a "
+                                         "GPU all but one up to 8; at most one per shard).")
+
+
+def ckpt_argument():
+    return typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train or alexcli experiment.")
+
+
+def data_option(default_help: str = "the one it was trained on"):
+    return typer.Option(None, "--data", help=f"Prepared data set (default: {default_help}).")

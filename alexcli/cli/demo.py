@@ -4,11 +4,11 @@ from pathlib import Path
 
 import typer
 
-from alexcli.cli._ui import emit_json, err, out, progress
+from alexcli.cli._ui import Reporter, emit_json, err, json_option, out
 
 # The demo's network: the paper's structure at a quarter of its width on 64x64 crops of 72x72
 # images (the ratio of 224 to 256), with He initialisation: the paper's N(0, 0.01) start sits
-# at chance for a long time on a net this small (see README, "Initialisation"). The demo's
+# at chance for a long time on a net this small (docs/design.md, "Initialisation"). The demo's
 # validation photos are few (200), so its figures are a smoke test of the tools, not results.
 DEMO_SIZE, DEMO_CROP, DEMO_WIDTH = 72, 64, 0.25
 
@@ -18,11 +18,11 @@ def demo_command(
     out_dir: Path = typer.Option(Path("shards/demo"), "--out", help="Where the prepared shards go."),
     run_dir: Path = typer.Option(Path("runs/demo"), "--run", help="Where the two training runs and the pictures "
                                                                "go (replaced)."),
-    per_class: int = typer.Option(100, help="Training images per class (8 classes; a quarter as many for val)."),
-    epochs: int = typer.Option(30, help="Training epochs per model (the learning rate drops tenfold after 2/3)."),
+    per_class: int = typer.Option(100, min=1, help="Training images per class (8 classes; a quarter as many for val)."),
+    epochs: int = typer.Option(30, min=1, help="Training epochs per model (the learning rate drops tenfold after 2/3)."),
     seed: int = typer.Option(0, help="Seed of the generated images and of the first model (the second: seed+1)."),
-    workers: int = typer.Option(0, help="Worker processes for prepare (default: all cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summaries as JSON on stdout."),
+    workers: int = typer.Option(0, min=0, help="Worker processes for prepare (0: all cores)."),
+    as_json: bool = json_option(),
 ) -> None:
     """Run alexcli end to end on a built-in data set drawn on the spot (no download).
 
@@ -34,27 +34,25 @@ def demo_command(
 
     Example: alexcli demo --epochs 10
     """
-    from dataclasses import replace
-
     from alexcli.cli.eval import render
     from alexcli.cli.prepare import render_summary
-    from alexcli.cli.train import TrainView
+    from alexcli.data.dataset import open_split
     from alexcli.data.demo import CLASSES, make_demo
     from alexcli.data.prepare import PrepareConfig, prepare
     from alexcli.evaluate import score
-    from alexcli.figures import draw_predictions, predict, write_kernels
-    from alexcli.model.alexnet import Arch
-    from alexcli.train import loader
+    from alexcli.figures.kernels import write_kernels
+    from alexcli.figures.predict import draw_predictions, predict
+    from alexcli.model.registry import Arch, describe
     from alexcli.train.config import TrainConfig
-    from alexcli.train.loop import describe, train
+    from alexcli.train.launch import train
 
     say = (lambda *a, **k: None) if as_json else out.print
     if not (source / "train").is_dir():
         err.print(f"drawing the demo photos into {source} ...")
         make_demo(source, train_per_class=per_class, val_per_class=max(1, per_class // 4), seed=seed)
     cfg = PrepareConfig(size=DEMO_SIZE, workers=workers, shard_size=100, overwrite=True)
-    with progress("prepare demo", quiet=as_json) as update:
-        prepared = prepare(source, out_dir, cfg, progress=update)
+    with Reporter(quiet=as_json) as report:
+        prepared = prepare(source, out_dir, cfg, progress=report)
     if not as_json:
         render_summary(prepared)
 
@@ -64,14 +62,11 @@ def demo_command(
         tcfg = TrainConfig(data=str(out_dir), out=str(run_dir / f"seed{seed + k}"), epochs=epochs, batch=32,
                            seed=seed + k, schedule="steps", lr_steps=(max(1, epochs * 2 // 3),), device="auto")
         say(f"\nmodel {k + 1} of 2: {describe(arch)}, seed {seed + k} -> {tcfg.out}", soft_wrap=True)
-        view = TrainView(quiet=as_json)
-        try:
-            runs.append(train(tcfg, replace(arch), overwrite=True, progress=view))
-        finally:
-            view.close()
+        with Reporter(quiet=as_json) as report:
+            runs.append(train(tcfg, arch, overwrite=True, progress=report))
     ckpts = [r["checkpoint"] for r in runs]
 
-    val = loader.open_split(out_dir, "val")
+    val = open_split(out_dir, "val")
     ten = score(ckpts[:1], val, crops="ten", batch=64)
     table2 = score(ckpts, val, crops="center", batch=64)
     kernels = write_kernels(ckpts[0], run_dir / "kernels.png")

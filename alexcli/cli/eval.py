@@ -5,29 +5,27 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.cli._ui import data_folder as _data_folder, device_name as _device, emit_json, out, progress
+from alexcli.choices import Amp, Crops, Device
+from alexcli.cli._ui import (Reporter, amp_option, ckpt_argument, crops_option, data_folder, data_option,
+                             device_option, emit_json, json_option, out, workers_option)
 
 
-def _run(ckpts: list[Path], data: Optional[Path], split: str, crops: str, batch: int, workers: int, device: str,
-         amp: str) -> dict:
+def _run(ckpts: list[Path], data: Optional[Path], split: str, crops: Crops, batch: int, workers: int, device: Device,
+         amp: Amp) -> dict:
     import torch
 
-    from alexcli.errors import UsageError
+    from alexcli.data import stream
+    from alexcli.data.dataset import open_split
+    from alexcli.env import device_name
     from alexcli.evaluate import score
-    from alexcli.train import loader
+    from alexcli.train.step import autocast_for
 
-    if not ckpts:
-        raise UsageError("give at least one checkpoint")
-    if amp not in ("none", "bf16"):
-        raise UsageError(f"--amp must be none or bf16, not {amp!r}")
-    dev = _device(device)
-    sp = loader.open_split(_data_folder(data, ckpts[0]), split)
-    if workers < 0:
-        workers = loader.auto_workers(sp, 1, max(0, (torch.get_num_threads() if dev == "cpu" else 8) // 4))
-    autocast = (lambda: torch.autocast(device_type=dev, dtype=torch.bfloat16)) if amp == "bf16" else None
-    with progress(f"{'ensemble' if len(ckpts) > 1 else 'eval'} {split}") as update:
-        return score([str(c) for c in ckpts], sp, crops=crops, batch=batch, workers=workers, device=dev,
-                     autocast=autocast, progress=update)
+    dev = torch.device(device_name(device))
+    sp = open_split(data_folder(data, ckpts[0]), split)
+    with Reporter() as report:
+        return score([str(c) for c in ckpts], sp, crops=crops, batch=batch, device=dev,
+                     workers=stream.loader_workers(sp, 1, dev.type, workers), autocast=autocast_for(amp, dev),
+                     progress=report)
 
 
 def render(result: dict, per_class: bool) -> None:
@@ -58,25 +56,27 @@ def render(result: dict, per_class: bool) -> None:
         out.print(pc)
 
 
-def _strip_per_class(result: dict, keep: bool) -> dict:
-    if not keep:
+def _show(result: dict, per_class: bool, as_json: bool) -> None:
+    if not as_json:
+        render(result, per_class)
+        return
+    if not per_class:
         for m in result["models"] + ([result["ensemble"]] if result["ensemble"] else []):
             m.pop("per_class", None)
-    return result
+    emit_json(result)
 
 
 def eval_command(
-    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set (default: the one it was trained on)."),
+    ckpt: Path = ckpt_argument(),
+    data: Optional[Path] = data_option(),
     split: str = typer.Option("val", help="Split to score: val, test or train."),
-    crops: str = typer.Option("center", help="center: the central 224 patch; ten: the four corners, the centre "
-                                             "and their reflections, softmax averaged (section 4.1)."),
-    batch: int = typer.Option(128, help="Images per batch (x10 patches with --crops ten)."),
-    workers: int = typer.Option(-1, help="Decoding processes (default: a quarter of the cores, one per shard)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: str = typer.Option("none", help="none or bf16."),
+    crops: Crops = crops_option(),
+    batch: int = typer.Option(128, min=1, help="Images per batch (x10 patches with --crops ten)."),
+    workers: int = workers_option(),
+    device: Device = device_option(),
+    amp: Amp = amp_option(),
     per_class: bool = typer.Option(False, "--per-class", help="Also show each class's top-1 error."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Top-1 and top-5 error of a checkpoint, as the paper reports them (section 6).
 
@@ -85,24 +85,20 @@ def eval_command(
 
     Example: alexcli eval runs/alexnet/ckpt-e090.safetensors --data shards/imagenet --crops ten
     """
-    result = _run([ckpt], data, split, crops, batch, workers, device, amp)
-    if as_json:
-        emit_json(_strip_per_class(result, per_class))
-    else:
-        render(result, per_class)
+    _show(_run([ckpt], data, split, crops, batch, workers, device, amp), per_class, as_json)
 
 
 def ensemble_command(
     ckpts: List[Path] = typer.Argument(..., help="Checkpoints to average (their class lists must match)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set (default: the first one's)."),
+    data: Optional[Path] = data_option("the first one's"),
     split: str = typer.Option("val", help="Split to score."),
-    crops: str = typer.Option("center", help="center or ten (section 4.1)."),
-    batch: int = typer.Option(128, help="Images per batch."),
-    workers: int = typer.Option(-1, help="Decoding processes (default: a quarter of the cores, one per shard)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: str = typer.Option("none", help="none or bf16."),
+    crops: Crops = crops_option(),
+    batch: int = typer.Option(128, min=1, help="Images per batch."),
+    workers: int = workers_option(),
+    device: Device = device_option(),
+    amp: Amp = amp_option(),
     per_class: bool = typer.Option(False, "--per-class", help="Also show the ensemble's error per class."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Each model's error and the error of their averaged softmax, as the paper's Table 2.
 
@@ -110,11 +106,7 @@ def ensemble_command(
 
     Example: alexcli ensemble runs/a/ckpt-e090.safetensors runs/b/ckpt-e090.safetensors --data shards/imagenet
     """
-    result = _run(list(ckpts), data, split, crops, batch, workers, device, amp)
-    if as_json:
-        emit_json(_strip_per_class(result, per_class))
-    else:
-        render(result, per_class)
+    _show(_run(list(ckpts), data, split, crops, batch, workers, device, amp), per_class, as_json)
 
 
 def register(app: typer.Typer) -> None:

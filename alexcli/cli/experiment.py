@@ -5,53 +5,9 @@ from typing import Optional
 
 import typer
 
-from alexcli.cli._ui import emit_json, err, out
-
-
-class ExperimentView:
-    """One progress bar over every SGD step of the experiment, and a line per finished epoch."""
-
-    def __init__(self, quiet: bool = False):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("steps"), TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
-                            console=err, disable=quiet)
-        self.task = None
-        self.quiet = quiet
-        self.current = ""
-
-    def __call__(self, event: str, **kw) -> None:
-        if event == "load" and self.task is None and not self.quiet and kw["done"] == kw["total"]:
-            err.print(f"decoded {kw['total']:,} images into memory")
-        elif event == "start":
-            if not self.quiet:
-                err.print(f"{', '.join(kw['plans'])} on {kw['device']}: {kw['train']:,} training images"
-                          + (f", {kw['test']:,} test images" if kw["test"] else ""))
-            self.bar.start()
-            self.task = self.bar.add_task("experiment", total=kw["total"])
-        elif event == "fit":
-            self.current = f"{kw['label']} lr {kw['lr']:g} seed {kw['seed']}"
-            self.bar.update(self.task, description=self.current)
-        elif event == "cached":
-            self.bar.advance(self.task, kw["steps"])
-            self.bar.console.print(f"{kw['label']} lr {kw['lr']:g} seed {kw['seed']}: done before, read from fits/")
-        elif event == "step":
-            self.bar.advance(self.task, 1)
-        elif event == "skip":
-            self.bar.advance(self.task, kw["steps"])
-        elif event == "chosen":
-            self.bar.console.print(f"{kw['label']}: learning rate {kw['lr']:g} chosen by the sweep")
-        elif event == "epoch_end":
-            r = kw["row"]
-            line = (f"{self.current}  epoch {r['epoch']:>3}  loss {r['train_loss']:.3f}  "
-                    f"train err {r['train_error']:.1%}")
-            if "test_error" in r:
-                line += f"  test err {r['test_error']:.1%}"
-            self.bar.console.print(line + f"  {r['seconds']:.0f} s", soft_wrap=True)
-
-    def close(self) -> None:
-        self.bar.stop()
+from alexcli.choices import Device, Experiment
+from alexcli.cli._ui import Reporter, device_option, emit_json, json_option, out
+from alexcli.experiment.plans import ExperimentConfig as C
 
 
 def _fmt(s: dict, pct: bool = False, unit: str = "") -> str:
@@ -86,25 +42,32 @@ def render(r: dict) -> None:
 
 
 def experiment_command(
-    name: str = typer.Argument(..., metavar="NAME", help="relu-vs-tanh (Figure 1) or lrn (section 3.3: 13% vs 11%)."),
+    name: Experiment = typer.Argument(..., metavar="NAME", help="relu-vs-tanh (Figure 1) or lrn (section 3.3: "
+                                                                "13% vs 11%)."),
     data: Path = typer.Option(..., "--data", help="A prepared CIFAR-10 (alexcli prepare SRC --size 32 --holdout 0.1)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: runs/experiments/NAME)."),
-    epochs: int = typer.Option(30, help="Epochs of each final run."),
-    seeds: int = typer.Option(1, help="Seeds per variant (0..N-1): mean and spread are reported."),
-    subset: int = typer.Option(0, help="Training images to use (0: all): the first of the shuffled shards."),
-    lrs: str = typer.Option("0.001,0.003,0.01,0.03", help="Learning rates of the sweep that picks each "
-                                                            "variant's own; one rate, or one per variant "
-                                                            "(relu=0.003,tanh=0.01), skips the sweep."),
-    sweep_epochs: int = typer.Option(1, help="Epochs of each sweep run."),
-    batch: int = typer.Option(128, help="Images per SGD step."),
-    weight_decay: float = typer.Option(0.004, help="lrn: weight decay on local3, local4 and fc10 (cuda-convnet's "
-                                                   "wc); relu-vs-tanh uses none, as Figure 1."),
-    crop: int = typer.Option(0, help="Input side (0: 32, whole images, for relu-vs-tanh; 24, random crops, for lrn)."),
-    norm: str = typer.Option("lrn", help="lrn: the normalisation compared with none (lrn, lrn-convnet or a plugin's)."),
-    target: float = typer.Option(0.25, help="relu-vs-tanh: the training error to reach (Figure 1: 25%)."),
-    width: float = typer.Option(1.0, help="Channel multiplier of the net."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    epochs: int = typer.Option(C.epochs, min=1, help="Epochs of each final run."),
+    seeds: int = typer.Option(C.seeds, min=1, help="Seeds per variant (0..N-1): mean and spread are reported."),
+    subset: int = typer.Option(C.subset, min=0, help="Training images to use (0: all): the first of the shuffled "
+                                                     "shards."),
+    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in C.lrs), help="Learning rates of the sweep that picks "
+                                                                      "each variant's own; one rate, or one per "
+                                                                      "variant (relu=0.003,tanh=0.01), skips the "
+                                                                      "sweep."),
+    sweep_epochs: int = typer.Option(C.sweep_epochs, min=1, help="Epochs of each sweep run."),
+    batch: int = typer.Option(C.batch, min=1, help="Images per SGD step."),
+    weight_decay: float = typer.Option(C.weight_decay, min=0.0, help="lrn: weight decay on local3, local4 and fc10 "
+                                                                     "(cuda-convnet's wc); relu-vs-tanh uses none, "
+                                                                     "as Figure 1."),
+    crop: int = typer.Option(C.crop, min=0, help="Input side (0: 32, whole images, for relu-vs-tanh; 24, random "
+                                                 "crops, for lrn)."),
+    norm: str = typer.Option(C.norm, help="lrn: the normalisation compared with none (lrn, lrn-convnet or a "
+                                          "plugin's)."),
+    target: float = typer.Option(C.target, help="relu-vs-tanh: the training error to reach, in (0, 1) (Figure 1: "
+                                                "25%)."),
+    width: float = typer.Option(C.width, help="Channel multiplier of the net, in (0, 4]."),
+    device: Device = device_option(),
+    as_json: bool = json_option(),
 ) -> None:
     """Rerun one of the paper's CIFAR-10 experiments with the four-layer net (--arch cifar-local).
 
@@ -118,11 +81,10 @@ def experiment_command(
       alexcli experiment relu-vs-tanh --data shards/cifar10 --lrs relu=0.003,tanh=0.01 --seeds 3
       alexcli experiment lrn --data shards/cifar10 --epochs 60 --lrs 0.001 --json
     """
+    from alexcli import plugins
     from alexcli.errors import UsageError
-    from alexcli.experiment import EXPERIMENTS, ExperimentConfig, run_experiment
+    from alexcli.experiment.run import run_experiment
 
-    if name not in EXPERIMENTS:
-        raise UsageError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
     rates, fixed = (), {}
     try:
         if "=" in lrs:  # one rate per variant, e.g. relu=0.003,tanh=0.01
@@ -131,17 +93,12 @@ def experiment_command(
             rates = tuple(float(v) for v in lrs.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"--lrs {lrs!r}: expected learning rates like 0.001,0.01 or relu=0.003,tanh=0.01") from None
-    from alexcli import plugins
-
     plugins.info("norm", norm)  # an unknown name fails before any work
-    cfg = ExperimentConfig(data=str(data), out=str(out_dir or Path("runs") / "experiments" / name), epochs=epochs,
-                           seeds=seeds, subset=subset, batch=batch, lrs=rates, fixed_lrs=fixed, sweep_epochs=sweep_epochs,
-                           weight_decay=weight_decay, crop=crop, norm=norm, width=width, device=device, target=target)
-    view = ExperimentView()
-    try:
-        result = run_experiment(name, cfg, progress=view)
-    finally:
-        view.close()
+    cfg = C(data=str(data), out=str(out_dir or Path("runs") / "experiments" / name.value), epochs=epochs, seeds=seeds,
+            subset=subset, batch=batch, lrs=rates, fixed_lrs=fixed, sweep_epochs=sweep_epochs,
+            weight_decay=weight_decay, crop=crop, norm=norm, width=width, device=device, target=target)
+    with Reporter() as report:
+        result = run_experiment(name, cfg, progress=report)
     if as_json:
         emit_json(result)
     else:

@@ -7,19 +7,20 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.cli._ui import data_folder as _data_folder, device_name as _device, emit_json, err, out, progress
+from alexcli.choices import Crops, Device
+from alexcli.cli._ui import (Reporter, ckpt_argument, crops_option, data_folder, data_option, device_option, emit_json,
+                             err, json_option, out, workers_option)
 
 
 def predict_command(
-    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
+    ckpt: Path = ckpt_argument(),
     images: List[Path] = typer.Argument(..., help="Image files in any format Pillow reads."),
-    crops: str = typer.Option("center", help="center: the central patch; ten: the four corners, the centre and "
-                                             "their reflections, softmax averaged (section 4.1)."),
-    top: int = typer.Option(5, help="How many of the most probable classes to show."),
+    crops: Crops = crops_option(),
+    top: int = typer.Option(5, min=1, help="How many of the most probable classes to show."),
     fig: Optional[Path] = typer.Option(None, "--out", help="Also draw the images with their top probabilities "
                                                            "as bars (Figure 4, left) into this PNG."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    device: Device = device_option(),
+    as_json: bool = json_option(),
 ) -> None:
     """The most probable classes of any image, with their probabilities (Figure 4, left).
 
@@ -28,11 +29,13 @@ def predict_command(
     subtracted, centre crop or ten patches). When an image sits in a folder named after one of the
     classes (ImageNet's layout), that class is shown as its label and its bar drawn red.
 
-    Example: alexcli predict runs/demo/ckpt-e030.safetensors photo.jpg cat.png --out predictions.png
+    Example: alexcli predict runs/demo/seed0/ckpt-e030.safetensors photo.jpg cat.png --out predictions.png
     """
-    from alexcli.figures import draw_predictions, percent, predict
+    from alexcli.env import device_name
+    from alexcli.figures.plot import percent
+    from alexcli.figures.predict import draw_predictions, predict
 
-    result, pixels = predict(ckpt, [str(i) for i in images], crops=crops, top=top, device=_device(device))
+    result, pixels = predict(ckpt, [str(i) for i in images], crops=crops, top=top, device=device_name(device))
     if fig is not None:
         result["out"] = str(draw_predictions(result, pixels, fig))
     if as_json:
@@ -57,10 +60,10 @@ def predict_command(
 
 
 def kernels_command(
-    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
+    ckpt: Path = ckpt_argument(),
     fig: Path = typer.Option(..., "--out", help="The PNG to write."),
-    scale: int = typer.Option(4, help="Each kernel pixel becomes SCALE x SCALE pixels (nearest neighbour)."),
-    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
+    scale: int = typer.Option(4, min=1, help="Each kernel pixel becomes SCALE x SCALE pixels (nearest neighbour)."),
+    as_json: bool = json_option(),
 ) -> None:
     """The first layer's kernels as one picture (Figure 3).
 
@@ -69,9 +72,9 @@ def kernels_command(
     enlarged. With the paper's two columns (--groups 2), the kernels of column 0 (the first half of
     conv1's outputs) form the upper block and those of column 1 the lower one, in rows of 16.
 
-    Example: alexcli kernels runs/demo/ckpt-e030.safetensors --out kernels.png
+    Example: alexcli kernels runs/demo/seed0/ckpt-e030.safetensors --out kernels.png
     """
-    from alexcli.figures import write_kernels
+    from alexcli.figures.kernels import write_kernels
 
     result = write_kernels(ckpt, fig, scale=scale)
     if as_json:
@@ -85,37 +88,38 @@ def kernels_command(
 
 
 def neighbors_command(
-    ckpt: Path = typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train."),
+    ckpt: Path = ckpt_argument(),
     images: List[Path] = typer.Argument(..., help="Query image files in any format Pillow reads."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data set (default: the one it was trained on)."),
+    data: Optional[Path] = data_option(),
     fig: Optional[Path] = typer.Option(None, "--out", help="Draw each query and its neighbours (Figure 4, right) "
                                                            "into this PNG."),
-    k: int = typer.Option(6, "--k", help="Neighbours per query."),
+    k: int = typer.Option(6, "--k", min=1, help="Neighbours per query."),
     split: str = typer.Option("train", help="The split to search."),
     cache: Optional[Path] = typer.Option(None, help="Where the split's codes are cached "
                                                     "(default: features-<checkpoint>-<split>.safetensors beside it)."),
-    batch: int = typer.Option(128, help="Images per batch while computing the codes."),
-    workers: int = typer.Option(-1, help="Decoding processes (default: a quarter of the cores, one per shard)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    batch: int = typer.Option(128, min=1, help="Images per batch while computing the codes."),
+    workers: int = workers_option(),
+    device: Device = device_option(),
+    as_json: bool = json_option(),
 ) -> None:
     """The training images nearest to each query in the last hidden layer (Figure 4, right).
 
-    Distance is Euclidean between the 4096-d codes of fc7 (after its ReLU; fewer units with
-    --width), taken from the centre crop with the network in eval mode. The training set's codes
-    are computed once and cached beside the checkpoint, as float16 to halve the space (the queries'
-    codes are rounded the same way); the cache is recomputed when the checkpoint or the data set
-    changes.
+    Distance is Euclidean between the codes of the architecture's last hidden layer (AlexNet:
+    fc7 after its ReLU, 4096 numbers at full width; the CIFAR net: local4), taken from the centre
+    crop with the network in eval mode. The training set's codes are computed once and cached
+    beside the checkpoint, as float16 to halve the space (the queries' codes are rounded the same
+    way); the cache is recomputed when the checkpoint or the data set changes.
 
-    Example: alexcli neighbors runs/demo/ckpt-e030.safetensors photo.jpg --data shards/demo --out neighbors.png
+    Example: alexcli neighbors runs/demo/seed0/ckpt-e030.safetensors photo.jpg --data shards/demo --out neighbors.png
     """
-    from alexcli.figures import draw_neighbors, neighbors
+    from alexcli.env import device_name
+    from alexcli.figures.neighbors import draw_neighbors, neighbors
 
-    folder = _data_folder(data, ckpt)
-    with progress(f"codes of {split}") as update:
+    folder = data_folder(data, ckpt)
+    with Reporter() as report:
         result, queries, pictures = neighbors(ckpt, [str(i) for i in images], folder, split=split, k=k,
-                                              device=_device(device), batch=batch, workers=workers, cache=cache,
-                                              progress=update)
+                                              device=device_name(device), batch=batch, workers=workers, cache=cache,
+                                              progress=report)
     if result["features"]["reused"]:
         err.print(f"codes of {result['features']['images']:,} {split} images from {result['features']['cache']}",
                   soft_wrap=True)

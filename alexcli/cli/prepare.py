@@ -5,7 +5,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from alexcli.cli._ui import emit_json, out, progress
+from alexcli.choices import Resample
+from alexcli.cli._ui import Reporter, emit_json, json_option, out
+from alexcli.data.prepare import PrepareConfig as P
 
 
 def render_summary(s: dict) -> None:
@@ -27,19 +29,21 @@ def render_summary(s: dict) -> None:
 def prepare_command(
     src: Path = typer.Argument(..., help="Source tree: SRC/train/<class>/<image>, optionally SRC/val and SRC/test."),
     out_dir: Path = typer.Option(None, "--out", help="Output folder (default: shards/<name of SRC>)."),
-    size: int = typer.Option(256, help="Side of the square images written (section 2: 256). A JPEG that is "
-                                       "already RGB and size x size is copied unchanged (CIFAR at --size 32)."),
-    quality: int = typer.Option(90, help="JPEG quality of the written images."),
-    resample: str = typer.Option("bicubic", help="Resize filter: bicubic, bilinear, lanczos or box."),
-    seed: int = typer.Option(0, help="Seed of the shuffle of training samples across shards."),
-    shard_size: int = typer.Option(1000, help="Samples per shard."),
-    workers: int = typer.Option(0, help="Worker processes (default: all cores)."),
-    holdout: float = typer.Option(0.0, help="Hold out this fraction of each class of train/ as the val split "
-                                            "(for a source without val/, e.g. CIFAR-10's training folder)."),
-    max_pixels: int = typer.Option(89_478_485, help="Reject sources with more pixels than this."),
+    size: int = typer.Option(P.size, min=8, help="Side of the square images written (section 2: 256). A JPEG "
+                                                 "that is already RGB and size x size is copied unchanged (CIFAR at "
+                                                 "--size 32)."),
+    quality: int = typer.Option(P.quality, min=1, max=100, help="JPEG quality of the written images."),
+    resample: Resample = typer.Option(P.resample, help="Resize filter."),
+    seed: int = typer.Option(P.seed, help="Seed of the shuffle of training samples across shards."),
+    shard_size: int = typer.Option(P.shard_size, min=1, help="Samples per shard."),
+    workers: int = typer.Option(P.workers, min=0, help="Worker processes (0: all cores)."),
+    holdout: float = typer.Option(P.holdout, help="Hold out this fraction (0 to 1) of each class of train/ as the "
+                                                  "val split (for a source without val/, e.g. CIFAR-10's training "
+                                                  "folder)."),
+    max_pixels: int = typer.Option(P.max_pixels, min=1, help="Reject sources with more pixels than this."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any file has to be rejected."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different data set in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    as_json: bool = json_option(),
 ) -> None:
     """Resize images to SIZE x SIZE, compute the mean image and RGB PCA, write WebDataset shards.
 
@@ -51,19 +55,13 @@ def prepare_command(
       alexcli prepare /data/imagenet --out shards/imagenet --workers 16
       alexcli prepare /data/cifar10 --size 32 --holdout 0.1 --out shards/cifar10
     """
-    from alexcli.data.image import RESAMPLE
-    from alexcli.data.prepare import PrepareConfig, prepare
-    from alexcli.errors import UsageError
+    from alexcli.data.prepare import prepare
 
-    if resample not in RESAMPLE:
-        raise UsageError(f"--resample {resample!r}: choose one of {', '.join(RESAMPLE)}")
-    if workers < 0:
-        raise UsageError("--workers must be >= 0")
     out_dir = out_dir or Path("shards") / Path(src).resolve().name
-    cfg = PrepareConfig(size=size, quality=quality, resample=resample, max_pixels=max_pixels, seed=seed,
-                        shard_size=shard_size, workers=workers, holdout=holdout, strict=strict, overwrite=overwrite)
-    with progress("prepare") as update:
-        summary = prepare(src, out_dir, cfg, progress=update)
+    cfg = P(size=size, quality=quality, resample=resample, max_pixels=max_pixels, seed=seed, shard_size=shard_size,
+            workers=workers, holdout=holdout, strict=strict, overwrite=overwrite)
+    with Reporter() as report:
+        summary = prepare(src, out_dir, cfg, progress=report)
     if as_json:
         emit_json(summary)
     else:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from alexcli.io import atomic_write
+
 CLASSES = ("disc", "stripes", "checker", "ring", "triangle", "cross", "dots", "waves")
 
 # The broken files every demo set carries, as (split, class index, name, kind).
@@ -120,13 +122,13 @@ def make_demo(root: str | Path, train_per_class: int = 40, val_per_class: int = 
                     counts["grayscale"] += 1
                 else:
                     data = _encode(img, "JPEG", quality=int(rng.integers(75, 96)))
-                (folder / f"{name}_{i:04d}.JPEG").write_bytes(data)
+                atomic_write(folder / f"{name}_{i:04d}.JPEG", data)
                 counts[split] += 1
     if broken:
         good = _encode(_draw(0, rng, 120, 90), "JPEG", quality=90)
         for split, cls, fname, kind in BROKEN:
             data = {"empty": b"", "truncated": good[: len(good) // 2],
                     "text": b"this is not an image\n"}[kind]
-            (root / split / CLASSES[cls] / fname).write_bytes(data)
+            atomic_write(root / split / CLASSES[cls] / fname, data)
             counts["broken"] += 1
     return counts

@@ -126,14 +126,14 @@ def encode(im: Image.Image, p: ImageParams) -> bytes:
 
 # ---------------------------------------------------------------- reading back what was written
 
-def pil_pixels(jpg: bytes):
-    """JPEG bytes -> HxWx3 uint8 torch tensor, decoded by PIL: the reference, and the pixels the
-    network sees (alexcli's loader decodes with the same PIL)."""
+def decode_rgb(jpg: bytes):
+    """Image bytes -> HxWx3 uint8 numpy array (read-only), decoded by PIL: the one decoder of what
+    prepare wrote. The loader, eval, the figures and the statistics' reference all call it, so the network
+    sees exactly the pixels the mean image and PCA were computed on."""
     import numpy as np
-    import torch
 
     with Image.open(io.BytesIO(jpg)) as im:
-        return torch.from_numpy(np.array(im if im.mode == "RGB" else im.convert("RGB")))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def _libjpeg_turbo_op():
@@ -222,10 +222,10 @@ class WrittenJpegDecoder:
 
     def checked(self, jpg: bytes):
         """PIL's pixels, compared with the fast path's while it is on."""
-        ref = pil_pixels(jpg)
-        if self._op is not None:
-            import torch
+        import torch
 
+        ref = torch.from_numpy(decode_rgb(jpg).copy())  # decode_rgb's array is read-only
+        if self._op is not None:
             got = self._fast(jpg)
             if got.shape != ref.shape or not got.is_contiguous() or not torch.equal(got, ref):
                 self._op = None

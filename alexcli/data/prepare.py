@@ -25,17 +25,21 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from alexcli import __version__
+from alexcli.choices import Resample, choice
 from alexcli.data import stats as S
+from alexcli.data.dataset import MANIFEST, shard_name
 from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, convert
 from alexcli.data.scan import Item, Source, hold_out, scan
-from alexcli.env import pil_info
-from alexcli.data.shards import MANIFEST, ShardWriter, sample_key, shard_name, write_json_atomic
+from alexcli.data.tar import ShardWriter, sample_key
+from alexcli.env import cpu_cores, pil_info
 from alexcli.errors import DataError, Interrupted, StrictRejectError, UsageError
+from alexcli.events import Advance, Begin, Progress, ignore
+from alexcli.io import TMP_SUFFIX, write_json, write_safetensors
 
 PLAN_FILE = ".alexcli-prepare.json"
 PARTIAL_DIR = ".partial"
@@ -47,7 +51,7 @@ CHUNK = 32  # images per worker task: small enough to balance 2 workers on a 500
 class PrepareConfig:
     size: int = 256  # section 2: 256x256 images
     quality: int = 90  # JPEG quality of the written images
-    resample: str = "bicubic"
+    resample: Resample = Resample.bicubic  # resize filter
     max_pixels: int = 89_478_485  # larger sources are rejected (Pillow's default limit)
     seed: int = 0  # order of training samples across shards
     shard_size: int = 1000  # samples per shard (~25 MB at 256x256, quality 90)
@@ -56,12 +60,16 @@ class PrepareConfig:
     overwrite: bool = False  # replace a different data set in --out
     holdout: float = 0.0  # fraction of each class of train/ held out as the val split (sources without val/)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resample", choice(Resample, self.resample, "--resample"))
+
     def image_params(self) -> ImageParams:
-        return ImageParams(self.size, self.quality, self.resample, self.max_pixels)
+        return ImageParams(self.size, self.quality, self.resample.value, self.max_pixels)
 
     def output_parameters(self) -> dict:
         """The parameters that decide the output bytes (not workers, strict or overwrite)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("workers", "strict", "overwrite")}
+        return {k: (v.value if k == "resample" else v) for k, v in asdict(self).items()
+                if k not in ("workers", "strict", "overwrite")}
 
 
 # ---------------------------------------------------------------- the plan
@@ -167,15 +175,8 @@ def _load_partial(out: Path, sh: ShardPlan, fingerprint: str) -> dict | None:
 
 
 def _save_partial(out: Path, sh: ShardPlan, fingerprint: str, entry: dict, rejects: list, sums) -> None:
-    from safetensors.numpy import save_file
-
-    path = _partial_path(out, sh)
-    tmp = path.with_name(path.name + ".tmp")
     record = json.dumps({"fingerprint": fingerprint, "entry": entry, "rejected": rejects})
-    save_file(sums or {"none": np.zeros(1)}, str(tmp), metadata={"record": record})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_safetensors(_partial_path(out, sh), sums or {"none": np.zeros(1)}, {"record": record})
 
 
 def _check_out(out: Path, fingerprint: str, cfg: PrepareConfig) -> str:
@@ -205,7 +206,8 @@ def _check_out(out: Path, fingerprint: str, cfg: PrepareConfig) -> str:
 def _clear(out: Path) -> None:
     """Remove what prepare writes (and nothing else) from `out`."""
     for p in out.iterdir():
-        if p.name in (MANIFEST, PLAN_FILE, REJECTED_FILE, S.STATS_FILE) or p.name.endswith((".tar", ".tar.tmp", ".json.tmp")):
+        if p.name in (MANIFEST, PLAN_FILE, REJECTED_FILE, S.STATS_FILE) or p.name.endswith((".tar", ".tar" + TMP_SUFFIX,
+                                                                                           ".json" + TMP_SUFFIX)):
             p.unlink()
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
 
@@ -230,14 +232,10 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
         pool.join()
 
 
-ProgressFn = Callable[[str, int], None]  # ("total", n) once, then ("advance", n) as images finish
-
-
 def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
-            progress: ProgressFn | None = None) -> dict:
+            progress: Progress = ignore) -> dict:
     """Prepare `src` into `out`; returns the summary (also what `--json` prints)."""
     t0 = time.monotonic()
-    progress = progress or (lambda event, n: None)
     if cfg.size < 8 or not 1 <= cfg.quality <= 100 or cfg.shard_size < 1:
         raise UsageError("--size must be >= 8, --quality 1..100 and --shard-size >= 1")
     source = scan(src)
@@ -256,17 +254,17 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
 
     out.mkdir(parents=True, exist_ok=True)
     (out / PARTIAL_DIR).mkdir(exist_ok=True)
-    for stale in out.glob("*.tmp"):  # left by a killed run
+    for stale in out.glob("*" + TMP_SUFFIX):  # left by a killed run
         stale.unlink()
-    write_json_atomic(out / PLAN_FILE, {"fingerprint": fingerprint, "source": str(source.root.resolve()),
+    write_json(out / PLAN_FILE, {"fingerprint": fingerprint, "source": str(source.root.resolve()),
                                         "parameters": cfg.output_parameters()})
     records = {sh.name: _load_partial(out, sh, fingerprint) for sh in shards}
     todo = [sh for sh in shards if records[sh.name] is None]
     total = sum(len(sh.items) for sh in shards)
-    progress("total", total)
-    progress("advance", total - sum(len(sh.items) for sh in todo))
+    progress(Begin("prepare", total))
+    progress(Advance(total - sum(len(sh.items) for sh in todo)))
     n_todo = sum(len(sh.items) for sh in todo)
-    workers = max(1, min(cfg.workers or available_cores(), -(-n_todo // CHUNK)))
+    workers = max(1, min(cfg.workers or cpu_cores(), -(-n_todo // CHUNK)))
 
     by_name = {sh.name: sh for sh in todo}
     remaining = {sh.name: -(-len(sh.items) // CHUNK) for sh in todo}
@@ -282,7 +280,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             rejects.extend(chunk_rejects)
             if sums is not None:
                 S.merge_into(sums, chunk_sums)
-            progress("advance", len(samples) + len(chunk_rejects))
+            progress(Advance(len(samples) + len(chunk_rejects)))
             remaining[sh.name] -= 1
             if remaining[sh.name] == 0:
                 entry = writer.finish()
@@ -303,12 +301,6 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     finally:
         results.close()  # stops the worker pool now, not when the generator is collected
     return _finish(out, source, cfg, shards, records, fingerprint, state, t0, n_todo)
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPlan], records: dict,
@@ -335,7 +327,7 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
     for split, s in splits.items():
         assert s["found"] == s["written"] + s["rejected"], (split, s)  # nothing silently lost
     rejected.sort(key=lambda r: (r["split"], r["path"]))
-    write_json_atomic(out / REJECTED_FILE, rejected)
+    write_json(out / REJECTED_FILE, rejected)
     if cfg.strict and rejected:
         raise StrictRejectError(f"--strict: {len(rejected)} files rejected, listed in {out / REJECTED_FILE}; "
                                 "the shards are kept, rerun without --strict to finish")
@@ -343,9 +335,7 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         raise DataError(f"{source.root}: none of the {splits['train']['found']} training files could be used "
                         f"(reasons in {out / REJECTED_FILE})")
     stats = S.finalize(image_sum, gram, count)
-    tmp = out / (S.STATS_FILE + ".tmp")
-    S.save(tmp, stats, count)
-    os.replace(tmp, out / S.STATS_FILE)
+    S.save(out / S.STATS_FILE, stats, count)
     seconds = time.monotonic() - t0
     summary = {
         "out": str(out),
@@ -380,7 +370,7 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         # What `prepare` printed, minus what differs between runs (so a resumed run's file is the same).
         "summary": {k: v for k, v in summary.items() if k not in ("status", "seconds", "images_per_s")},
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     (out / PLAN_FILE).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
     return summary

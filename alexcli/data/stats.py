@@ -144,12 +144,12 @@ def finalize(image_sum: np.ndarray, gram_sum, count: int) -> dict[str, np.ndarra
 
 
 def save(path, stats: dict[str, np.ndarray], count: int) -> None:
-    from safetensors.numpy import save_file
+    from alexcli.io import write_safetensors
 
     h, w = stats["mean_image"].shape[1:]
     meta = {"scale": "0-1", "image_count": str(count), "pixel_count": str(count * h * w),
             "covariance": "population, over all pixels of all training images"}
-    save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.items()}, str(path), metadata=meta)
+    write_safetensors(path, {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.items()}, meta)
 
 
 def load(path) -> dict[str, np.ndarray]:

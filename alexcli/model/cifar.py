@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexcli.errors import UsageError
-from alexcli.model.alexnet import output_side
+from alexcli.model.registry import output_side
 
 CONV_MAPS = (64, 64)
 LOCAL_MAPS = (32, 32)
@@ -81,12 +81,10 @@ class LocallyConnected2d(nn.Module):
 
 class CifarNet(nn.Module):
     """Two conv+pool stages, two locally connected layers, a softmax layer (see the module doc).
-    Build with `alexcli.model.alexnet.build_model(Arch(name="cifar-local", ...))`."""
+    Build with `alexcli.model.build_model(make_arch("cifar-local", ...))`."""
 
     def __init__(self, arch, factories: dict):
         super().__init__()
-        if arch.init not in INITS:
-            raise UsageError(f"--init for {arch.name} must be one of {', '.join(INITS)}, not {arch.init!r}")
         self.arch = arch
         act, norm, pool = factories["activation"], factories["norm"], factories["pool"]
         c1, c2 = (max(1, round(c * arch.width)) for c in CONV_MAPS)
@@ -132,6 +130,8 @@ class CifarNet(nn.Module):
 def init_cifar(model: CifarNet, preset: str) -> None:
     """`convnet`: cuda-convnet's initW per layer, biases 0. `kaiming`: He-normal weights scaled for
     the 0..255 input of conv1, biases 0."""
+    if preset not in INITS:
+        raise ValueError(f"unknown cifar-local init preset {preset!r}")
     for name in ("conv1", "conv2", "local3", "local4", "fc10"):
         layer = getattr(model, name)
         if preset == "convnet":
@@ -151,3 +151,4 @@ def cifar_local(arch, factories: dict) -> CifarNet:
 cifar_local.defaults = DEFAULTS
 cifar_local.inits = INITS
 cifar_local.stages = ("conv1", "pool1", "conv2", "pool2", "local3", "local4", "fc10")
+cifar_local.feature_layer = "local4 (after its activation)"

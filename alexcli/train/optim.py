@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from alexcli.choices import ScheduleKind, choice
 from alexcli.errors import UsageError
-
-MOMENTUM = 0.9        # section 5
-WEIGHT_DECAY = 5e-4   # section 5
-BASE_LR = 0.01        # section 5
-LR_DROP = 10.0        # section 5: "divide the learning rate by 10"
-MAX_DROPS = 3         # section 5: "reduced three times prior to termination"
+from alexcli.train.config import BASE_LR, LR_DROP, MAX_DROPS, MOMENTUM, WEIGHT_DECAY
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -64,15 +60,13 @@ class Schedule:
     State is a small dict, saved with the trainer state so a resumed run continues exactly."""
 
     def __init__(self, kind: str = "plateau", base_lr: float = BASE_LR, patience: int = 3,
-                 steps: tuple[int, ...] = (), max_drops: int = MAX_DROPS, min_delta: float = 0.0):
-        if kind not in ("plateau", "steps"):
-            raise UsageError(f"--schedule must be plateau or steps, not {kind!r}")
+                 steps: tuple[int, ...] = (), max_drops: int = MAX_DROPS):
+        kind = choice(ScheduleKind, kind, "--schedule").value
         if kind == "steps" and not steps:
             raise UsageError("--schedule steps needs --lr-steps, e.g. --lr-steps 30,60,80")
         if patience < 1:
             raise UsageError(f"--patience must be at least 1, not {patience}")
-        self.kind, self.patience, self.steps = kind, patience, tuple(sorted(steps))
-        self.max_drops, self.min_delta = max_drops, min_delta
+        self.kind, self.patience, self.steps, self.max_drops = kind, patience, tuple(sorted(steps)), max_drops
         self.lr, self.drops, self.best, self.bad_epochs = base_lr, 0, float("inf"), 0
 
     def end_epoch(self, epoch: int, val_error: float | None) -> bool:
@@ -83,7 +77,7 @@ class Schedule:
             return False
         if val_error is None:
             return False
-        if val_error < self.best - self.min_delta:
+        if val_error < self.best:
             self.best, self.bad_epochs = val_error, 0
             return False
         self.bad_epochs += 1
@@ -98,9 +92,10 @@ class Schedule:
         return True
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("kind", "patience", "steps", "max_drops", "min_delta",
-                                               "lr", "drops", "best", "bad_epochs")}
+        return {k: getattr(self, k) for k in ("kind", "patience", "steps", "max_drops", "lr", "drops", "best",
+                                               "bad_epochs")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
-            setattr(self, k, tuple(v) if k == "steps" else v)
+            if k != "min_delta":  # trainer states of earlier versions carry an unused min_delta
+                setattr(self, k, tuple(v) if k == "steps" else v)

@@ -19,19 +19,14 @@ except md.PackageNotFoundError:
                 allow_module_level=True)
 
 import alexcli_batchnorm
-from alexcli import plugins
-from alexcli.model.alexnet import Arch, build_model
+from alexcli.model.registry import Arch, build_model
+from alexcli.testing import check_norm, registry  # noqa: F401  (registry is a pytest fixture)
 
 EPS = 1e-5  # BatchNorm2d's default
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    """A fresh registry that loads every installed package, whatever the caller's environment."""
-    monkeypatch.delenv(plugins.ENV_LOAD, raising=False)
-    plugins.reset()
-    yield plugins
-    plugins.reset()
+def test_fits_the_norm_contract():
+    check_norm(alexcli_batchnorm.batchnorm)
 
 
 def batch(seed: int = 0, n: int = 8, c: int = 6, side: int = 5) -> torch.Tensor:

@@ -14,7 +14,7 @@ image, on the whole batch at once on the training device.
 - Value: 0. After `mean` that is the data set's mean image, i.e. "no information", as the
   paper intends for normalised inputs; place `cutout` after `mean` in `--augment`.
 - Randomness: two integers per image, drawn on the CPU from the `torch.Generator` alexcli passes
-  in (rows first, then columns), then moved with `alexcli.augment.to_device` (pinned, no host
+  in (rows first, then columns), then moved with `alexcli.transforms.to_device` (pinned, no host
   stall) to the images' device, so CPU and GPU runs cut the
   same patches and `--seed` decides them all.
 """
@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from alexcli.augment import to_device
+from alexcli.transforms import to_device
 
 __all__ = ["SIDE_FRACTION", "cutout", "cutout_with", "cutout_at", "draw_centres"]
 

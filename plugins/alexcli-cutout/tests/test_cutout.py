@@ -17,16 +17,15 @@ except md.PackageNotFoundError:
                 allow_module_level=True)
 
 import alexcli_cutout
-from alexcli import augment, plugins
-from alexcli.augment import AugmentContext
+from alexcli import transforms
+from alexcli.specs import AugmentContext
+from alexcli.testing import check_augmentation, context, registry  # noqa: F401  (registry is a pytest fixture)
 
 CROP = 32
 
 
-def context(crop: int = CROP, full: int = 40) -> AugmentContext:
-    g = torch.Generator().manual_seed(123)
-    return AugmentContext(crop=crop, mean_image=torch.rand(3, full, full, generator=g),
-                          eigval=torch.tensor([0.2, 0.02, 0.005]), eigvec=torch.linalg.qr(torch.randn(3, 3, generator=g))[0])
+def test_fits_the_augmentation_contract():
+    check_augmentation(alexcli_cutout.cutout, context(crop=CROP, full=40))
 
 
 def images(n: int = 16, side: int = CROP, seed: int = 0) -> torch.Tensor:
@@ -123,22 +122,14 @@ def test_gpu_batch_cuts_the_same_squares_as_cpu():
     torch.testing.assert_close(run(x.cuda(), 4).cpu(), run(x, 4), rtol=0, atol=0)
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    """A fresh registry that loads every installed package, whatever the caller's environment."""
-    monkeypatch.delenv(plugins.ENV_LOAD, raising=False)
-    plugins.reset()
-    yield plugins
-    plugins.reset()
-
 
 def test_registry_finds_it_and_the_pipeline_runs_it(registry):
     info = registry.info("augmentation", "cutout")
     assert info.package == "alexcli-cutout" and info.version == DIST.version and not info.builtin
     assert registry.get("augmentation", "cutout") is alexcli_cutout.cutout
-    names = augment.parse("mean,crop,flip,pca,cutout")
+    names = transforms.parse("mean,crop,flip,pca,cutout")
     ctx = context(crop=CROP, full=40)
-    pipeline, used = augment.build(names, ctx)
+    pipeline, used = transforms.build(names, ctx)
     assert used["cutout"] == {"name": "cutout", "package": "alexcli-cutout", "version": DIST.version}
     assert used["mean"]["package"] == "alexcli"
     x = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(5))

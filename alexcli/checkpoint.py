@@ -9,8 +9,9 @@ state-eNNN.safetensors  momentum buffers (velocity.<param>)
 state-eNNN.json         step, schedule, seeds, data position, the run's settings; written last,
                         so its presence marks a complete epoch for --resume
 
-Every file is written to NAME.tmp, flushed and renamed: a kill leaves either the old file or the
-new one, never half of one under the final name. Nothing here unpickles anything.
+Every file is written through `alexcli.io` (NAME.tmp, fsync, rename): a kill leaves either the old
+file or the new one, never half of one under the final name. Nothing here unpickles anything.
+Train, experiment, eval and the figures all read and write checkpoints through this module.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from alexcli import __version__
 from alexcli.errors import DataError
+from alexcli.io import write_json, write_safetensors
 
 FORMAT = "alexcli-checkpoint"
 FORMAT_VERSION = 1
@@ -49,35 +51,24 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; checkpoints are meant to be shared
-    os.replace(tmp, path)
-
-
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8"))
-
-
 def stats_tensors(stats: dict) -> dict[str, torch.Tensor]:
     """The data set's mean image and PCA as a checkpoint stores them (its `data.*` tensors)."""
     return {k: stats[k].float() for k in ("mean_image", "pca_eigval", "pca_eigvec")}
+
+
+def training_meta(*, arch, variants: dict, augment: dict, split, manifest: dict, parameters: int,
+                  train_images: int | None = None, **extra) -> dict:
+    """The metadata every checkpoint carries, from what built and fed the network: ARCH, the
+    provenance of its VARIANTS and of each AUGMENT step (name -> provenance, in order), and the
+    training SPLIT with its MANIFEST (TRAIN_IMAGES when only part of it was used). EXTRA adds the
+    producer's own fields (epoch, metrics, config, ...)."""
+    from alexcli.data.dataset import class_names
+
+    data = {"folder": str(Path(split.folder).resolve()), "size": split.size,
+            "train_images": split.samples if train_images is None else train_images}
+    return {"arch": arch.to_dict(), "variants": {**variants, **{f"augment:{k}": v for k, v in augment.items()}},
+            "augment": list(augment), "classes": list(split.classes), "class_names": class_names(manifest),
+            "data": data, "parameters": parameters, "init": arch.init, **extra}
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], data: dict[str, torch.Tensor],
@@ -87,7 +78,7 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], data: dict[
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, alexcli_version=__version__,
                 sha256=digest(tensors))
-    save_safetensors(path, tensors, {"alexcli": json.dumps(meta)})
+    write_safetensors(path, tensors, {"alexcli": json.dumps(meta)})
 
 
 class Checkpoint:
@@ -150,8 +141,8 @@ def latest_complete_epoch(run: Path) -> int | None:
 
 def save_trainer_state(run: Path, epoch: int, velocity: dict[str, torch.Tensor], state: dict) -> None:
     tensors_name, json_name = state_names(epoch)
-    save_safetensors(run / tensors_name, {f"velocity.{k}": v for k, v in velocity.items()},
-                     {"alexcli": json.dumps({"format": "alexcli-trainer-state", "epoch": epoch})})
+    write_safetensors(run / tensors_name, {f"velocity.{k}": v for k, v in velocity.items()},
+                      {"alexcli": json.dumps({"format": "alexcli-trainer-state", "epoch": epoch})})
     write_json(run / json_name, dict(state, epoch=epoch, alexcli_version=__version__))
 
 
@@ -202,7 +193,7 @@ def check_variants(meta: dict, path) -> None:
 
 def load_model(path: str | os.PathLike, device="cpu"):
     """The network of a checkpoint, rebuilt from its metadata alone, in eval mode; and the checkpoint."""
-    from alexcli.model.alexnet import Arch, build_model
+    from alexcli.model.registry import Arch, build_model
 
     ckpt = load_checkpoint(path)
     check_variants(ckpt.meta, ckpt.path)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
+from alexcli.data.dataset import open_split
+from alexcli.data.stream import decode_batch
+from alexcli.data.tar import read_samples
 from alexcli.errors import UsageError
-from alexcli.train import loader
+from alexcli.events import Advance, Begin, Progress, ignore
 
 MAX_SHARE_OF_MEMORY = 0.5  # refuse a split that would take more than this share of free memory
 
@@ -41,12 +42,11 @@ def _free_bytes() -> int | None:
         return None
 
 
-def load_split(folder, split: str, *, limit: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> InMemory:
-    """The first LIMIT samples (0: all) of SPLIT in shard order, decoded with PIL as the streaming
-    loader decodes them. prepare shuffles the training split before sharding, so its first LIMIT
-    samples are a random subset."""
-    s = loader.open_split(folder, split)
+def load_split(folder, split: str, *, limit: int = 0, progress: Progress = ignore) -> InMemory:
+    """The first LIMIT samples (0: all) of SPLIT in shard order, decoded as the shard stream decodes
+    them. prepare shuffles the training split before sharding, so its first LIMIT samples are a
+    random subset."""
+    s = open_split(folder, split)
     n = min(limit, s.samples) if limit > 0 else s.samples
     need = n * 3 * s.size * s.size
     free = _free_bytes()
@@ -57,20 +57,20 @@ def load_split(folder, split: str, *, limit: int = 0,
     images = torch.empty(n, s.size, s.size, 3, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     done, chunk, jpgs = 0, 1024, []
+    progress(Begin(f"decode {split} into memory", n))
 
     def flush():
         nonlocal done, jpgs
         if jpgs:
-            images[done:done + len(jpgs)] = loader.decode_batch([j for j, _ in jpgs]).permute(0, 2, 3, 1)
+            images[done:done + len(jpgs)] = decode_batch([j for j, _ in jpgs]).permute(0, 2, 3, 1)
             labels[done:done + len(jpgs)] = torch.tensor([c for _, c in jpgs])
             done += len(jpgs)
+            progress(Advance(len(jpgs)))
             jpgs = []
-            if progress:
-                progress(done, n)
 
     for entry in s.shards:
-        for jpg, cls in loader._samples(s, entry):
-            jpgs.append((jpg, cls))
+        for sample in read_samples(s.path(entry), entry["samples"]):
+            jpgs.append((sample.jpg, sample.label))
             if done + len(jpgs) == n:
                 break
             if len(jpgs) == chunk:

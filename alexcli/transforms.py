@@ -1,48 +1,22 @@
-"""Augmentations on whole batches on the training device (section 4.1), chosen by registry name.
+"""What happens to a batch of images between the loader and the network, in training and in test.
 
-The loader only decodes: it hands over uint8 256x256 images, `to_float` scales them to 0..1 on
-the device, and the pipeline named by `--augment` (default `mean,crop,flip,pca`) runs there.
-
-A plugin registers a factory in the `alexcli.augmentations` entry-point group:
-
-    factory(ctx: AugmentContext) -> augment(x: Tensor, gen: torch.Generator) -> Tensor
-
-`x` is a float32 batch (N, 3, H, W) on the training device, pixel values on the 0..1 scale.
-`gen` is a CPU generator: draw the (few) random numbers on the CPU with it and move them with
-`to_device(t, x)`, so a run gives the same images on CPU and GPU, follows `--seed` exactly, and
-does not stall the host (see to_device).
+The stream only decodes: it hands over uint8 images (256x256 by default); `to_float` scales them
+to 0..1 on the device. In training the pipeline named by `--augment` (default `mean,crop,flip,pca`:
+sections 2 and 4.1; each a registered `alexcli.augmentations` factory, see `alexcli.specs`) runs on
+whole batches there; in test `model_input` subtracts the mean and takes the centre patch or section
+4.1's ten patches. Augmentations draw their random numbers on the CPU from a seeded generator and
+move them with `to_device`, so a run gives the same images on CPU and GPU and follows `--seed`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from alexcli import plugins
 from alexcli.errors import UsageError
+from alexcli.specs import Augment, AugmentContext
 
-DEFAULT_AUGMENT = ("mean", "crop", "flip", "pca")
 PCA_STD = 0.1  # section 4.1: alpha ~ N(0, 0.1), drawn once per image per pass
-
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-@dataclass
-class AugmentContext:
-    """What an augmentation may need, from the data set's stats.safetensors (0..1 pixel scale)."""
-
-    crop: int                  # side of the network's input (224)
-    mean_image: torch.Tensor   # (3, S, S) float32 on the device
-    eigval: torch.Tensor       # (3,) eigenvalues of the RGB covariance, descending
-    eigvec: torch.Tensor       # (3, 3) eigenvectors in columns
-
-    @classmethod
-    def from_stats(cls, stats: dict, crop: int, device) -> "AugmentContext":
-        """The context for a data set's statistics (as loader.load_data_stats gives them) on DEVICE."""
-        return cls(crop=crop, mean_image=stats["mean_image"].float().to(device),
-                   eigval=stats["pca_eigval"].float().to(device), eigvec=stats["pca_eigvec"].float().to(device))
 
 
 def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -55,7 +29,9 @@ def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32 on the 0..1 scale the statistics use."""
+    """uint8 (N, 3, H, W) -> a new float32 tensor on the 0..1 scale the statistics use."""
+    if images.dtype != torch.uint8:  # .float() of a float tensor is the tensor itself: div_ would change it
+        raise TypeError(f"to_float takes uint8 images, not {images.dtype}")
     return images.float().div_(255.0)
 
 
@@ -132,6 +108,20 @@ def pca(ctx: AugmentContext) -> Augment:
     return run
 
 
+# --- test patches ---
+
+def model_input(x: torch.Tensor, mean_image: torch.Tensor | None, crop: int, crops: str = "center") -> torch.Tensor:
+    """Float 0..1 images (N, 3, S, S) -> the network's test input: (N, 3, crop, crop), or
+    (N*10, 3, crop, crop) with crops="ten" (each image's ten patches consecutive)."""
+    if mean_image is not None:
+        x = subtract_mean(x, mean_image)
+    if crops == "ten":
+        return ten_crops(x, crop).flatten(0, 1)
+    return center_crop(x, crop)
+
+
+# --- the training pipeline ---
+
 def parse(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
@@ -142,11 +132,8 @@ def parse(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def build(names: list[str], ctx: AugmentContext) -> tuple[Augment, dict]:
     """The pipeline for NAMES in order, and the provenance of each (for the checkpoint)."""
-    steps, used = [], {}
-    for n in names:
-        info = plugins.info("augmentation", n)
-        steps.append(plugins.get("augmentation", n)(ctx))
-        used[n] = {"name": n, "package": info.package, "version": info.version}
+    steps = [plugins.get("augmentation", n)(ctx) for n in names]
+    used = {n: plugins.info("augmentation", n).provenance() for n in names}
 
     def pipeline(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         for step in steps:

@@ -1,0 +1,227 @@
+"""Batches from a prepared split: the one shard stream behind train, eval, experiment and neighbors.
+
+The stream only reads and decodes: each sample's JPEG becomes a uint8 (3, H, W) image and the
+batch goes to the device, where `alexcli.transforms` crops, flips, adds colour noise and subtracts
+the mean (section 4.1 on whole batches, as airbench and FFCV do).
+
+Training order is a pure function of (seed, epoch, rank, worker): shards are dealt to
+rank x worker slots from a per-epoch permutation, each slot cycles over its shards with a seeded
+buffer shuffle, and every rank takes exactly `steps_per_epoch` batches. So every rank runs the
+same number of steps (no DDP hang at an epoch end), and a run resumed at an epoch boundary reads
+exactly what the uninterrupted run read. Evaluation reads each shard of a slot once, in order.
+Each shard's sample count is checked against dataset.json as it is read: a shard cut short is an
+error naming it, never a silent short epoch. An error in a loader process travels to the main
+process as a value and is raised there as one DataError, not a DataLoader traceback.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alexcli.data.dataset import Split
+from alexcli.data.image import decode_rgb
+from alexcli.data.tar import read_samples
+from alexcli.env import cpu_cores
+from alexcli.errors import DataError
+
+SHUFFLE_BUFFER = 2000  # samples held for the in-worker shuffle (about 20 KB of JPEG each at 256x256)
+MAX_GPU_LOADER_WORKERS = 8
+
+
+class Where(NamedTuple):
+    """Where a keyed batch's images come from: one shard, consecutive positions in it."""
+
+    shard: int                # index into split.shards
+    positions: torch.Tensor   # (B,) int64, position of each sample in its shard
+    keys: list                # the samples' keys
+
+
+class _Failure:
+    """An error found in a loader process, carried to the main process as a value."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def decode_batch(jpgs: list[bytes]) -> torch.Tensor:
+    """JPEG bytes -> uint8 (B, 3, H, W), each decoded by `decode_rgb` (pillow-simd, the pixels
+    prepare's statistics were computed on) straight into the batch. The memory is (B, H, W, 3), so
+    the result has channels-last strides (what `--channels-last` wants on a GPU; `.contiguous()`
+    gives NCHW)."""
+    out = arr = None
+    for i, jpg in enumerate(jpgs):
+        a = decode_rgb(jpg)
+        if out is None:
+            out = torch.empty(len(jpgs), *a.shape, dtype=torch.uint8)
+            arr = out.numpy()
+        if a.shape != arr.shape[1:]:
+            raise DataError(f"images of different sizes in one batch ({a.shape[1]}x{a.shape[0]} and "
+                            f"{arr.shape[2]}x{arr.shape[1]}): not a prepared data set")
+        arr[i] = a
+    return out.permute(0, 3, 1, 2)
+
+
+def pack(jpgs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of undecoded JPEGs as one uint8 tensor and the offsets of each (for --decode device)."""
+    offsets = torch.tensor([0] + [len(j) for j in jpgs]).cumsum(0)
+    return torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8), offsets
+
+
+def images_on(images, device, non_blocking: bool = True) -> torch.Tensor:
+    """uint8 (B, 3, H, W) images on DEVICE, from a decoded batch or from pack()ed JPEGs, which are
+    decoded there: with nvJPEG on a GPU (torchvision.io.decode_jpeg), so the loader's processes
+    only read and shuffle. nvJPEG's pixels are not PIL's (which prepare's statistics used): on 128
+    ImageNet photos 34% of the values differ, by 0.84 levels on average and up to 77 (chroma
+    upsampling; docs/design.md)."""
+    if not isinstance(images, (tuple, list)):
+        return images.to(device, non_blocking=non_blocking)
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data, offsets = images
+    parts = [data[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 marks its image codecs deprecated
+        decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=torch.device(device))
+    return torch.stack(decoded)
+
+
+def _buffer_shuffle(items: Iterator, rng: random.Random, size: int) -> Iterator:
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(IterableDataset):
+    """Batches (uint8 images (B, 3, H, W), int64 labels (B,)) from one rank's share of a split.
+
+    train=True: shuffled, endless (the caller takes `steps_per_epoch` batches); train=False: each
+    shard of this rank once, in order, the last batch possibly short. keyed=True (evaluation only):
+    a batch never spans two shards and comes with its `Where`, as a third element."""
+
+    def __init__(self, split: Split, batch: int, *, train: bool, rank: int = 0, world: int = 1,
+                 seed: int = 0, epoch: int = 0, buffer: int = SHUFFLE_BUFFER, decode: str = "cpu",
+                 keyed: bool = False):
+        if keyed and train:
+            raise ValueError("keyed batches are for evaluation (train=False)")
+        self.split, self.batch, self.train, self.decode, self.keyed = split, batch, train, decode, keyed
+        self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + wid, self.world * workers
+
+    def _shard(self, i: int):
+        entry = self.split.shards[i]
+        return read_samples(self.split.path(entry), entry["samples"])
+
+    def _train_samples(self, slot: int, slots: int):
+        order = list(range(len(self.split.shards)))
+        random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
+        mine = order[slot::slots]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{slots}")
+        while True:  # cycle: a slot whose shards run out keeps going until the rank has its steps
+            rng.shuffle(mine)
+            for i in mine:
+                for s in self._shard(i):
+                    yield i, 0, s
+
+    def _eval_samples(self, slot: int, slots: int):
+        for i in range(slot, len(self.split.shards), slots):
+            for pos, s in enumerate(self._shard(i)):
+                yield i, pos, s
+
+    def _batch(self, buf: list):
+        jpgs = [s.jpg for _, _, s in buf]
+        images = decode_batch(jpgs) if self.decode == "cpu" else pack(jpgs)
+        labels = torch.tensor([s.label for _, _, s in buf])
+        if not self.keyed:
+            return images, labels
+        return images, labels, Where(buf[0][0], torch.tensor([p for _, p, _ in buf]), [s.key for _, _, s in buf])
+
+    def __iter__(self):
+        if get_worker_info() is not None:  # a decoding process: leave the cores to the others
+            torch.set_num_threads(1)
+        slot, slots = self._slot()
+        if self.train:
+            items = _buffer_shuffle(self._train_samples(slot, slots),
+                                    random.Random(f"{self.seed}/{self.epoch}/{slot}/buffer"), self.buffer)
+        else:
+            items = self._eval_samples(slot, slots)
+        buf = []
+        try:
+            for item in items:
+                if buf and self.keyed and item[0] != buf[0][0]:  # a keyed batch stays within its shard
+                    yield self._batch(buf)
+                    buf = []
+                buf.append(item)
+                if len(buf) == self.batch:
+                    yield self._batch(buf)
+                    buf = []
+            if buf:
+                yield self._batch(buf)
+        except DataError as exc:
+            yield _Failure(str(exc))
+        except (OSError, ValueError) as exc:  # PIL on a corrupt JPEG
+            yield _Failure(f"{self.split.folder}: undecodable image in a {self.split.name} shard ({exc})")
+
+
+def steps_per_epoch(split: Split, batch: int, world: int) -> int:
+    """Batches every rank takes per epoch: the paper's epoch is one pass over the training set."""
+    return max(1, split.samples // (batch * world))
+
+
+def check_slots(split: Split, world: int, workers: int) -> None:
+    if len(split.shards) < world * max(1, workers):
+        raise DataError(f"{split.folder}: {len(split.shards)} {split.name} shards cannot feed {world} rank(s) x "
+                        f"{max(1, workers)} loader worker(s); use fewer --loader-workers or prepare with a "
+                        f"smaller --shard-size")
+
+
+def loader_workers(split: Split, world: int, device_type: str, requested: int = -1) -> int:
+    """Decoding processes per rank: REQUESTED when it is 0 or more; by default, on a GPU all cores
+    but one per rank (at most 8), on the CPU a quarter of them, since the model's arithmetic needs
+    the rest (on 2 cores, decoding in the main process was twice as fast as 2 workers); never more
+    than there are shards per rank."""
+    if requested >= 0:
+        return requested
+    cores = max(1, cpu_cores() // world)
+    wanted = min(MAX_GPU_LOADER_WORKERS, cores - 1) if device_type == "cuda" else cores // 4
+    return max(0, min(wanted, len(split.shards) // world))
+
+
+def batches(split: Split, batch: int, *, train: bool, workers: int, rank: int = 0, world: int = 1,
+            seed: int = 0, epoch: int = 0, pin: bool = False, limit: int | None = None,
+            decode: str = "cpu", keyed: bool = False) -> Iterator:
+    """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch).
+    decode="device" yields pack()ed JPEGs for images_on() to decode on the training device."""
+    if train:
+        check_slots(split, world, workers)
+    stream = ShardStream(split, batch, train=train, rank=rank, world=world, seed=seed, epoch=epoch, decode=decode,
+                         keyed=keyed)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    it = iter(loader)
+    try:
+        n = 0
+        for item in it:
+            if isinstance(item, _Failure):
+                raise DataError(item.message)
+            yield item
+            n += 1
+            if limit is not None and n >= limit:
+                break
+    finally:
+        del it  # stops the workers of an endless training stream

@@ -1,0 +1,4 @@
+"""`alexcli experiment`: the paper's CIFAR-10 side experiments, rerun on a prepared data set held
+in memory. `plans` says what each compares (and imports no torch), `fit` trains one net with
+alexcli's training step, `run` sweeps, repeats over seeds, keeps every finished fit and writes
+the summary."""

@@ -1,0 +1,104 @@
+"""What every picture shares: the PNG rule, matplotlib without a screen, atomic saving; and the
+two plots of runs: a training run's curves and an experiment's figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alexcli.errors import UsageError
+from alexcli.io import atomic_write
+
+
+def check_png(out) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: pictures are written as PNG; give a name ending in .png")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give a file name ending in .png")
+    return out
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out: Path, dpi: int = 100) -> Path:
+    """FIG as a PNG at OUT (its folder made), atomically; the figure is closed either way."""
+    plt = pyplot()
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
+def save_png(pixels, out: Path) -> Path:
+    """An HxWx3 uint8 array as a PNG at OUT, atomically (pixels exact, no resampling)."""
+    from PIL import Image
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+
+
+def short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "\u2026"
+
+
+def percent(p: float) -> str:
+    """A probability as the tables and figures show it: one decimal, "<0.1%" below that."""
+    return "<0.1%" if p < 0.0005 else f"{p:.1%}"
+
+
+def write_curves(out: Path, rows: list[dict]) -> Path:
+    """A training run's curves.png: loss and top-1/top-5 error per epoch (train and val)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    epochs = [m["epoch"] for m in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [m["train_loss"] for m in rows], marker="o", label="train")
+    if rows and rows[0].get("val_loss") is not None:
+        a.plot(epochs, [m["val_loss"] for m in rows], marker="o", label="val")
+    a.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    a.legend()
+    b.plot(epochs, [m["train_top1_error"] for m in rows], marker="o", label="train top-1")
+    if rows and rows[0].get("val_top1_error") is not None:
+        b.plot(epochs, [m["val_top1_error"] for m in rows], marker="o", label="val top-1")
+        b.plot(epochs, [m["val_top5_error"] for m in rows], marker="o", label="val top-5")
+    b.set(xlabel="epoch", ylabel="error", title="error", ylim=(0, 1))
+    b.legend()
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def experiment_figure(name: str, runs: dict, epochs: int, target: float, out: Path) -> Path:
+    """An experiment's figure: per variant (solid, then dashed) and seed (fainter), the training
+    error (relu-vs-tanh, Figure 1, with the target line) or the test error (lrn) per epoch."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    styles = {0: "-", 1: "--"}
+    key = "train_error" if name == "relu-vs-tanh" else "test_error"
+    for i, (label, rs) in enumerate(runs.items()):
+        for k, r in enumerate(rs):
+            h = r["history"]
+            xs = [0] + [row["epoch"] for row in h if key in row]
+            ys = [1 - 1 / r["arch"]["num_classes"]] + [row[key] for row in h if key in row]  # epoch 0: chance
+            ax.plot(xs, ys, styles.get(i, ":"), color="black" if i == 0 else "tab:gray",
+                    alpha=1.0 if k == 0 else 0.4, label=f"{label} (lr {r['lr']:g})" if k == 0 else None)
+    if name == "relu-vs-tanh":
+        ax.axhline(target, color="tab:red", lw=0.8)
+        ax.set(ylabel="training error rate", title="Figure 1: ReLU (solid) vs tanh (dashed)")
+    else:
+        ax.set(ylabel="test error rate (centre patch)", title=f"{runs and list(runs)[0]} (solid) vs none (dashed)")
+    ax.set(xlabel="epochs", ylim=(0, 0.9), xlim=(0, epochs))
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out, dpi=110)

@@ -1,0 +1,120 @@
+"""From a name to a network: building the `Arch` every checkpoint stores from the registry.
+
+An architecture factory (see `alexcli.specs.ArchitectureFactory`) reads the Arch fields it needs;
+the ones it sets otherwise than AlexNet are its `defaults`, so `make_arch("cifar-local")` is that
+net's own configuration. Layer variants come from the registry by name, or are given directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from alexcli import plugins
+from alexcli.errors import UsageError
+from alexcli.model.arch import Arch, arch_defaults  # noqa: F401  (Arch belongs with its builder)
+from alexcli.specs import LAYER_KINDS, LayerFactories
+
+# `--layer KIND=NAME`: the kinds by name, and the short alias kept for `act`.
+LAYER_ALIASES = {"act": "activation"}
+
+
+def architecture(name: str):
+    """The registered factory of architecture NAME (checked against its contract)."""
+    return plugins.get("architecture", name)
+
+
+def make_arch(name: str = "alexnet", **fields) -> Arch:
+    """An Arch for registry name NAME: its defaults, then FIELDS (those given as None are left out)."""
+    return Arch(name=name, **{**arch_defaults(name), **{k: v for k, v in fields.items() if v is not None}})
+
+
+def check_init(arch: Arch) -> None:
+    inits = architecture(arch.name).inits
+    if arch.init not in inits:
+        raise UsageError(f"--init for {arch.name} must be one of {', '.join(inits)}, not {arch.init!r}")
+
+
+def with_layers(arch: Arch, specs: list[str]) -> Arch:
+    """Apply `--layer KIND=NAME` options (KIND: activation (or act), norm, pool) to an Arch."""
+    changes = {}
+    for spec in specs:
+        kind, sep, name = spec.partition("=")
+        kind = LAYER_ALIASES.get(kind, kind)
+        if not sep or kind not in LAYER_KINDS or not name:
+            raise UsageError(f"--layer {spec!r}: expected KIND=NAME with KIND one of {', '.join(LAYER_KINDS)} "
+                             f"(or act)")
+        plugins.info(kind, name)  # an unknown variant fails here, naming the ones there are
+        changes[kind] = name
+    return dataclasses.replace(arch, **changes)
+
+
+def resolve_layers(arch: Arch, layers: LayerFactories | None = None) -> tuple[dict, dict]:
+    """The layer factories for ARCH's variants (LAYERS, by kind, overrides a name with a factory
+    given directly), and the provenance of each registered one for the checkpoint."""
+    factories, used = {}, {}
+    for kind in LAYER_KINDS:
+        given = (layers or {}).get(kind)
+        factories[kind] = plugins.resolve(kind, given if given is not None else getattr(arch, kind))
+        if given is None:
+            used[kind] = plugins.info(kind, getattr(arch, kind)).provenance()
+    return factories, used
+
+
+def build_model(arch: Arch, layers: LayerFactories | None = None) -> tuple[nn.Module, dict]:
+    """The network for ARCH and the provenance (name, package, version) of its architecture and
+    layer variants, as checkpoints record them. LAYERS may give a kind's factory directly (a class
+    such as nn.BatchNorm2d, or a function) instead of the registered name in ARCH."""
+    arch.validate()
+    factory = architecture(arch.name)
+    check_init(arch)
+    factories, used = resolve_layers(arch, layers)
+    used = {"architecture": plugins.info("architecture", arch.name).provenance(), **used}
+    return factory(arch, factories), used
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_side(module: nn.Module, stack, crop: int) -> int:
+    """Side of STACK's output for a crop x crop input, found by running it on zeros in eval mode
+    (in train mode the probe would update a batch norm plugin's running statistics); 0 when a
+    pooling window outgrows its input. For architectures sizing their first FC layer."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            x = stack(torch.zeros(1, 3, crop, crop))
+    except RuntimeError:  # a pooling window larger than its input
+        return 0
+    finally:
+        module.train(was_training)
+    return x.shape[-1]
+
+
+def shapes(model: nn.Module, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Output shape after each of the architecture's `stages`, for tests and `train --dry-run`."""
+    out, hooks = {}, []
+    for name in architecture(model.arch.name).stages:
+        hooks.append(getattr(model, name).register_forward_hook(
+            lambda _m, _i, y, name=name: out.__setitem__(name, tuple(y.shape))))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(batch, 3, model.arch.crop, model.arch.crop))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def describe(arch: Arch) -> str:
+    """One line about the network: the architecture's own `describe(arch)` when it has one."""
+    own = getattr(architecture(arch.name), "describe", None)
+    if own is not None:
+        return own(arch)
+    scale = f", input x{arch.input_scale:g}" if arch.input_scale != 1 else ""
+    return (f"{arch.name}, {arch.num_classes} classes, crop {arch.crop}, width {arch.width:g}, "
+            f"{arch.activation}/{arch.norm}/{arch.pool}, init {arch.init}{scale}")
