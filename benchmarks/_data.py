@@ -1,11 +1,28 @@
-"""What the benchmarks share: unpacking the sample photos, naming the CPU (run as scripts, they
-import this from their own folder)."""
+"""What the benchmarks share: finding and unpacking the sample photos, naming the CPU (run as
+scripts, they import this from their own folder).
+
+Where the photos come from, in order: the script's own option (a folder or an archive, e.g.
+--source, --data, --tar), else the archive an environment variable names:
+
+  ALEXCLI_SAMPLE_TAR   the ImageNet sample archive: a tar of train/<class>/<image> photos
+                       (imagenet-sample-dev.tar, 500 photos, one per class)
+  ALEXCLI_CIFAR_TAR    CIFAR-10's training images as train/<class>/*.jpg in a .tar.gz
+                       (cifar10-train.tar.gz)
+
+When neither is given each script says what it does instead: generated demo images (said so in
+its output) or a one-line error. Nothing here knows where the archives live on a given machine.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 import tarfile
 from pathlib import Path
+
+SAMPLE_ENV = "ALEXCLI_SAMPLE_TAR"
+CIFAR_ENV = "ALEXCLI_CIFAR_TAR"
 
 
 def extract_tar(tar: Path, dest: Path) -> Path:
@@ -15,6 +32,39 @@ def extract_tar(tar: Path, dest: Path) -> Path:
         except TypeError:
             tf.extractall(dest)
     return dest
+
+
+def archive(given: Path | None, env: str, option: str) -> tuple[Path | None, str]:
+    """(the archive, where it came from): GIVEN (the value of OPTION) when set, else $ENV; None and
+    a line saying that neither was given. An archive named but not there is a one-line error."""
+    if given is not None:
+        path, how = Path(given), option
+    elif os.environ.get(env):
+        path, how = Path(os.environ[env]), f"${env}"
+    else:
+        return None, f"no {option} given and ${env} is not set"
+    if not path.is_file():
+        sys.exit(f"error: {how} {path}: no such file")
+    return path, f"{path} ({how})"
+
+
+def source_tree(given: Path | None, env: str, option: str, tmp: Path) -> tuple[Path | None, str]:
+    """A photo tree with train/<class>/<image> and where it came from: GIVEN itself when it is a
+    folder; GIVEN, else the archive $ENV names, extracted to TMP/src; (None, why) when neither is
+    given (the caller falls back or stops)."""
+    if given is not None and Path(given).is_dir():
+        root, origin = Path(given), f"{given} ({option})"
+    elif given is not None and not Path(given).exists():
+        sys.exit(f"error: {option} {given}: no such folder or archive")
+    else:
+        tar, origin = archive(given, env, option)
+        if tar is None:
+            return None, origin
+        root = extract_tar(tar, tmp / "src")
+        origin = f"{origin}, extracted"
+    if not (root / "train").is_dir():
+        sys.exit(f"error: {origin}: expected train/<class>/<image> in it")
+    return root, origin
 
 
 def cpu_model() -> str:

@@ -2,21 +2,25 @@
 
 One process, the same data, the same net and device for every row, each after a warm-up:
 
-  in-memory epoch   alexcli.experiment.Fit.train_epoch: a permutation, one gather per batch from
-                    the uint8 tensor in memory, to float, the augmentations, forward, backward, SGD
-  model only        the same number of forward + backward + SGD steps on batches made beforehand:
-                    the arithmetic alone
-  streaming epoch   the same steps fed by `alexcli train`'s shard loader (JPEGs decoded again every
-                    epoch; --workers processes, 0 = in the main process): the baseline
+  in-memory epoch   alexcli.experiment.fit.Fit.train_epoch: a permutation, one gather per batch
+                    from the uint8 tensor in memory, then the Fit's step (alexcli.train.step.TrainStep:
+                    to float, the augmentations, forward, backward, SGD)
+  model only        the same number of TrainStep.update calls (forward + backward + SGD) on inputs
+                    TrainStep.inputs made beforehand: the arithmetic alone
+  streaming epoch   alexcli.train.step.train_epoch with the same step, fed by `alexcli train`'s shard
+                    stream (alexcli.data.stream.batches: JPEGs decoded again every epoch; --workers
+                    processes, 0 = in the main process): the baseline
 
 It prints each epoch's time scaled to the full training split, the share of the in-memory epoch
 spent outside the model's forward and backward (1 - model only / in-memory), and how many times
 faster the in-memory epoch is than the streaming one.
 
-Data: --data DIR (alexcli prepare SRC --size 32 --holdout 0.1), else ../shared/data's
-cifar10-train.tar.gz prepared into a temporary folder.
+Data: --data DIR (alexcli prepare SRC --size 32 --holdout 0.1), else the CIFAR-10 archive that
+$ALEXCLI_CIFAR_TAR names (train/<class>/*.jpg, .tar.gz), prepared into a temporary folder the same
+way (not timed); with neither it stops with a one-line error.
 
-  .venv/bin/python benchmarks/cifar.py                       # relu, no normalisation, 32x32 (Figure 1's net)
+  ALEXCLI_CIFAR_TAR=/path/to/cifar10-train.tar.gz .venv/bin/python benchmarks/cifar.py   # Figure 1's net
+  .venv/bin/python benchmarks/cifar.py --data shards/cifar10  # relu, no normalisation, 32x32 (Figure 1's net)
   .venv/bin/python benchmarks/cifar.py --variant lrn          # the lrn experiment's net: LRN, 24x24 crops, flips
 """
 
@@ -31,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import cpu_model, extract_tar  # noqa: E402  (benchmarks/_data.py)
+from _data import CIFAR_ENV, cpu_model, source_tree  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +43,23 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alexcli import augment as aug  # noqa: E402
-from alexcli.experiment import ExperimentConfig, Fit, plans  # noqa: E402
-from alexcli.model.alexnet import make_arch  # noqa: E402
-from alexcli.train import loader  # noqa: E402
-from alexcli.train.memory import load_split  # noqa: E402
+from alexcli.data import dataset, stream  # noqa: E402
+from alexcli.data.memory import load_split  # noqa: E402
+from alexcli.experiment.fit import Fit  # noqa: E402
+from alexcli.experiment.plans import ExperimentConfig, plans  # noqa: E402
+from alexcli.model.registry import make_arch  # noqa: E402
+from alexcli.train.step import train_epoch  # noqa: E402
 
 
 def prepared_cifar(tmp: Path) -> Path:
-    tar = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
-    if not tar.is_file():
-        sys.exit(f"no --data given and {tar} is not here")
+    """The CIFAR-10 archive $ALEXCLI_CIFAR_TAR names, extracted and prepared at 32x32 (not timed)."""
+    src, why = source_tree(None, CIFAR_ENV, "--data", tmp)
+    if src is None:
+        sys.exit(f"error: {why}: give --data DIR (a prepared CIFAR-10) or set ${CIFAR_ENV} to the CIFAR-10 "
+                 f"archive (train/<class>/*.jpg, .tar.gz)")
     from alexcli.data.prepare import PrepareConfig, prepare
 
-    src = extract_tar(tar, tmp / "src")
+    print(f"data: {why}; preparing it at 32x32 (not timed) ...", file=sys.stderr, flush=True)
     out = tmp / "cifar10"
     prepare(src, out, PrepareConfig(size=32, holdout=0.1, shard_size=5000))
     return out
@@ -92,7 +99,8 @@ def lrn_backward_ratio(device, repeat: int = 10) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path)
+    ap.add_argument("--data", type=Path, help="a prepared CIFAR-10 (size 32) [default: the archive "
+                                              f"${CIFAR_ENV} names, prepared]")
     ap.add_argument("--variant", choices=("relu", "tanh", "lrn"), default="relu")
     ap.add_argument("--images", type=int, default=5000, help="training images per timed epoch")
     ap.add_argument("--batch", type=int, default=128)
@@ -111,9 +119,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or prepared_cifar(Path(tmp))
-        full = loader.open_split(data, "train").samples
+        full = dataset.open_split(data, "train").samples
         train = load_split(data, "train", limit=args.images).to(device)
-        stats = loader.load_data_stats(data)
+        stats = dataset.load_stats(data)
         cfg = ExperimentConfig(data=str(data), out=tmp, batch=args.batch)
         name = "lrn" if args.variant == "lrn" else "relu-vs-tanh"
         plan = next(p for p in plans(name, cfg, 24 if name == "lrn" else 32) if p.label in (args.variant, "lrn"))
@@ -123,34 +131,27 @@ def main() -> None:
         steps = -(-len(train) // args.batch)
         quiet = lambda *a, **k: None  # noqa: E731
 
-        # the arithmetic alone: the same steps on batches made beforehand
+        step = fit.step  # alexcli.train.step.TrainStep: the step `alexcli experiment` and `alexcli train` run
+
+        # the arithmetic alone: the same steps on inputs made beforehand (to float, augmented, cropped)
         g = torch.Generator().manual_seed(0)
         made = []
-        for i in range(steps):
-            idx = torch.arange(i * args.batch, min(len(train), (i + 1) * args.batch))
-            x = fit.pipeline(aug.to_float(train.images[idx.to(device)]), g)
-            made.append((aug.center_crop(x, arch.crop).contiguous(), train.labels[idx.to(device)]))
+        with torch.no_grad():
+            for i in range(steps):
+                idx = torch.arange(i * args.batch, min(len(train), (i + 1) * args.batch), device=device)
+                made.append((step.inputs(train.images[idx], g), train.labels[idx]))
 
         def model_only():
             fit.net.train()
             for x, y in made:
-                loss = F.cross_entropy(fit.net(x), y)
-                fit.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                fit.opt.step()
+                step.update(x, y)
 
-        split = loader.open_split(data, "train")
+        split = dataset.open_split(data, "train")
 
         def streaming():
-            fit.net.train()
-            for images, labels in loader.batches(split, args.batch, train=True, workers=args.workers, seed=0,
-                                                 epoch=1, limit=steps, pin=device.type == "cuda"):
-                x = fit.pipeline(aug.to_float(loader.images_on(images, device)), g)
-                x = aug.center_crop(x, arch.crop).contiguous()
-                loss = F.cross_entropy(fit.net(x), labels.to(device))
-                fit.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                fit.opt.step()
+            batches = stream.batches(split, args.batch, train=True, workers=args.workers, seed=0, epoch=1,
+                                     limit=steps, pin=device.type == "cuda")
+            train_epoch(step, batches, g, device, steps=steps, logged=quiet)
 
         rows = {"in-memory epoch": lambda: fit.train_epoch(1, steps, quiet), "model only": model_only,
                 "streaming epoch": streaming}

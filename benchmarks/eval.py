@@ -13,10 +13,11 @@ Target: the ensemble at least 2x faster than the 3 separate evals. That holds wh
 large share of the cost (a GPU, or a small network on the CPU: --width); on a CPU the full-width
 network's arithmetic dominates and the ratio tends to 1 -- the script prints both figures.
 
-Data: --shards DIR (a prepared data set with a val or train split), else ../shared/data's
-ImageNet sample prepared at 256x256 into a temporary folder, else the generated demo set.
+Data: --shards DIR (a prepared data set with a val or train split), else the ImageNet sample
+archive that $ALEXCLI_SAMPLE_TAR names, prepared at 256x256 into a temporary folder, else the
+generated demo set (the output says which).
 
-  .venv/bin/python benchmarks/eval.py                       # CPU: quarter-width network
+  ALEXCLI_SAMPLE_TAR=/path/to/imagenet-sample-dev.tar .venv/bin/python benchmarks/eval.py   # CPU: quarter width
   python3 benchmarks/eval.py --device cuda --width 1 --amp bf16 --workers 8
 """
 
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import extract_tar  # noqa: E402  (benchmarks/_data.py)
+from _data import SAMPLE_ENV, source_tree  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 
@@ -41,32 +42,30 @@ sys.path.insert(0, str(REPO))
 from alexcli import __version__  # noqa: E402
 from alexcli.env import pil_info  # noqa: E402
 from alexcli.evaluate import load_scored, score  # noqa: E402
-from alexcli.model.alexnet import Arch, build_model  # noqa: E402
-from alexcli.train import checkpoint as ck  # noqa: E402
-from alexcli.train import loader  # noqa: E402
-
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample-dev.tar"
+from alexcli import checkpoint as ck  # noqa: E402
+from alexcli.data import dataset  # noqa: E402
+from alexcli.model.registry import Arch, build_model  # noqa: E402
 
 
-def make_shards(tmp: Path) -> Path:
+def make_shards(tmp: Path) -> tuple[Path, str]:
+    """The ImageNet sample ($ALEXCLI_SAMPLE_TAR), else generated demo images, prepared at 256x256."""
     from alexcli.data.prepare import PrepareConfig, prepare
 
-    src = tmp / "src"
-    if SAMPLE.is_file():
-        extract_tar(SAMPLE, src)
-        size = 256
-    else:
+    src, origin = source_tree(None, SAMPLE_ENV, "--shards", tmp)
+    if src is None:
         from alexcli.data.demo import make_demo
 
+        src = tmp / "demo"
+        print(f"NOTE: {origin}; generating demo images (not real photos) in {src} ...", flush=True)
         make_demo(src, train_per_class=40, val_per_class=10, seed=0, min_side=300, max_side=500)
-        size = 256
+        origin = "GENERATED demo images (no real photos)"
     out = tmp / "shards"
-    prepare(src, out, PrepareConfig(size=size, shard_size=64, workers=1))
-    return out
+    prepare(src, out, PrepareConfig(size=256, shard_size=64, workers=1))
+    return out, f"{origin}, prepared at 256x256"
 
 
 def make_checkpoints(tmp: Path, split, width: float, crop: int) -> list[str]:
-    stats = loader.load_data_stats(split.folder)
+    stats = dataset.load_stats(split.folder)
     paths = []
     for i in range(3):
         torch.manual_seed(i)
@@ -92,7 +91,8 @@ def timed(fn, device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=Path, help="a prepared data set (default: the ImageNet sample, prepared)")
+    ap.add_argument("--shards", type=Path, help="a prepared data set [default: the ImageNet sample archive "
+                                                f"${SAMPLE_ENV} names, prepared; neither: demo images]")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--width", type=float, default=None, help="network width [default: 1 on cuda, 0.25 on cpu]")
     ap.add_argument("--batch", type=int, default=128)
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="timed passes of each; the best is kept")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.shards is not None and not (args.shards / "dataset.json").is_file():
+        ap.error(f"--shards {args.shards}: not a prepared data set (no dataset.json)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     width = args.width if args.width is not None else (1.0 if device == "cuda" else 0.25)
     autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if args.amp == "bf16" else None
@@ -109,9 +111,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        shards = args.shards or make_shards(tmp)
+        shards, origin = (args.shards, f"{args.shards} (--shards)") if args.shards else make_shards(tmp)
         name = "val" if _has(shards, "val") else "train"
-        split = loader.open_split(shards, name)
+        split = dataset.open_split(shards, name)
         crop = 224 if split.size >= 256 else max(64, (split.size * 7 // 8) // 2 * 2)  # the paper: 224 of 256
         # loaded once, outside the timing: a 60M-parameter checkpoint takes about a second to read,
         # verify and build, which on a 500-image sample would hide the scoring rate
@@ -132,7 +134,7 @@ def main() -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
                          + (f", {gpu}" if gpu else ""),
               "device": device, "torch": torch.__version__, "pil": pil_info(), "alexcli": __version__,
-              "images": n, "split": name, "size": split.size, "crop": crop, "width": width, "batch": args.batch,
+              "data": origin, "images": n, "split": name, "size": split.size, "crop": crop, "width": width, "batch": args.batch,
               "workers": args.workers, "amp": args.amp,
               "images_per_s": {k: n / v for k, v in best.items()},
               "ensemble_speedup": best["3 separate"] / best["ensemble of 3"]}
@@ -142,15 +144,14 @@ def main() -> None:
     print(f"{result['machine']}; {device}; torch {torch.__version__}; PIL {result['pil']['package']} "
           f"{result['pil']['version']}; {n} {name} images {split.size}x{split.size}, crop {crop}, width {width}, "
           f"batch {args.batch}, {args.workers} loader workers, amp {args.amp}")
+    print(f"data: {origin}")
     for k, v in result["images_per_s"].items():
         print(f"  {k:<14} {v:>9,.0f} images/s" + ("  (per model: x3)" if k == "ensemble of 3" else ""))
     print(f"ensemble of 3 / 3 separate evals: {result['ensemble_speedup']:.2f}x faster (target >= 2)")
 
 
 def _has(folder, split) -> bool:
-    from alexcli.data.shards import read_manifest
-
-    return bool(read_manifest(folder)["splits"].get(split, {}).get("shards"))
+    return dataset.has_split(dataset.read_manifest(folder), split)
 
 
 if __name__ == "__main__":

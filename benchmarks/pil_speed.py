@@ -4,7 +4,9 @@
   .venv/bin/python benchmarks/pil_speed.py DIR            # pillow-simd (scripts/setup.sh)
   /path/to/pillow-venv/bin/python benchmarks/pil_speed.py DIR   # needs only Pillow
 
-DIR is an extracted train/<class>/<image> tree (e.g. ../shared/data/imagenet-sample-dev.tar).
+DIR is an extracted train/<class>/<image> tree (e.g. the ImageNet sample archive, extracted), or
+such a tree as an archive (extracted to a temporary folder first); without DIR, the archive
+$ALEXCLI_SAMPLE_TAR names.
 Two pipelines, one core, sources in memory, best of --repeat: "obvious" (open, convert, resize the
 shorter side to 256 with the default filter, centre crop, JPEG q90) and "decode+encode" (the
 floor: decode, encode a 256x256 crop). Needs nothing but PIL, so any environment can run it;
@@ -13,11 +15,15 @@ benchmarks/prepare.py imports the same two functions.
 
 import argparse
 import io
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
+
+from _data import SAMPLE_ENV, source_tree  # (benchmarks/_data.py: the standard library only)
 
 S = 256
 
@@ -45,11 +51,20 @@ def floor(data: bytes) -> bytes:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", type=Path)
+    ap.add_argument("dir", type=Path, nargs="?",
+                    help=f"train/<class>/<image> photos: a folder or an archive [default: ${SAMPLE_ENV}]")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    files = sorted(p for p in args.dir.rglob("*") if p.is_file())
-    datas = [p.read_bytes() for p in files]
+    tmp = Path(tempfile.mkdtemp(prefix="alexcli-pil-speed-"))
+    try:
+        # a folder is taken as it is (any tree of images); an archive must hold train/<class>/<image>
+        root, why = (args.dir, "") if args.dir and args.dir.is_dir() else source_tree(args.dir, SAMPLE_ENV, "DIR", tmp)
+        if root is None:
+            sys.exit(f"error: {why}: give DIR (the ImageNet sample, extracted) or set ${SAMPLE_ENV}")
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        datas = [p.read_bytes() for p in files]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"PIL {Image.__version__} ({'pillow-simd' if 'post' in Image.__version__ else 'Pillow'}), "
           f"Python {sys.version.split()[0]}, {len(datas)} images")
     for name, fn in (("obvious", obvious), ("decode+encode", floor)):

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alexcli.model.alexnet import Arch, build_model  # noqa: E402
+from alexcli.model.registry import Arch, build_model  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
 from train import make_step, without_tf32  # noqa: E402  (benchmarks/train.py: the same step, timed there)
 

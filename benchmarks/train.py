@@ -3,7 +3,7 @@ and our training step against torchvision's alexnet, in one process on one machi
 
 1. Input pipeline, one core (torch.set_num_threads(1), loader workers=0), images/s:
 
-  ours decode           alexcli.train.loader.batches(train=True, workers=0) over shards prepared from
+  ours decode           alexcli.data.stream.batches(train=True, workers=0) over shards prepared from
                         the source photos: read the tar, decode the 256x256 JPEGs, batch (uint8).
                         On a GPU this is all the CPU does per image; augmentation runs on the device.
   ours decode+augment   the same, then to_float and the default augmentation (mean,crop,flip,pca)
@@ -18,7 +18,7 @@ and our training step against torchvision's alexnet, in one process on one machi
 
 2. Training step, images/s: forward, cross entropy, backward and SGD step on one synthetic batch
    already on the device, the same batch for every configuration (on the CPU with one torch thread
-   unless --threads):
+   unless --threads), through alexcli.train.step.TrainStep, the step `alexcli train` runs:
 
   ours fp32             build_model(Arch(num_classes=1000)) (the paper's net), eager, PaperSGD;
                         on CUDA with PyTorch's defaults, which run cuDNN convolutions in TF32
@@ -27,19 +27,21 @@ and our training step against torchvision's alexnet, in one process on one machi
   ours bf16+CL          ours with bf16 autocast and channels-last (target >= 3x ours fp32)
   ours bf16+CL+compile  the same through torch.compile (--compile)
   ... from the loader   shards -> loader with --workers processes (pinned memory) -> device
-                        (non_blocking) -> to_float + augmentation -> the fastest step above,
+                        (non_blocking) -> TrainStep.inputs (to_float + augmentation) -> the fastest
+                        step above,
   ... batch on device   against the same step (to_float + augmentation included) on a uint8 batch
                         already on the device. Target: from the loader >= 85% of on device.
 
   All but the first two run on CUDA only; --all runs them on the CPU too (slowly: to check them).
 
-Data: --source DIR (an extracted train/<class>/<image> tree), else ../shared/data's
-imagenet-sample-dev.tar (500 ImageNet photos) extracted to a temporary folder, else generated demo
-images of photo-like sizes (the output says so). Shards: --shards DIR (a prepared data set with a
-train split), else prepare(source, size=256, workers=1) into a temporary folder (not timed). The
-training loader is endless: the loader-fed step cycles the photos.
+Data: --source DIR (an extracted train/<class>/<image> tree) or --source FILE (such a tree as an
+archive), else the archive $ALEXCLI_SAMPLE_TAR names (the ImageNet sample archive, 500 ImageNet
+photos), extracted to a temporary folder, else generated demo images of photo-like sizes (the
+output says so). Shards: --shards DIR (a prepared data set with a train split), else
+prepare(source, size=256, workers=1) into a temporary folder (not timed). The training loader is
+endless: the loader-fed step cycles the photos.
 
-  .venv/bin/python benchmarks/train.py                    # CPU: about a minute
+  ALEXCLI_SAMPLE_TAR=/path/to/imagenet-sample-dev.tar .venv/bin/python benchmarks/train.py   # CPU: a minute
   python benchmarks/train.py --device cuda                # GPU: batch 128, 50 steps after 10
   python benchmarks/train.py --device cuda --compile --workers 12 --json > train.json
 """
@@ -47,7 +49,6 @@ training loader is endless: the loader-fed step cycles the photos.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -60,22 +61,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import cpu_model, extract_tar  # noqa: E402  (benchmarks/_data.py)
+from _data import SAMPLE_ENV, cpu_model, source_tree  # noqa: E402  (benchmarks/_data.py)
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alexcli import __version__  # noqa: E402
-from alexcli import augment as aug  # noqa: E402
+from alexcli import transforms as aug  # noqa: E402
 from alexcli.env import pil_info  # noqa: E402
-from alexcli.model.alexnet import Arch, build_model  # noqa: E402
-from alexcli.train import loader  # noqa: E402
+from alexcli.data import dataset, stream, tar  # noqa: E402
+from alexcli.model.registry import Arch, build_model  # noqa: E402
+from alexcli.specs import AugmentContext  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
+from alexcli.train.step import TrainStep, autocast_for  # noqa: E402
 
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample-dev.tar"
 SIZE, CROP = 256, 224                 # stored side, network input (sections 2 and 4.1)
 AUGMENT = "mean,crop,flip,pca"        # the trainer's default --augment
 LR = 0.01                             # section 5's learning rate (the speed does not depend on it)
@@ -153,16 +154,13 @@ def sync(device: torch.device) -> None:
 
 def find_source(args, tmp: Path) -> tuple[Path, str]:
     """The source photo tree (a root with train/<class>/<image>) and where it came from."""
-    if args.source is not None:
-        if not (args.source / "train").is_dir():
-            sys.exit(f"error: --source {args.source}: expected {args.source}/train/<class>/<image>")
-        return args.source, f"{args.source} (--source)"
-    if SAMPLE.is_file():
-        return extract_tar(SAMPLE, tmp / "src"), f"{SAMPLE}, extracted"
+    root, why = source_tree(args.source, SAMPLE_ENV, "--source", tmp)
+    if root is not None:
+        return root, why
     from alexcli.data.demo import make_demo
 
     root = tmp / "demo"
-    say(f"NOTE: {SAMPLE} is missing; generating demo images (not real photos) in {root} ...")
+    say(f"NOTE: {why}; generating demo images (not real photos) in {root} ...")
     make_demo(root, train_per_class=63, val_per_class=0, seed=0, min_side=300, max_side=500, broken=False)
     return root, "GENERATED demo images, 504 of 300..500 px (no real photos found)"
 
@@ -188,7 +186,7 @@ def find_shards(args, src: Path | None, n_source: int, tmp: Path) -> tuple[Path,
 
 def augment_pipeline(shards: Path, device: torch.device):
     """The trainer's default augmentation, built as loop.py builds it, on DEVICE."""
-    ctx = aug.AugmentContext.from_stats(loader.load_data_stats(shards), CROP, device)
+    ctx = AugmentContext.from_stats(dataset.load_stats(shards), CROP, device)
     pipeline, _ = aug.build(aug.parse(AUGMENT), ctx)
     return pipeline
 
@@ -199,7 +197,7 @@ def run_ours(split, batch: int, n_batches: int, seed: int, pipeline=None) -> tup
     """(images, seconds) of N_BATCHES batches of the training loader in this process, after one
     untimed batch (it includes filling the shuffle buffer: a start-up cost once per epoch)."""
     gen = torch.Generator().manual_seed(seed)
-    it = loader.batches(split, batch, train=True, workers=0, seed=seed, limit=n_batches + 1)
+    it = stream.batches(split, batch, train=True, workers=0, seed=seed, limit=n_batches + 1)
     try:
         next(it)
         n, t0 = 0, time.perf_counter()
@@ -288,7 +286,7 @@ def _best_ms(fn, n: int, repeat: int) -> float:
 
 def breakdown(split, ds, pipeline, batch: int, repeat: int, best: dict) -> dict:
     """ms per image of each step of both pipelines, each step in a loop of its own, best of REPEAT.
-    Uses the loader's internals (_samples, and _decode_batch or _decode): skipped where they changed."""
+    Uses the stream's own two steps: the shard reader and the batch decoder."""
     import io
 
     import numpy as np
@@ -297,13 +295,13 @@ def breakdown(split, ds, pipeline, batch: int, repeat: int, best: dict) -> dict:
 
     say(f"\n  where the time per image goes (one core, each step in a loop of its own, best of {repeat}):")
     out: dict[str, float] = {}
-    samples, decode = loader._samples, loader.decode_batch  # the loader's own two steps
+    decode = stream.decode_batch
     jpgs: list[bytes] = []
 
     def read():
         jpgs.clear()
         for entry in split.shards:
-            jpgs.extend(j for j, _ in samples(split, entry))
+            jpgs.extend(s.jpg for s in tar.read_samples(split.path(entry), entry["samples"]))
     n = split.samples
     out["ours: read the shards (tar, group, label)"] = _best_ms(read, n, repeat)
     chunks = [jpgs[i:i + batch] for i in range(0, len(jpgs) - batch + 1, batch)] or [jpgs]
@@ -386,21 +384,24 @@ def breakdown(split, ds, pipeline, batch: int, repeat: int, best: dict) -> dict:
 # ---------------------------------------------------------------- 2. training step
 
 def make_step(model, opt, *, amp: bool, channels_last: bool, device: torch.device, pipeline=None, seed: int = 0):
-    """One training step as loop.py runs it: [to_float + augment], layout, autocast, loss, SGD."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    """`step(x, y) -> loss`: alexcli.train.step.TrainStep, the step `alexcli train` runs, built as
+    loop.py builds it (bf16 autocast for AMP, the layout for CHANNELS_LAST).
+
+    Without PIPELINE, X is a ready float batch at the crop: TrainStep.update on it in the step's
+    memory format (forward, loss, backward, SGD). With PIPELINE, X is a uint8 batch on the device
+    and goes through TrainStep.inputs first (to_float, the augmentation with a generator seeded
+    with SEED, the layout), as in training. The TrainStep is the function's `train_step`."""
+    train_step = TrainStep(model, opt, augment=pipeline, crop=CROP, channels_last=channels_last,
+                           autocast=autocast_for("bf16" if amp else "none", device))
     gen = torch.Generator().manual_seed(seed)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if pipeline is not None:
-            x = pipeline(aug.to_float(x), gen)
-        x = x.contiguous(memory_format=fmt)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+    if pipeline is None:
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return train_step.update(x.contiguous(memory_format=train_step.memory_format), y)[0]
+    else:
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return train_step.update(train_step.inputs(x, gen), y)[0]
+    step.train_step = train_step
     return step
 
 
@@ -448,10 +449,10 @@ def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int
     """The trainer's input path: loader (pinned memory on CUDA) -> device without blocking the host
     (with decode="device" the JPEGs are decoded there, as `train --decode device` does)."""
     cuda = device.type == "cuda"
-    it = loader.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit, decode=decode)
+    it = stream.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit, decode=decode)
     try:
         for images, labels in it:
-            yield loader.images_on(images, device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
+            yield stream.images_on(images, device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
     finally:
         it.close()
 
@@ -586,12 +587,12 @@ def loader_fed_bench(args, device: torch.device, split, fastest: Config, result:
     """The fastest step fed by the real loader against the same step on a batch already on the device."""
     cuda = device.type == "cuda"
     batch, steps, repeat = args.batch, args.steps, args.step_repeat
-    workers = loader.auto_workers(split, 1, args.workers)
+    workers = min(args.workers, len(split.shards))
     if workers < args.workers:
         say(f"  NOTE: {len(split.shards)} shards feed at most {workers} loader workers (--workers {args.workers})")
     pipeline = augment_pipeline(split.folder, device)
     step = make_step(fastest.model, fastest.opt, amp=True, channels_last=True, device=device, pipeline=pipeline)
-    first = loader.batches(split, batch, train=True, workers=0, limit=1)
+    first = stream.batches(split, batch, train=True, workers=0, limit=1)
     images, labels = next(first)
     first.close()
     resident = repeat_batch(images.to(device), labels.to(device))
@@ -644,7 +645,8 @@ def parse_args(argv=None):
                         "(nvJPEG on the GPU), as `alexcli train --decode`")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.backends.cudnn.benchmark, on by default as the trainer sets it on CUDA")
-    p.add_argument("--source", type=Path, help="extracted source photos: DIR/train/<class>/<image>")
+    p.add_argument("--source", type=Path, help="the source photos: DIR/train/<class>/<image>, or an archive of such "
+                                               f"a tree [default: ${SAMPLE_ENV}; neither: demo images]")
     p.add_argument("--shards", type=Path, help="a prepared data set to read instead of preparing the source")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="time each step of both pipelines on its own [default: on]")
@@ -691,7 +693,7 @@ def main(argv=None) -> dict:
             result["source"] = {"origin": origin, "files": n_src, "bytes": size_src}
         if need_shards:
             shards, how = find_shards(args, src, n_src, tmp)
-            split = loader.open_split(shards, "train")
+            split = dataset.open_split(shards, "train")
             say(f"shards: {how}: {split.samples} training images in {len(split.shards)} shards, "
                 f"{split.size}x{split.size}")
             result["shards"] = {"how": how, "samples": split.samples, "shards": len(split.shards), "size": split.size}

@@ -2,31 +2,44 @@
 # Every check that needs a GPU, as one prepared run for a session lent the device machine
 # (15 minutes of device time in all, a fresh machine per start: run it once, read, rerun at most once).
 #
-# Here, once (needs .venv from scripts/setup.sh and ../shared/data/imagenet-sample-dev.tar):
-#   bash scripts/device_check.sh --prepare
+# Here, once (needs .venv from scripts/setup.sh and the ImageNet sample archive, imagenet-sample-dev.tar:
+# train/<class>/<image>, 500 photos), given as the argument or by $ALEXCLI_SAMPLE_TAR:
+#   bash scripts/device_check.sh --prepare PATH/TO/imagenet-sample-dev.tar
+#   ALEXCLI_SAMPLE_TAR=PATH/TO/imagenet-sample-dev.tar bash scripts/device_check.sh --prepare
 #     -> .whl/ (webdataset, braceexpand: the device's Python lacks them) and
 #        shards/imagenet-sample (the 500 sample photos, one per class, at 256 in 16 shards; 14 MB)
+#   (the archive is only read when shards/imagenet-sample is not there yet)
 # On the device (the `run` tool), about 4-5 minutes (estimated; never run there yet):
 #   command: bash scripts/device_check.sh     carry: [".whl", "shards/imagenet-sample"]   timeout_s: 420
-# Locally, a dry run of the same steps on the CPU (minutes, tiny step counts):
+# Locally, a dry run of the same steps on the CPU (3-4 minutes on 2 cores: batch 2, tiny step counts):
 #   DEVICE=cpu PY=.venv/bin/python bash scripts/device_check.sh
 #
 # Everything goes to $OUT (the files that come back): log.txt, step.json, profile.json, step-nvjpeg.json,
 # train/ (metrics of the smoke run), eval.json. Each step has its own time limit and a failed step
 # does not stop the others; the script's exit code is the number of failed steps.
 set -uo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 DATA=shards/imagenet-sample
 
 if [[ "${1:-}" == "--prepare" ]]; then
     set -e
     PY=${PY:-.venv/bin/python}
+    sample=${2:-${ALEXCLI_SAMPLE_TAR:-}}
+    if [[ ! -f $DATA/dataset.json ]]; then
+        if [[ -z $sample ]]; then
+            echo "error: --prepare needs the ImageNet sample archive: --prepare PATH/TO/imagenet-sample-dev.tar, or set ALEXCLI_SAMPLE_TAR" >&2
+            exit 2
+        fi
+        [[ $sample == /* ]] || sample=$CALLER/$sample  # relative to where the caller stood
+        [[ -f $sample ]] || { echo "error: $sample: no such file (the ImageNet sample archive)" >&2; exit 2; }
+    fi
     mkdir -p .whl
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl webdataset==1.0.2 braceexpand==0.1.7
     if [[ ! -f $DATA/dataset.json ]]; then
         src=$(mktemp -d)
-        tar -xf ../shared/data/imagenet-sample-dev.tar -C "$src"
+        tar -xf "$sample" -C "$src"
         "$PY" -m alexcli prepare "$src" --out "$DATA" --shard-size 32  # 16 shards: one per loader worker
         rm -rf "$src"
     fi
@@ -61,8 +74,10 @@ if [[ $DEVICE == cuda ]]; then
     TRAIN=(--schedule steps --lr-steps 100 --gpus 1 --amp bf16 --channels-last --batch 128 --epochs 3)
 else
     PY=${PY:-python3}
-    BENCH=(--device cpu --all --steps 1 --step-repeat 1 --warmup 1 --workers 1)
-    PROFILE=(--device cpu --batch 8 --steps 1 --warmup 1)
+    # batch 2: a bf16 step of the full net takes about 2 s per image on a CPU without bf16 units, and
+    # train.py --all --compile runs about ten of them
+    BENCH=(--device cpu --all --batch 2 --steps 1 --step-repeat 1 --warmup 1 --workers 1)
+    PROFILE=(--device cpu --batch 2 --steps 1 --warmup 1)
     TRAIN=(--schedule steps --lr-steps 100 --device cpu --width 0.25 --crop 128 --init kaiming --batch 32 --epochs 1)
 fi
 "$PY" -m alexcli --version
