@@ -1,10 +1,5 @@
-"""Built-in layer variants, registered through the same entry-point groups as plugins.
-
-Factory signatures (a plugin's must match):
-  activation() -> nn.Module
-  norm(channels: int) -> nn.Module
-  pool() -> nn.Module          (applied to 55x55, 27x27 and 13x13 maps)
-"""
+"""Built-in layer variants, registered through the same entry-point groups as plugins; each
+factory fits its kind's contract in `alexcli.specs` (ActivationFactory, NormFactory, PoolFactory)."""
 
 import torch
 import torch.nn.functional as F
