@@ -91,7 +91,3 @@ def choice(kind: type[E], value, option: str) -> E:
         return kind(value)
     except ValueError:
         raise UsageError(f"{option} must be one of {', '.join(m.value for m in kind)}, not {value!r}") from None
-
-
-def values(kind: type[Choice]) -> tuple[str, ...]:
-    return tuple(m.value for m in kind)

@@ -92,8 +92,9 @@ def write_jsonl(path: str | os.PathLike, rows: list) -> Path:
 def write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
     """torch tensors (any device; made contiguous on the CPU) or numpy arrays as a safetensors
     file, atomically."""
-    first = next(iter(tensors.values()), None)
-    if first is not None and type(first).__module__.startswith("numpy"):
+    import numpy as np
+
+    if any(isinstance(v, np.ndarray) for v in tensors.values()):
         from safetensors.numpy import save
     else:
         from safetensors.torch import save

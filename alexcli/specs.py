@@ -128,7 +128,7 @@ class ArchitectureFactory(Protocol):
 class Spec:
     protocol: type
     args: int                                    # positional arguments the factory is called with
-    attrs: Mapping[str, tuple[type, ...]] = None  # declared attributes and their types (architectures)
+    attrs: Mapping[str, tuple[type, ...]] | None = None  # declared attributes and their types (architectures)
 
 
 SPECS: dict[str, Spec] = {

@@ -36,7 +36,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-_debug = False
+_debug = False  # set by main() from --debug or ALEXCLI_DEBUG
 INTERNAL_EXIT = 1
 
 
@@ -51,8 +51,8 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or set ALEXCLI_DEBUG=1)."),
 ) -> None:
-    global _debug
-    _debug = _debug or debug
+    """(--debug is read by `main` from the arguments, so that it also covers errors Typer finds
+    before this callback runs.)"""
 
 
 for module in (prepare, train, eval_cmd, experiment, figures, demo, plugins, doctor):

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from alexcli.choices import Resample
 from alexcli.cli._ui import Reporter, emit_json, json_option, out
-from alexcli.data.prepare import PrepareConfig as P
+from alexcli.data.config import PrepareConfig as P
 
 
 def render_summary(s: dict) -> None:

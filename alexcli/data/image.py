@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
-
 from PIL import Image, ImageFile
+
+from alexcli.data.config import ImageParams
 
 # Never: ImageFile.LOAD_TRUNCATED_IMAGES = True. A truncated file must be rejected, not padded grey.
 assert not ImageFile.LOAD_TRUNCATED_IMAGES
@@ -26,14 +26,6 @@ RESAMPLE = {
 
 class Reject(Exception):
     """This file cannot be used; str() is the reason recorded in rejected.json."""
-
-
-@dataclass(frozen=True)
-class ImageParams:
-    size: int = 256
-    quality: int = 90
-    resample: str = "bicubic"
-    max_pixels: int = 89_478_485  # Pillow's own default limit
 
 
 def centre_box(w: int, h: int) -> tuple[float, float, float, float]:

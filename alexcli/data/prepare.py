@@ -23,17 +23,17 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from alexcli import __version__
-from alexcli.choices import Resample, choice
 from alexcli.data import stats as S
+from alexcli.data.config import ImageParams, PrepareConfig  # noqa: F401  (PrepareConfig: prepare()'s argument)
 from alexcli.data.dataset import MANIFEST, shard_name
-from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, convert
+from alexcli.data.image import Reject, WrittenJpegDecoder, convert
 from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.data.tar import ShardWriter, sample_key
 from alexcli.env import cpu_cores, pil_info
@@ -45,31 +45,6 @@ PLAN_FILE = ".alexcli-prepare.json"
 PARTIAL_DIR = ".partial"
 REJECTED_FILE = "rejected.json"
 CHUNK = 32  # images per worker task: small enough to balance 2 workers on a 500-image set
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    size: int = 256  # section 2: 256x256 images
-    quality: int = 90  # JPEG quality of the written images
-    resample: Resample = Resample.bicubic  # resize filter
-    max_pixels: int = 89_478_485  # larger sources are rejected (Pillow's default limit)
-    seed: int = 0  # order of training samples across shards
-    shard_size: int = 1000  # samples per shard (~25 MB at 256x256, quality 90)
-    workers: int = 0  # 0: all cores
-    strict: bool = False  # any rejected file is a failure
-    overwrite: bool = False  # replace a different data set in --out
-    holdout: float = 0.0  # fraction of each class of train/ held out as the val split (sources without val/)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "resample", choice(Resample, self.resample, "--resample"))
-
-    def image_params(self) -> ImageParams:
-        return ImageParams(self.size, self.quality, self.resample.value, self.max_pixels)
-
-    def output_parameters(self) -> dict:
-        """The parameters that decide the output bytes (not workers, strict or overwrite)."""
-        return {k: (v.value if k == "resample" else v) for k, v in asdict(self).items()
-                if k not in ("workers", "strict", "overwrite")}
 
 
 # ---------------------------------------------------------------- the plan

@@ -20,7 +20,7 @@ import torch
 
 from alexcli import checkpoint as ck
 from alexcli.choices import Experiment, choice
-from alexcli.data.dataset import has_split, load_stats, open_split, read_manifest
+from alexcli.data.dataset import Split, has_split, load_stats, open_split, read_manifest
 from alexcli.data.memory import InMemory, load_split
 from alexcli.env import device_name, tune_cpu
 from alexcli.errors import Interrupted, UsageError
@@ -67,6 +67,7 @@ def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
     train = load_split(cfg.data, "train", limit=cfg.subset, progress=progress).to(device)
     test = load_split(cfg.data, test_split).to(device) if test_split else None
     stats = load_stats(cfg.data)
+    train_split = open_split(cfg.data, "train")  # what the saved checkpoints say they were trained on
     out = Path(cfg.out)
     (out / "fits").mkdir(parents=True, exist_ok=True)
     archs = {p.label: make_arch("cifar-local", num_classes=len(train.classes), width=cfg.width, **p.arch_fields)
@@ -94,7 +95,7 @@ def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
             if test is not None:
                 result["test_error"] = f.score(test)
                 result["test_error_ten"] = f.score(test, "ten")
-            _save_weights(save, f, plan, arch, train, stats, cfg, manifest, result)
+            _save_weights(save, f, plan, arch, train, stats, train_split, manifest, result)
             result["checkpoint"] = str(save)
         write_json(path, result)
         return result
@@ -149,11 +150,11 @@ def _test_split(folder: str, manifest: dict) -> str:
                      f"--holdout 0.1 (CIFAR-10's training folder) or from a source with val/")
 
 
-def _save_weights(path: Path, f: Fit, plan: Plan, arch, train: InMemory, stats: dict, cfg: ExperimentConfig,
+def _save_weights(path: Path, f: Fit, plan: Plan, arch, train: InMemory, stats: dict, split: Split,
                   manifest: dict, result: dict) -> None:
     last = result["history"][-1]
     meta = ck.training_meta(
-        arch=arch, variants=f.variants, augment=f.augment_used, split=open_split(cfg.data, "train"),
+        arch=arch, variants=f.variants, augment=f.augment_used, split=split,
         manifest=manifest, parameters=result["parameters"], train_images=len(train), epoch=last["epoch"],
         metrics={"train_top1_error": last["train_error"], "train_loss": last["train_loss"],
                  "val_top1_error": result.get("test_error")},

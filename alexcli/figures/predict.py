@@ -22,7 +22,7 @@ def image_params(meta: dict):
     """How prepare converted the checkpoint's training images: its data set's parameters when that
     folder is still here, else prepare's defaults at the checkpoint's image size."""
     from alexcli.data.dataset import read_manifest
-    from alexcli.data.image import ImageParams
+    from alexcli.data.config import ImageParams
 
     data = meta.get("data", {})
     params = {}

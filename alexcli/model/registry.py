@@ -14,7 +14,7 @@ from torch import nn
 
 from alexcli import plugins
 from alexcli.errors import UsageError
-from alexcli.model.arch import Arch, arch_defaults  # noqa: F401  (Arch belongs with its builder)
+from alexcli.model.arch import Arch, arch_defaults
 from alexcli.specs import LAYER_KINDS, LayerFactories
 
 # `--layer KIND=NAME`: the kinds by name, and the short alias kept for `act`.
