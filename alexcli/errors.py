@@ -46,3 +46,23 @@ class Interrupted(AlexcliError):
     """The user stopped a long job; what was finished is kept and a rerun continues from there."""
 
     exit_code = 130
+
+
+class DiskFull(AlexcliError):
+    """A write failed for lack of space (ENOSPC, EDQUOT): the file is not left half-written under
+    its final name; the message names the path, what was being written and what is free."""
+
+    exit_code = 1
+
+
+class Stopped(AlexcliError):
+    """A signal (SIGTERM from a cluster's scheduler, SIGINT from Ctrl-C) stopped a run after its
+    position was saved; the message says what was saved and how to continue. Exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Busy(UsageError):
+    """Another alexcli process holds the folder (prepare's --out, train's run folder)."""

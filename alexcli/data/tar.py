@@ -89,7 +89,7 @@ class ShardWriter:
 
     def _put(self, b: bytes) -> None:
         self._sha.update(b)
-        self._out.file.write(b)
+        self._out.write(b)
         self.nbytes += len(b)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
