@@ -50,7 +50,7 @@ def test_geometry_equals_resize_then_crop():
     assert jpg == encode(ref, "JPEG", quality=100)
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16", "1"])
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16", "1", "F", "I"])
 def test_every_mode_becomes_rgb(mode):
     base = Image.new("RGB", (40, 30), (200, 100, 50))
     img = base.convert(mode) if mode != "I;16" else Image.fromarray(np.full((30, 40), 40000, np.uint16))
@@ -58,6 +58,21 @@ def test_every_mode_becomes_rgb(mode):
     assert rgb.mode == "RGB" and rgb.size == (40, 30)
     if mode == "I;16":
         assert rgb.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256, not clipped to 255
+    if mode in ("F", "I"):  # greys already on the 8-bit scale are kept as they are
+        grey = base.convert("L").getpixel((0, 0))
+        assert rgb.getpixel((0, 0)) == (grey, grey, grey)
+
+
+@pytest.mark.parametrize("values,expected", [
+    (np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),  # float in 0..1: x 255
+    (np.array([[0.0, 100.0, 255.0]], np.float32), [0, 100, 255]),  # 0..255: kept
+    (np.array([[-1.0, 0.0, 3.0]], np.float32), [0, 64, 255]),  # else its own min..max
+    (np.array([[0, 40000, 65535]], np.int32), [0, 156, 255]),  # int in 0..65535: top 8 bits
+    (np.array([[-2**31, 0, 2**31 - 1]], np.int32), [0, 128, 255]),  # else its own min..max
+    (np.full((1, 3), -7, np.int32), [0, 0, 0]),  # constant outside 0..255: black
+])
+def test_32bit_greys_rule(values, expected):
+    assert [to_rgb(Image.fromarray(values)).getpixel((x, 0))[0] for x in range(3)] == expected
 
 
 def test_transparency_is_composited_on_white():

@@ -103,3 +103,20 @@ def test_bad_sources(tmp_path):
     (tmp_path / "train" / "a").mkdir()
     with pytest.raises(DataError, match="no files in its class folders"):
         scan(tmp_path)
+
+
+def test_nested_folders_keep_os_walk_order(tree):
+    # The training order is shuffled from this list: it must stay what it was (os.walk's: each
+    # folder's files by name, then its subfolders by name), or a rerun would not resume.
+    for rel in ("train/n01/z/deep/1.JPEG", "train/n01/a/2.JPEG", "train/n01/zz.JPEG", "train/n01/a/b/3.JPEG"):
+        jpeg(tree / rel)
+    import os
+
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(tree / "train" / "n01"):
+        dirnames.sort()
+        walked += [os.path.relpath(os.path.join(dirpath, f), tree).replace(os.sep, "/") for f in sorted(filenames)]
+    got = [it.relpath for it in scan(tree).splits["train"] if it.label == 0]
+    assert got == walked and len(got) == 7
+    assert [it.nbytes for it in scan(tree).splits["train"]] == [(tree / it.relpath).stat().st_size
+                                                                 for it in scan(tree).splits["train"]]

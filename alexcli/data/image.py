@@ -8,10 +8,15 @@ same mapping as resize-then-crop without rounding the long side to whole pixels.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
+from pathlib import Path
+
 from PIL import Image, ImageFile
 
 from alexcli.data.config import ImageParams
+from alexcli.data.scan import file_kind
 
 # Never: ImageFile.LOAD_TRUNCATED_IMAGES = True. A truncated file must be rejected, not padded grey.
 assert not ImageFile.LOAD_TRUNCATED_IMAGES
@@ -28,6 +33,45 @@ class Reject(Exception):
     """This file cannot be used; str() is the reason recorded in rejected.json."""
 
 
+# The largest file read_source reads. ImageNet's largest training JPEG is about 15 MB, and even an
+# uncompressed 8-bit RGBA TIFF at the default max_pixels (89.5 M) is 358 MB, so no image prepare
+# could use is refused; what the limit stops is a worker reading a runaway file into memory (a disk
+# image named .jpg, a file growing while read): one worker per core holds at most this much at a time.
+MAX_SOURCE_BYTES = 512 * 2**20
+
+
+def read_source(path: Path, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """The bytes of one source file, or Reject. Only a regular file is read, and at most max_bytes
+    of it: scan has already rejected FIFOs and devices, but the tree may change between scan and
+    read, so the opened file itself is checked (O_NONBLOCK: opening a FIFO does not wait for a
+    writer)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise Reject(f"unreadable: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Reject(f"not a regular file ({file_kind(st.st_mode)})")
+        if st.st_size > max_bytes:
+            raise Reject(f"file too large: {st.st_size} bytes exceeds the limit of {max_bytes}")
+        chunks, n = [], 0
+        while n <= max_bytes:  # a file that grew since fstat stops at max_bytes + 1
+            chunk = os.read(fd, min(max_bytes + 1 - n, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        if n > max_bytes:
+            raise Reject(f"file too large: more than {max_bytes} bytes (it grew while being read)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise Reject(f"unreadable: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
 def centre_box(w: int, h: int) -> tuple[float, float, float, float]:
     """The central square of side min(w, h), in source pixel coordinates."""
     m = min(w, h)
@@ -35,14 +79,46 @@ def centre_box(w: int, h: int) -> tuple[float, float, float, float]:
     return (left, top, left + m, top + m)
 
 
+def _grey_to_l(im: Image.Image) -> Image.Image:
+    """A 32-bit grey (mode F or I) -> L, scaled rather than clipped (Pillow's convert("L") clips, so
+    a 0..1 float image came out black): see to_rgb for the rule. float32 arithmetic: a full-size
+    image's temporaries stay at 4 bytes a pixel, and 8-bit output does not need more."""
+    import numpy as np
+
+    a = np.asarray(im)  # float32 for F, int32 for I
+    if im.mode == "F" and not np.isfinite(a).all():
+        raise Reject("float image with NaN or infinite pixel values")
+    lo, hi = float(a.min()), float(a.max())
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        out = np.rint(a * np.float32(255))
+    elif lo >= 0 and hi <= 255:
+        out = np.rint(a) if im.mode == "F" else a
+    elif im.mode == "I" and lo >= 0 and hi <= 65535:
+        out = a >> 8  # the top 8 bits, as for I;16
+    elif hi > lo:
+        scale = 255 / (hi - lo)  # a * scale - lo * scale: no float32 overflow near +-3.4e38
+        out = np.rint(a.astype(np.float32) * np.float32(scale) - np.float32(lo * scale))
+    else:
+        out = np.zeros(a.shape, np.uint8)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparent areas are composited on white rather than left as whatever
-    colour the hidden pixels happen to hold; 16-bit greys keep their top 8 bits."""
+    colour the hidden pixels happen to hold; 16-bit greys keep their top 8 bits.
+
+    32-bit greys (TIFF's mode F, float, and mode I, int) take the smallest usual range that holds
+    all their values: a float image in 0..1 is scaled by 255; values in 0..255 are kept; an int image
+    in 0..65535 keeps its top 8 bits, like a 16-bit one; anything else (negative values, a float
+    image beyond 255) maps its own min..max linearly to 0..255 (a constant image to black). A
+    float image with NaN or infinite values is rejected: there is no right grey for them."""
     if im.mode == "RGB":
         return im
+    if im.mode in ("F", "I"):
+        im = _grey_to_l(im)
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # Pillow's I -> L conversion clips at 255 instead of scaling; scale a 16-bit range down.
         hi = im.getextrema()[1]
         im = im.point(lambda v: v / 256) if hi > 255 else im
@@ -51,7 +127,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, CMYK (Adobe-inverted handled by the decoder), YCbCr, LAB, F
+    return im.convert("RGB")  # L, 1, CMYK (Adobe-inverted handled by the decoder), YCbCr, LAB
 
 
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:
