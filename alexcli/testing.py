@@ -13,9 +13,13 @@ package calls the `check_<kind>` of its kind on its own factory and uses the `re
         assert registry.get("norm", "mynorm") is my_norm
 
 Each check raises AssertionError with what is wrong. The contracts themselves are `alexcli.specs`.
+`fake_distribution` makes a package look installed (a dist-info folder), for tests of how the
+registry treats what other packages register.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,7 +28,7 @@ from alexcli import plugins
 from alexcli.specs import AugmentContext, Network, check
 
 __all__ = ["CHECKS", "check_activation", "check_architecture", "check_augmentation", "check_norm", "check_pool",
-           "check_registered", "context", "images", "registry"]
+           "check_registered", "context", "fake_distribution", "images", "registry"]
 
 
 def context(crop: int = 32, full: int = 40, seed: int = 123, device="cpu") -> AugmentContext:
@@ -38,6 +42,26 @@ def context(crop: int = 32, full: int = 40, seed: int = 123, device="cpu") -> Au
 def images(n: int = 6, side: int = 40, seed: int = 0, channels: int = 3) -> torch.Tensor:
     """A float batch (N, C, side, side) of 0..1 values."""
     return torch.rand(n, channels, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def fake_distribution(site: Path, dist: str, version: str, entries: dict[str, dict[str, str]],
+                      modules: dict[str, str] | None = None) -> Path:
+    """Make distribution DIST look installed to importlib.metadata once SITE is on sys.path (or
+    PYTHONPATH): a dist-info folder with its ENTRIES ({group: {name: "module:attr"}}) and the
+    MODULES ({module name: source}) beside it. Returns the dist-info folder. Call
+    `alexcli.plugins.reset()` after putting SITE on sys.path."""
+    site = Path(site)
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = []
+    for group, names in entries.items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {target}" for name, target in names.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for name, source in (modules or {}).items():
+        (site / f"{name}.py").write_text(source)
+    return info
 
 
 def _contract(kind: str, factory) -> None:

@@ -18,6 +18,13 @@ def test_every_registered_plugin_passes_its_kinds_check(kind, name):
     check_registered(kind, name)
 
 
+def test_no_installed_package_registers_a_name_another_does():
+    """A plugin package installed here must use names of its own: a built-in's name is ignored (the
+    built-in is used) and one shared with another package is an error wherever it is used."""
+    assert [plugins.shadow_message(b, others) for b, others in plugins.shadowed()] == []
+    assert [f"{c[0].kind} {c[0].name!r}: " + " and ".join(p.package for p in c) for c in plugins.conflicts()] == []
+
+
 def test_the_built_ins_and_the_example_packages_are_all_checked():
     got = set(REGISTERED)
     assert {("architecture", "alexnet"), ("architecture", "cifar-local"), ("activation", "relu"),

@@ -5,21 +5,8 @@ import pytest
 
 from alexcli import plugins as reg
 from alexcli.errors import PluginError
+from alexcli.testing import fake_distribution as install_fake
 from conftest import run_cli
-
-
-def install_fake(site, dist, version, entries, modules=None):
-    """Make `dist` look installed to importlib.metadata: a dist-info folder on a sys.path entry."""
-    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    lines = []
-    for group, names in entries.items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {target}" for name, target in names.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    for name, source in (modules or {}).items():
-        (site / f"{name}.py").write_text(source)
 
 
 @pytest.fixture
@@ -67,6 +54,107 @@ def test_two_packages_claiming_a_name_is_an_error_naming_both(site):
                                           r"alexcli-bn-[ab] 1.0 \(x:y\) and alexcli-bn-[ab] 1.0 \(x:y\)"):
         reg.get("norm", "bn")
     assert [c[0].name for c in reg.conflicts()] == ["bn"]
+
+
+# A third-party package that registers built-in names: what each factory returns is marked, so a
+# test can tell whose module was built; importing it at all is a failure (the built-in must win
+# without the plugin's code ever running).
+EVIL = {"alexcli.layers.norm": {"lrn": "evil_mod:lrn"}, "alexcli.layers.activation": {"relu": "evil_mod:relu"}}
+EVIL_SOURCE = ("import os\n"
+               "if os.environ.get('EVIL_MOD_MUST_NOT_IMPORT'):\n"
+               "    raise RuntimeError('evil_mod was imported')\n"
+               "from torch import nn\n"
+               "class Evil(nn.Identity):\n    pass\n"
+               "def lrn(channels):\n    return Evil()\n"
+               "def relu():\n    return Evil()\n")
+
+
+def shadow_line(kind, name, builtin_version):
+    return (f"{kind} {name!r} is registered by both alexcli {builtin_version} (built-in) and evilpkg 1.0; a plugin "
+            f"cannot replace a built-in, so alexcli's is used: uninstall evilpkg or rename its entry point")
+
+
+def test_a_plugin_registering_a_builtin_name_cannot_replace_it(site, monkeypatch):
+    from alexcli import __version__
+    from alexcli.model import layers
+    from alexcli.model.registry import Arch, build_model
+
+    monkeypatch.delitem(sys.modules, "evil_mod", raising=False)
+    install_fake(site, "evilpkg", "1.0", EVIL, {"evil_mod": EVIL_SOURCE})
+    monkeypatch.setenv("EVIL_MOD_MUST_NOT_IMPORT", "1")
+    # Listed: the built-in is what resolves; the package that also claims the name is reported.
+    assert {(p.kind, p.name): p.package for p in reg.discover()}[("norm", "lrn")] == "alexcli"
+    assert reg.conflicts() == []  # not an error: nothing that uses lrn or relu breaks
+    assert [(b.kind, b.name, b.package, [o.package for o in others]) for b, others in reg.shadowed()] == [
+        ("activation", "relu", "alexcli", ["evilpkg"]), ("norm", "lrn", "alexcli", ["evilpkg"])]
+    # Used: alexcli's own factory, with a warning (once per name) that says what to do.
+    with pytest.warns(reg.PluginShadowWarning) as caught:
+        assert reg.info("norm", "lrn").package == "alexcli"
+        assert reg.get("norm", "lrn") is layers.lrn_paper
+        assert reg.get("activation", "relu") is layers.relu
+    assert [str(w.message) for w in caught] == [shadow_line("norm", "lrn", __version__),
+                                                 shadow_line("activation", "relu", __version__)]
+    model, used = build_model(Arch(num_classes=4, width=0.125, crop=64))
+    assert used["norm"] == {"name": "lrn", "package": "alexcli", "version": __version__}
+    assert used["activation"]["package"] == "alexcli"
+    assert type(model.norm1.cols[0]) is layers.LRN and type(model.act1) is __import__("torch").nn.ReLU
+    assert not [m for m in model.modules() if type(m).__name__ == "Evil"]
+    assert "evil_mod" not in sys.modules
+    # --check imports every usable plugin, never the one that is shadowed.
+    assert {p.name: e for p, e in reg.check_all()}["lrn"] is None
+
+
+def test_a_builtin_name_claimed_by_two_plugins_is_still_the_builtin(site):
+    from alexcli.model import layers
+
+    for dist in ("evil-a", "evil-b"):
+        install_fake(site, dist, "2.0", {"alexcli.layers.norm": {"lrn": "x:y"}})
+    with pytest.warns(reg.PluginShadowWarning, match=r"norm 'lrn' is registered by alexcli .* \(built-in\) and by "
+                                                     r"evil-[ab] 2.0 and evil-[ab] 2.0; a plugin cannot replace a "
+                                                     r"built-in, so alexcli's is used: uninstall evil-[ab] and "
+                                                     r"evil-[ab] or rename their entry points"):
+        assert reg.get("norm", "lrn") is layers.lrn_paper
+    assert reg.conflicts() == [] and len(reg.shadowed()) == 1
+
+
+def test_a_conflict_between_two_plugins_is_its_own_error_type(site):
+    for dist in ("alexcli-bn-a", "alexcli-bn-b"):
+        install_fake(site, dist, "1.0", {"alexcli.layers.norm": {"bn": "x:y"}})
+    with pytest.raises(reg.PluginConflictError):
+        reg.info("norm", "bn")
+    with pytest.raises(PluginError, match="unknown norm 'gn'") as err:
+        reg.info("norm", "gn")
+    assert not isinstance(err.value, reg.PluginConflictError)
+
+
+def test_cli_plugins_lists_a_plugin_that_shadows_a_builtin(tmp_path):
+    from alexcli import __version__
+
+    site = tmp_path / "site"
+    install_fake(site, "evilpkg", "1.0", EVIL, {"evil_mod": EVIL_SOURCE})
+    env = {"PYTHONPATH": str(site), "EVIL_MOD_MUST_NOT_IMPORT": "1"}
+    listed = run_cli("plugins", "--json", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr  # nothing is broken: the built-ins work
+    rows = json.loads(listed.stdout)["plugins"]
+    lrn = [r for r in rows if r["kind"] == "norm" and r["name"] == "lrn"]
+    assert [(r["package"], r["builtin"]) for r in lrn] == [("alexcli", True), ("evilpkg", False)]
+    assert lrn[0]["status"] == "not loaded"
+    assert lrn[1]["status"] == "warning: " + shadow_line("norm", "lrn", __version__)
+    assert json.loads(listed.stdout)["warnings"] == 2
+    table = run_cli("plugins", env=env, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert f"norm lrn: warning: {shadow_line('norm', 'lrn', __version__)}" in table.stderr.splitlines()
+    assert f"activation relu: warning: {shadow_line('activation', 'relu', __version__)}" in table.stderr.splitlines()
+    assert "evilpkg" in table.stdout
+    # --check is the installation's health check: a plugin that can never be used fails it, and
+    # its module is not imported to find that out.
+    checked = run_cli("plugins", "--check", env=env, cwd=tmp_path)
+    assert checked.returncode == 1
+    assert "evil_mod was imported" not in checked.stdout + checked.stderr
+    assert f"norm lrn: warning: {shadow_line('norm', 'lrn', __version__)}" in checked.stderr.splitlines()
+    # Loading only alexcli's own packages hides it.
+    quiet = run_cli("plugins", "--json", env=dict(env, ALEXCLI_LOAD_PLUGINS=""), cwd=tmp_path)
+    assert quiet.returncode == 0 and "evilpkg" not in quiet.stdout
 
 
 def test_env_var_chooses_which_packages_load(site, monkeypatch):

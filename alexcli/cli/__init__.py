@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
 from alexcli import __version__
-from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, train
+from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, train, verify
 from alexcli.errors import AlexcliError
 
 # Typer 0.26+ carries its own copy of Click, whose errors derive from typer.TyperException; older
@@ -37,6 +38,7 @@ app = typer.Typer(
 )
 
 _debug = False  # set by main() from --debug or ALEXCLI_DEBUG
+_python_show_warning = warnings.showwarning
 INTERNAL_EXIT = 1
 
 
@@ -55,7 +57,7 @@ def _root(
     before this callback runs.)"""
 
 
-for module in (prepare, train, eval_cmd, experiment, figures, demo, plugins, doctor):
+for module in (prepare, train, eval_cmd, experiment, figures, verify, demo, plugins, doctor):
     module.register(app)
 
 
@@ -66,10 +68,22 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """alexcli's own warnings (a plugin shadowing a built-in) as one `warning: ...` line; others as
+    Python shows them."""
+    from alexcli.plugins import PluginShadowWarning
+
+    if issubclass(category, PluginShadowWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Whatever goes wrong becomes one line on stderr."""
     global _debug
     _debug = os.environ.get("ALEXCLI_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
+    warnings.showwarning = _show_warning
     try:
         code = app(args=argv, prog_name="alexcli", standalone_mode=False)
         return code if isinstance(code, int) else 0

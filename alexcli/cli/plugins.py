@@ -13,6 +13,8 @@ def plugins_command(
     """List the registered architectures, layer variants and augmentations: kind, name, package, version.
 
     Names come from package metadata, so listing imports no plugin; --check imports each one.
+    A package that registers a built-in's name is listed with a warning: the built-in is what the
+    name means, always (--check fails on it). Two packages registering one name is an error.
     Set ALEXCLI_LOAD_PLUGINS=pkg1,pkg2 to load only those third-party packages ("" for none).
 
     Example: alexcli plugins --check
@@ -27,22 +29,27 @@ def plugins_command(
         packages = " and ".join(f"{p.package} {p.version}" for p in claim)
         rows.append(dict(claim[0].as_dict(), package=packages, version="", target="",
                          status=f"error: claimed by {packages}"))
-    rows.sort(key=lambda r: (r["kind"], r["name"]))
+    for builtin, others in reg.shadowed():  # listed after the built-in they do not replace
+        message = reg.shadow_message(builtin, others)
+        rows += [dict(p.as_dict(), status=f"warning: {message}") for p in others]
+    rows.sort(key=lambda r: (r["kind"], r["name"], not r["builtin"]))
     failed = [r for r in rows if r["status"].startswith("error")]
+    warned = {(r["kind"], r["name"]): r for r in rows if r["status"].startswith("warning")}
     if as_json:
-        emit_json({"plugins": rows, "errors": len(failed)})
+        emit_json({"plugins": rows, "errors": len(failed), "warnings": len(warned)})
     else:
         table = Table(title="alexcli plugins", title_justify="left")
         for col in ("kind", "name", "package", "version", "status"):
             table.add_column(col)
         for r in rows:
-            bad = r["status"].startswith("error")
-            table.add_row(r["kind"], r["name"], r["package"], r["version"], "error" if bad else r["status"],
-                          style="red" if bad else None)
+            level = r["status"].partition(":")[0]
+            short = level if level in ("error", "warning") else r["status"]
+            table.add_row(r["kind"], r["name"], r["package"], r["version"], short,
+                          style={"error": "red", "warning": "yellow"}.get(level))
         out.print(table)
-        for r in failed:  # in full, below the table, one line each
-            err.print(f"{r['kind']} {r['name']}: {r['status']}", soft_wrap=True)
-    if failed and (check or any("claimed by" in r["status"] for r in failed)):
+        for r in failed + list(warned.values()):  # in full, below the table, one line each
+            err.print(f"{r['kind']} {r['name']}: {r['status']}", soft_wrap=True, markup=False)
+    if (failed and (check or any("claimed by" in r["status"] for r in failed))) or (warned and check):
         raise typer.Exit(1)
 
 
