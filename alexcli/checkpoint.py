@@ -3,8 +3,14 @@
 ckpt-eNNN.safetensors   tensors  model.<layer>.<param>  (always the one-device layout)
                                  data.mean_image, data.pca_eigval, data.pca_eigvec
                         metadata "alexcli": JSON with the architecture, the variants used (name,
-                                 package, version), classes, epoch, metrics, init, the sha256 of
-                                 the tensors (safetensors has no checksum), alexcli version
+                                 package, version), classes, epoch, metrics, init, alexcli version,
+                                 and the checksums safetensors lacks (format version 2):
+                                 tensors_sha256  `digest` of the tensors (names, dtypes, shapes, bytes)
+                                 sha256          of the canonical JSON of this metadata without the
+                                                 sha256 field itself (`meta_digest`), so it covers
+                                                 the tensors through tensors_sha256, and every field
+                        (version 1 files, whose sha256 is the tensors' digest alone, still load: their
+                        metadata is checked field by field, as every file's is)
 state-eNNN.safetensors  momentum buffers (velocity.<param>)
 state-eNNN.json         step, schedule, seeds, data position, the run's settings; written last,
                         so its presence marks a complete epoch for --resume
@@ -12,6 +18,12 @@ state-eNNN.json         step, schedule, seeds, data position, the run's settings
 Every file is written through `alexcli.io` (NAME.tmp, fsync, rename): a kill leaves either the old
 file or the new one, never half of one under the final name. Nothing here unpickles anything.
 Train, experiment, eval and the figures all read and write checkpoints through this module.
+
+Reading checks, each failure a one-line DataError naming the file: a safetensors file with alexcli
+metadata (read_meta reads the header only, never a pickle); the metadata's own sha256 (version 2;
+no tensors needed); its fields (`check_meta`: arch, classes, class_names, variants, data, ...);
+then, in load_checkpoint, the tensors against tensors_sha256; in load_model, that the weights fit
+the architecture.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from alexcli.errors import DataError
 from alexcli.io import write_json, write_safetensors
 
 FORMAT = "alexcli-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: the sha256 covers the metadata too; 1: the tensors only
 CKPT_RE = re.compile(r"^ckpt-e(\d{3,})\.safetensors$")
 
 
@@ -71,27 +83,129 @@ def training_meta(*, arch, variants: dict, augment: dict, split, manifest: dict,
             "data": data, "parameters": parameters, "init": arch.init, **extra}
 
 
+def meta_digest(meta: dict) -> str:
+    """sha256 of META's canonical JSON (keys sorted, no spaces) without its `sha256` field."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """META as save_checkpoint stores it beside TENSORS: format, version and alexcli version set, the
+    tensors' digest and then the digest of the whole metadata added. (Tests use it to write a
+    consistent file with edited metadata.)"""
+    meta = json.loads(json.dumps(meta))  # as it will read back: tuples as lists, keys as strings
+    meta.pop("sha256", None)
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, alexcli_version=__version__,
+                tensors_sha256=digest(tensors))
+    meta["sha256"] = meta_digest(meta)
+    return meta
+
+
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], data: dict[str, torch.Tensor],
                     meta: dict) -> None:
     tensors = {f"model.{k}": v for k, v in state_dict.items()}
     tensors.update({f"data.{k}": v for k, v in data.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, alexcli_version=__version__,
-                sha256=digest(tensors))
-    write_safetensors(path, tensors, {"alexcli": json.dumps(meta)})
+    write_safetensors(path, tensors, {"alexcli": json.dumps(sealed(meta, tensors))})
 
 
 class Checkpoint:
-    """A loaded checkpoint: .meta (dict), .model_state, .data (mean image, PCA)."""
+    """A loaded checkpoint: .meta (dict), .model_state, .data (mean image, PCA), .arch (the Arch its
+    metadata gives, fields an older writer left out at their defaults)."""
 
     def __init__(self, path: Path, meta: dict, tensors: dict[str, torch.Tensor]):
         self.path, self.meta = path, meta
         self.model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         self.data = {k[5:]: v for k, v in tensors.items() if k.startswith("data.")}
 
+    @property
+    def arch(self):
+        from alexcli.model.arch import Arch
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """The checkpoint's metadata, without reading its tensors."""
+        return Arch.from_dict(self.meta["arch"])
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _type_name(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check_arch(d, path):
+    from alexcli.model.arch import Arch, arch_fields
+
+    if "arch" not in d:
+        raise DataError(f"{path}: metadata field 'arch' is missing")
+    arch = d["arch"]
+    if not isinstance(arch, dict):
+        raise DataError(f"{path}: metadata field 'arch' must be an object, not a {_type_name(arch)}")
+    defaults = Arch()
+    for name in sorted(arch_fields() & set(arch)):
+        v, kind = arch[name], type(getattr(defaults, name))
+        ok = {bool: isinstance(v, bool), int: isinstance(v, int) and not isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool), str: isinstance(v, str)}[kind]
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            raise DataError(f"{path}: metadata field 'arch.{name}' must be {what}, not {v!r}")
+    try:
+        a = Arch.from_dict(arch)
+        a.validate()
+    except Exception as exc:  # noqa: BLE001 - whatever the fields make of it, one line
+        raise DataError(f"{path}: metadata field 'arch' is invalid ({exc})") from None
+    if a.crop < 1:
+        raise DataError(f"{path}: metadata field 'arch' is invalid (crop must be positive, not {a.crop})")
+    return a
+
+
+def check_meta(meta: dict, path) -> None:
+    """Raise a DataError naming PATH and the field when a checkpoint's metadata cannot be what
+    alexcli wrote: what eval, predict, ensemble and the figures read from it, each of the right
+    type and consistent with the others."""
+    arch = _check_arch(meta, path)
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: metadata field 'classes' must be a list of strings"
+                        + ("" if "classes" in meta else " (it is missing)"))
+    if len(classes) != arch.num_classes:
+        raise DataError(f"{path}: metadata field 'classes' lists {len(classes)} classes, but arch.num_classes is "
+                        f"{arch.num_classes}")
+    names = meta.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise DataError(f"{path}: metadata field 'class_names' must be a list of strings")
+        if len(names) != len(classes):
+            raise DataError(f"{path}: metadata field 'class_names' lists {len(names)} names, but 'classes' lists "
+                            f"{len(classes)}")
+    variants = meta.get("variants", {})
+    if not isinstance(variants, dict):
+        raise DataError(f"{path}: metadata field 'variants' must be an object, not a {_type_name(variants)}")
+    for key, v in variants.items():
+        if not (isinstance(v, dict) and all(isinstance(v.get(f), str) for f in ("name", "package", "version"))):
+            raise DataError(f"{path}: metadata field 'variants.{key}' must be an object with name, package and "
+                            f"version")
+    augment = meta.get("augment", [])
+    if not isinstance(augment, list) or not all(isinstance(a, str) for a in augment):
+        raise DataError(f"{path}: metadata field 'augment' must be a list of strings")
+    data = meta.get("data", {})
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: metadata field 'data' must be an object, not a {_type_name(data)}")
+    if data.get("folder") is not None and not isinstance(data["folder"], str):
+        raise DataError(f"{path}: metadata field 'data.folder' must be a string")
+    size = data.get("size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= arch.crop):
+        raise DataError(f"{path}: metadata field 'data.size' must be an integer of at least arch.crop "
+                        f"({arch.crop}), not {size!r}")
+    epoch = meta.get("epoch")
+    if epoch is not None and not (isinstance(epoch, int) and not isinstance(epoch, bool)):
+        raise DataError(f"{path}: metadata field 'epoch' must be an integer, not {epoch!r}")
+
+
+def read_meta(path: str | os.PathLike, *, check: bool = True) -> dict:
+    """The checkpoint's metadata, without reading its tensors: the metadata's own sha256 (format
+    version 2) and, with CHECK, its fields (`check_meta`) verified."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -101,21 +215,37 @@ def read_meta(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("alexcli")
     except Exception as exc:  # safetensors raises several types for a damaged header
-        raise DataError(f"{path}: not a safetensors file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a safetensors file ({_one_line(exc)})") from None
     if raw is None:
         raise DataError(f"{path}: a safetensors file, but not an alexcli checkpoint (no 'alexcli' metadata)")
     try:
         meta = json.loads(raw)
     except ValueError:
-        raise DataError(f"{path}: damaged alexcli metadata") from None
+        raise DataError(f"{path}: damaged alexcli metadata (not JSON)") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: damaged alexcli metadata (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: not an alexcli checkpoint (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DataError(f"{path}: metadata field 'format_version' must be an integer, not {version!r}")
+    if version > FORMAT_VERSION:
         raise DataError(f"{path}: written by a newer alexcli ({meta.get('alexcli_version')}); upgrade alexcli")
+    if not isinstance(meta.get("sha256"), str):
+        raise DataError(f"{path}: metadata field 'sha256' is missing (damaged file)")
+    if version >= 2:
+        if meta_digest(meta) != meta["sha256"]:
+            raise DataError(f"{path}: metadata does not match the sha256 stored in it (edited or corrupt file)")
+    elif "tensors_sha256" in meta:  # version 2's field: edited metadata marked as the older format
+        raise DataError(f"{path}: metadata of format version 2 marked as version 1 (edited file)")
+    if check:
+        check_meta(meta, path)
     return meta
 
 
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
+    """The checkpoint's metadata (read_meta's checks) and tensors; with VERIFY (the default) the
+    tensors checked against their stored digest."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -123,8 +253,9 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise DataError(f"{path}: unreadable tensors ({type(exc).__name__}: {exc})") from None
-    if verify and digest(tensors) != meta.get("sha256"):
+        raise DataError(f"{path}: unreadable tensors ({_one_line(exc)})") from None
+    stored = meta["tensors_sha256"] if meta.get("format_version", 0) >= 2 else meta["sha256"]
+    if verify and digest(tensors) != stored:
         raise DataError(f"{path}: tensors do not match the sha256 stored in it (corrupt file)")
     return Checkpoint(path, meta, tensors)
 
@@ -186,6 +317,8 @@ def check_variants(meta: dict, path) -> None:
         kind = "augmentation" if key.startswith("augment:") else key
         try:
             plugins.info(kind, v["name"])
+        except plugins.PluginConflictError:
+            raise  # installed twice, not missing: its own message names both packages
         except PluginError:
             raise PluginError(f"{path} was trained with {kind} {v['name']!r} from package {v['package']} "
                               f"{v['version']}, which is not installed: pip install {v['package']}") from None
@@ -193,13 +326,53 @@ def check_variants(meta: dict, path) -> None:
 
 def load_model(path: str | os.PathLike, device="cpu"):
     """The network of a checkpoint, rebuilt from its metadata alone, in eval mode; and the checkpoint."""
-    from alexcli.model.registry import Arch, build_model
+    from alexcli.errors import PluginError, UsageError
+    from alexcli.model.registry import build_model
 
     ckpt = load_checkpoint(path)
     check_variants(ckpt.meta, ckpt.path)
-    model, _ = build_model(Arch.from_dict(ckpt.meta["arch"]))
+    try:
+        model, _ = build_model(ckpt.arch)
+    except PluginError:  # a missing architecture package: the message names what to install
+        raise
+    except UsageError as exc:  # sizes the network refuses (a crop too small), an unknown init
+        raise DataError(f"{ckpt.path}: the architecture in its metadata cannot be built ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - sizes a layer refuses, found by torch
+        raise DataError(f"{ckpt.path}: the architecture in its metadata cannot be built ({_one_line(exc)})") from None
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as exc:
         raise DataError(f"{ckpt.path}: weights do not fit the architecture in its metadata ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), ckpt
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """`alexcli verify CHECKPOINT`: every check loading does (metadata sha256 and fields, tensors'
+    digest, installed variants, weights fitting the architecture) and the data tensors' shapes.
+    Returns {"path", "kind", "ok", "problems", ...}; problems are one line each, naming the file."""
+    from alexcli.errors import AlexcliError
+
+    path = Path(path)
+    result = {"path": str(path), "kind": "checkpoint", "ok": False, "problems": []}
+    try:
+        model, ckpt = load_model(path)
+    except AlexcliError as exc:
+        result["problems"].append(str(exc))
+        return result
+    meta = ckpt.meta
+    size, crop = meta.get("data", {}).get("size"), ckpt.arch.crop
+    expected = {"mean_image": (3, size, size) if size else None, "pca_eigval": (3,), "pca_eigvec": (3, 3)}
+    for name, shape in expected.items():
+        t = ckpt.data.get(name)
+        if t is None:
+            result["problems"].append(f"{path}: tensor data.{name} is missing")
+        elif shape is not None and tuple(t.shape) != shape:
+            result["problems"].append(f"{path}: tensor data.{name} has shape {tuple(t.shape)}, expected {shape}")
+        elif name == "mean_image" and size is None and (t.dim() != 3 or t.shape[0] != 3 or min(t.shape[1:]) < crop):
+            result["problems"].append(f"{path}: tensor data.mean_image has shape {tuple(t.shape)}, expected "
+                                      f"(3, S, S) with S >= {crop}")
+    result.update(ok=not result["problems"], format_version=meta.get("format_version", 0), sha256=meta["sha256"],
+                  epoch=meta.get("epoch"), arch=ckpt.arch.name,
+                  classes=len(meta["classes"]), tensors=len(ckpt.model_state) + len(ckpt.data),
+                  parameters=sum(t.numel() for t in ckpt.model_state.values()))
+    return result

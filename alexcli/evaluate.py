@@ -99,7 +99,7 @@ def load_scored(path, device) -> Scored:
 
     model, ckpt = load_model(path, device)
     mean = ckpt.data["mean_image"].float().to(device) if "mean" in ckpt.meta.get("augment", ["mean"]) else None
-    return Scored(str(path), model, mean, ckpt.meta["arch"]["crop"], list(ckpt.meta["classes"]), ckpt.meta)
+    return Scored(str(path), model, mean, ckpt.arch.crop, list(ckpt.meta["classes"]), ckpt.meta)
 
 
 def check_compatible(scored: list[Scored], split) -> None:
@@ -132,6 +132,10 @@ def score(paths: list, split, *, crops: str = "center", batch: int = 128, worker
     Each batch is decoded once and scored by every model in turn; only the running counts are
     kept, so memory grows with the models' weights and nothing else."""
     crops = choice(Crops, crops, "--crops")
+    if batch < 1:
+        from alexcli.errors import UsageError
+
+        raise UsageError(f"--batch must be at least 1, not {batch}")
     device = torch.device(device)
     scored = [p if isinstance(p, Scored) else load_scored(p, device) for p in paths]
     check_compatible(scored, split)

@@ -86,11 +86,14 @@ def test_ensemble_refuses_different_class_lists(two_models, tmp_path, train_data
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from alexcli.checkpoint import sealed
+
     other = tmp_path / "other.safetensors"
     with safe_open(str(two_models[1]), "pt") as f:
         meta = json.loads(f.metadata()["alexcli"])
     meta["classes"] = list(reversed(meta["classes"]))
-    save_file(load_file(str(two_models[1])), str(other), {"alexcli": json.dumps(meta)})
+    tensors = load_file(str(two_models[1]))
+    save_file(tensors, str(other), {"alexcli": json.dumps(sealed(meta, tensors))})  # a consistent file
     r = run_cli("ensemble", two_models[0], other, "--data", train_data)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (f"error: {other} and {two_models[0]} list different classes "
@@ -109,6 +112,48 @@ def test_bad_eval_input(two_models, train_data, tmp_path):
         score([two_models[0]], None, crops="five")
 
 
+def flip_val_jpeg(data):
+    """Bytes flipped inside the first JPEG of val-000000.tar: the same size, still a tar, still a JPEG."""
+    shard = data / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    raw = bytearray(shard.read_bytes())
+    for i in range(m.offset_data + m.size // 2, m.offset_data + m.size // 2 + 16):
+        raw[i] ^= 0x55
+    shard.write_bytes(bytes(raw))
+    return shard
+
+
+def test_eval_refuses_a_val_shard_that_is_not_the_one_prepared(two_models, train_data, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(train_data, data)
+    shard = flip_val_jpeg(data)
+    for cmd in (["eval", two_models[0]], ["ensemble", *two_models]):
+        r = run_cli(*cmd, "--data", data, "--json")
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.strip().splitlines()[-1] == (f"error: {shard}: sha256 differs from dataset.json (corrupt or "
+                                                     f"replaced); run `alexcli verify {data}`")
+    r = run_cli("eval", two_models[0], "--data", data, "--json", "--no-verify")  # on purpose: it runs
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["images"] == 16
+
+
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_batch_below_one_is_refused(two_models, train_data, batch, capsys):
+    from alexcli.cli import main
+
+    for cmd in (["eval", str(two_models[0])], ["ensemble", *map(str, two_models)]):
+        assert main([*cmd, "--data", str(train_data), "--batch", batch]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: Invalid value for '--batch'") and err.count("\n") == 1, err
+    from alexcli.data.dataset import open_split
+    from alexcli.errors import UsageError
+    from alexcli.evaluate import score
+
+    with pytest.raises(UsageError, match=rf"^--batch must be at least 1, not {batch}$"):  # the library, too
+        score([two_models[0]], open_split(train_data, "val"), batch=int(batch))
+
+
 def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_src, tmp_path):
     from alexcli.data.prepare import PrepareConfig, prepare
     from safetensors.torch import load_file
@@ -123,7 +168,7 @@ def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_
     out = tmp_path / "ft"
     r = run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, "--init", two_models[0], "--conv6",
                 "--epochs", "1", "--lr", "0")
-    assert r.returncode == 2 and "--lr must be positive" in r.stderr
+    assert r.returncode == 2 and "--lr must be" in r.stderr and "positive" in r.stderr  # train's wording may vary
     r = run_cli("train", "--data", data, "--out", out, *[a for a in TINY_TRAIN if a != "kaiming" and a != "--init"],
                 "--init", two_models[0], "--conv6", "--epochs", "1", "--lr", "1e-9")
     assert r.returncode == 0, r.stderr

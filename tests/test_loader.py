@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_shard_with_fewer_samples_than_the_manifest_is_named(train_data, tmp_pat
         members = tar.getmembers()
     cut = members[-3].offset  # drop the last sample's three members
     shard.write_bytes(shard.read_bytes()[:cut] + b"\0" * (size - cut))
-    split = dataset.open_split(data, "val")
+    split = dataset.open_split(data, "val", verify=False)  # (its sha256 differs: verification would stop it)
     with pytest.raises(DataError, match=r"val-000000.tar: 11 samples read, but dataset.json says 12"):
         list(stream.batches(split, 4, train=False, workers=0))
     with pytest.raises(DataError, match=r"val-000000.tar: 11 samples read"):  # the same from a worker process
@@ -94,6 +95,7 @@ def test_missing_split_and_folder(train_data, tmp_path):
 
 def test_shards_written_by_other_tools_are_read_with_tarfile(train_data, tmp_path):
     """A shard rewritten in tarfile's GNU format (as other tools write them) reads the same samples."""
+    import hashlib
     import io
     import tarfile
 
@@ -111,6 +113,7 @@ def test_shards_written_by_other_tools_are_read_with_tarfile(train_data, tmp_pat
                 dst.addfile(m, io.BytesIO(payload))
         path.write_bytes(buf.getvalue())
         entry["bytes"] = len(buf.getvalue())
+        entry["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     (data / "dataset.json").write_text(json.dumps(manifest))
     assert tarfile.open(data / "val-000000.tar").getmembers()[0].offset == 0
     after = [torch.cat(b) for b in zip(*stream.batches(dataset.open_split(data, "val"), 4, train=False, workers=0))]
@@ -127,7 +130,7 @@ def test_damaged_header_is_named(train_data, tmp_path):
         off = tar.getmembers()[3].offset  # the second sample's first header
     raw[off + 1] ^= 0x01  # one bit of its name
     shard.write_bytes(bytes(raw))
-    split = dataset.open_split(data, "val")
+    split = dataset.open_split(data, "val", verify=False)
     with pytest.raises(DataError, match=rf"val-000000.tar: damaged tar header at byte {off}"):
         list(stream.batches(split, 4, train=False, workers=0))
 
@@ -144,3 +147,164 @@ def test_decode_on_the_device_gives_the_loaders_pixels(train_data):
         got = stream.images_on(b, "cpu")
         assert got.shape == a.shape and torch.equal(ya, yb)
         assert (got.int() - a.int()).abs().max() <= 2  # both libjpeg-turbo here; nvJPEG may differ slightly
+
+
+# ---------------------------------------------------------------- sha256 before first use, remembered
+
+def jpeg_members(shard):
+    """(key, offset of the JPEG's bytes, its length) of every sample of SHARD."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [(m.name[:-4], m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".jpg")]
+
+
+def flip_jpeg_bytes(shard, sample=0, at=0.6):
+    """Flip bytes inside one sample's JPEG entropy data: same size, still a valid tar (and usually a
+    JPEG that still decodes, to other pixels)."""
+    key, off, size = jpeg_members(shard)[sample]
+    raw = bytearray(shard.read_bytes())
+    for i in range(off + int(size * at), off + int(size * at) + 8):
+        raw[i] ^= 0x55
+    shard.write_bytes(bytes(raw))
+    return key
+
+
+def test_flipped_bytes_of_the_same_size_are_found_before_use(train_data, tmp_path):
+    data = copy_data(train_data, tmp_path / "d")
+    shard = data / "val-000000.tar"
+    flip_jpeg_bytes(shard)
+    with pytest.raises(DataError) as err:
+        dataset.open_split(data, "val")
+    assert str(err.value) == (f"{shard}: sha256 differs from dataset.json (corrupt or replaced); "
+                              f"run `alexcli verify {data}`")
+    assert dataset.open_split(data, "val", verify=False).samples == 16  # the way around it, on purpose
+
+
+def test_a_train_shard_replaced_by_another_of_the_same_size_is_refused(train_data, tmp_path):
+    data = copy_data(train_data, tmp_path / "d")
+    entries = json.loads((data / "dataset.json").read_text())["splits"]["train"]["shards"]
+    by_size = {}
+    for e in entries:
+        by_size.setdefault(e["bytes"], []).append(e["name"])
+    a, b = next(names for names in by_size.values() if len(names) > 1)[:2]  # two shards of one size
+    shutil.copyfile(data / a, data / b)  # training would see a's samples twice
+    with pytest.raises(DataError, match=rf"{b}: sha256 differs from dataset.json \(corrupt or replaced\)"):
+        dataset.open_split(data, "train")
+
+
+class Hashes:
+    """Counts the shards open_split hashes."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        real = dataset.sha256_file
+
+        def counting(path, *a, **k):
+            self.names.append(path.name)
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(dataset, "sha256_file", counting)
+
+    def take(self):
+        names, self.names = sorted(self.names), []
+        return names
+
+
+def test_verified_shards_are_remembered_until_they_change(train_data, tmp_path, monkeypatch):
+    import os
+    import time
+
+    data = copy_data(train_data, tmp_path / "d")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(dataset, "_now_ns", lambda: time.time_ns() + 10 ** 10)  # the shards are not just written
+    hashes = Hashes(monkeypatch)
+    names = [e["name"] for e in dataset.open_split(data, "val").shards]
+    assert hashes.take() == names and (data / dataset.VERIFIED_FILE).is_file()
+    dataset.open_split(data, "val")
+    dataset.open_split(data, "val")
+    assert hashes.take() == []  # later epochs and runs pay a stat per shard
+    shard = data / names[1]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # touched: hashed again, still good
+    dataset.open_split(data, "val")
+    assert hashes.take() == [names[1]]
+    flip_jpeg_bytes(shard)  # changed, and its mtime put back: its ctime still tells
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    with pytest.raises(DataError, match="sha256 differs"):
+        dataset.open_split(data, "val")
+    assert not (tmp_path / "xdg").exists()  # the folder was writable: nothing in the user's cache
+
+
+def test_just_written_shards_are_hashed_again(train_data, tmp_path, monkeypatch):
+    """A shard changed within the clock's granularity of its verification would keep its mtime, so a
+    shard younger than a few seconds when hashed is not remembered (git's "racy clean" rule)."""
+    import time
+
+    data = copy_data(train_data, tmp_path / "d")  # ctime: now
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    newest = max(max(p.stat().st_ctime_ns, p.stat().st_mtime_ns) for p in data.glob("*.tar"))
+    monkeypatch.setattr(dataset, "_now_ns", lambda: newest + 1)  # hashed just after the copy, however slow it was
+    hashes = Hashes(monkeypatch)
+    dataset.open_split(data, "val")
+    dataset.open_split(data, "val")
+    assert len(hashes.take()) == 4
+
+
+def test_a_read_only_data_folder_is_remembered_in_the_users_cache(train_data, tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    data = copy_data(train_data, tmp_path / "d")
+    (data / dataset.VERIFIED_FILE).unlink(missing_ok=True)  # copied along, if earlier tests verified train_data
+    real = dataset.write_json
+
+    def read_only(path, obj, *a, **k):  # tests run as root here, so chmod would not stop a write
+        if Path(path).parent == data:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, obj, *a, **k)
+
+    monkeypatch.setattr(dataset, "write_json", read_only)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(dataset, "_now_ns", lambda: time.time_ns() + 10 ** 10)
+    hashes = Hashes(monkeypatch)
+    dataset.open_split(data, "val")
+    assert len(hashes.take()) == 2 and not (data / dataset.VERIFIED_FILE).exists()
+    user = tmp_path / "xdg" / "alexcli" / "verified" / (hashlib.sha256(str(data.resolve()).encode()).hexdigest()
+                                                       + ".json")
+    assert user.is_file() and set(json.loads(user.read_text())["shards"]) == {"val-000000.tar", "val-000001.tar"}
+    dataset.open_split(data, "val")
+    assert hashes.take() == []
+    # neither place writable: not an error, only slower next time
+    monkeypatch.setenv("XDG_CACHE_HOME", str(data / "dataset.json"))  # a file: no folder can be made in it
+    dataset.open_split(data, "val")
+    dataset.open_split(data, "val")
+    assert len(hashes.take()) == 4
+
+
+def test_verification_reports_its_progress(train_data, tmp_path):
+    from alexcli.events import Advance, Begin
+
+    data = copy_data(train_data, tmp_path / "d")
+    events = []
+    dataset.open_split(data, "val", progress=events.append)
+    assert events[0] == Begin("verify val", 2, unit="shards") and events[1:] == [Advance(1), Advance(1)]
+
+
+def test_undecodable_jpeg_names_its_shard_and_key(train_data, tmp_path):
+    data = copy_data(train_data, tmp_path / "d")
+    shard = data / "val-000001.tar"
+    key, off, size = jpeg_members(shard)[2]
+    raw = bytearray(shard.read_bytes())
+    raw[off:off + size] = b"\0" * size  # not a JPEG any more, same size
+    shard.write_bytes(bytes(raw))
+    split = dataset.open_split(data, "val", verify=False)
+    for workers in (0, 1):
+        with pytest.raises(DataError) as err:
+            list(stream.batches(split, 4, train=False, workers=workers))
+        assert str(err.value).startswith(f"{shard}: sample {key}: undecodable JPEG (")
+    import itertools
+
+    got = list(itertools.islice(stream.ShardStream(split, 4, train=True, buffer=1), 10))  # training, too
+    assert isinstance(got[-1], stream._Failure)
+    assert got[-1].message.startswith(f"{shard}: sample {key}: undecodable JPEG (")

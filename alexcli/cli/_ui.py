@@ -96,6 +96,13 @@ def json_option():
     return typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 
 
+def no_verify_option():
+    """--no-verify of every command that reads shards."""
+    return typer.Option(False, "--no-verify",
+                        help="Do not check each shard's sha256 against dataset.json before first use (the "
+                             "check is paid once per shard and remembered; see `alexcli verify`).")
+
+
 def device_option():
     return typer.Option(Device.auto, help="auto (CUDA when a GPU is visible), cpu or cuda.")
 

@@ -6,12 +6,12 @@ from typing import List, Optional
 import typer
 
 from alexcli.choices import Amp, Crops, Device
-from alexcli.cli._ui import (Reporter, amp_option, ckpt_argument, crops_option, data_folder, data_option,
+from alexcli.cli._ui import (Reporter, no_verify_option, amp_option, ckpt_argument, crops_option, data_folder, data_option,
                              device_option, emit_json, json_option, out, workers_option)
 
 
 def _run(ckpts: list[Path], data: Optional[Path], split: str, crops: Crops, batch: int, workers: int, device: Device,
-         amp: Amp) -> dict:
+         amp: Amp, no_verify: bool) -> dict:
     import torch
 
     from alexcli.data import stream
@@ -21,8 +21,9 @@ def _run(ckpts: list[Path], data: Optional[Path], split: str, crops: Crops, batc
     from alexcli.train.step import autocast_for
 
     dev = torch.device(device_name(device))
-    sp = open_split(data_folder(data, ckpts[0]), split)
+    folder = data_folder(data, ckpts[0])
     with Reporter() as report:
+        sp = open_split(folder, split, verify=not no_verify, progress=report)
         return score([str(c) for c in ckpts], sp, crops=crops, batch=batch, device=dev,
                      workers=stream.loader_workers(sp, 1, dev.type, workers), autocast=autocast_for(amp, dev),
                      progress=report)
@@ -76,16 +77,18 @@ def eval_command(
     device: Device = device_option(),
     amp: Amp = amp_option(),
     per_class: bool = typer.Option(False, "--per-class", help="Also show each class's top-1 error."),
+    no_verify: bool = no_verify_option(),
     as_json: bool = json_option(),
 ) -> None:
     """Top-1 and top-5 error of a checkpoint, as the paper reports them (section 6).
 
     The network is rebuilt from the checkpoint's metadata alone, with the mean image it was
-    trained with.
+    trained with. Each shard of the split is checked against its sha256 in dataset.json before
+    its first use (remembered afterwards; --no-verify skips the check).
 
     Example: alexcli eval runs/alexnet/ckpt-e090.safetensors --data shards/imagenet --crops ten
     """
-    _show(_run([ckpt], data, split, crops, batch, workers, device, amp), per_class, as_json)
+    _show(_run([ckpt], data, split, crops, batch, workers, device, amp, no_verify), per_class, as_json)
 
 
 def ensemble_command(
@@ -98,15 +101,17 @@ def ensemble_command(
     device: Device = device_option(),
     amp: Amp = amp_option(),
     per_class: bool = typer.Option(False, "--per-class", help="Also show the ensemble's error per class."),
+    no_verify: bool = no_verify_option(),
     as_json: bool = json_option(),
 ) -> None:
     """Each model's error and the error of their averaged softmax, as the paper's Table 2.
 
     Every batch is decoded once and scored by all the models; memory grows only by their weights.
+    The split's shards are checked against dataset.json as for `alexcli eval`.
 
     Example: alexcli ensemble runs/a/ckpt-e090.safetensors runs/b/ckpt-e090.safetensors --data shards/imagenet
     """
-    _show(_run(list(ckpts), data, split, crops, batch, workers, device, amp), per_class, as_json)
+    _show(_run(list(ckpts), data, split, crops, batch, workers, device, amp, no_verify), per_class, as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from alexcli.choices import Crops, Device
-from alexcli.cli._ui import (Reporter, ckpt_argument, crops_option, data_folder, data_option, device_option, emit_json,
+from alexcli.cli._ui import (Reporter, no_verify_option, ckpt_argument, crops_option, data_folder, data_option, device_option, emit_json,
                              err, json_option, out, workers_option)
 
 
@@ -100,6 +100,7 @@ def neighbors_command(
     batch: int = typer.Option(128, min=1, help="Images per batch while computing the codes."),
     workers: int = workers_option(),
     device: Device = device_option(),
+    no_verify: bool = no_verify_option(),
     as_json: bool = json_option(),
 ) -> None:
     """The training images nearest to each query in the last hidden layer (Figure 4, right).
@@ -119,7 +120,7 @@ def neighbors_command(
     with Reporter() as report:
         result, queries, pictures = neighbors(ckpt, [str(i) for i in images], folder, split=split, k=k,
                                               device=device_name(device), batch=batch, workers=workers, cache=cache,
-                                              progress=report)
+                                              verify=not no_verify, progress=report)
     if result["features"]["reused"]:
         err.print(f"codes of {result['features']['images']:,} {split} images from {result['features']['cache']}",
                   soft_wrap=True)

@@ -1,8 +1,22 @@
 """A prepared data set as every stage sees it: dataset.json, its splits and shards, the statistics.
 
-`open_split` is how train, eval, experiment and the figures get at shards: it reads the manifest and
-checks that every shard of the split exists with the size the manifest gives (a stat per shard);
-the reader (`alexcli.data.tar.read_samples`) then checks each shard's sample count as it reads it.
+`open_split` is how train, eval, experiment and the figures get at shards: it reads the manifest,
+checks that every shard of the split exists with the size the manifest gives (a stat per shard)
+and, unless told not to (`verify=False`, the commands' `--no-verify`), that each shard's sha256 is
+the manifest's. The reader (`alexcli.data.tar.read_samples`) then checks each shard's sample count
+as it reads it.
+
+Hashing is paid once per shard, not once per run: a shard found good is remembered by its
+(size, mtime_ns, ctime_ns, inode, the manifest's sha256) in `.alexcli-verified.json` in the data
+folder, or, where that folder is not writable (a shared read-only data set), in
+`$XDG_CACHE_HOME/alexcli/verified/<sha256 of the folder's resolved path>.json` (default
+~/.cache). A shard whose stat differs in any of these is hashed again; one written less than
+`RACY_NS` before it was hashed is not remembered (a change within the clock's granularity would
+keep its mtime: git's "racy clean" rule). A cache that cannot be read or written is ignored.
+Hashing reads 1 MiB blocks in a few threads (hashlib releases the GIL).
+
+`check_data` is `alexcli verify`: every shard hashed and read, every JPEG decoded, the statistics
+and the class lists checked, all problems listed.
 """
 
 from __future__ import annotations
@@ -10,14 +24,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from alexcli.data.stats import STATS_FILE
 from alexcli.data.tar import count_samples
 from alexcli.errors import DataError
+from alexcli.events import Advance, Begin, Progress, ignore
+from alexcli.io import write_json
 
 MANIFEST = "dataset.json"
+VERIFIED_FILE = ".alexcli-verified.json"
+VERIFIED_FORMAT = "alexcli-verified"
+RACY_NS = 3 * 10 ** 9     # a shard changed less than this before it was hashed is not remembered
+HASH_BLOCK = 1 << 20
+HASH_THREADS = 4
 
 
 def shard_name(split: str, index: int) -> str:
@@ -29,9 +51,12 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataError(f"{folder}: no {MANIFEST} (prepare a data set with `alexcli prepare SRC --out {folder}`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: damaged (not a JSON object)")
+    return manifest
 
 
 def has_split(manifest: dict, split: str) -> bool:
@@ -43,7 +68,7 @@ def class_names(meta: dict) -> list[str]:
     return list(meta.get("class_names") or meta["classes"])
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
+def sha256_file(path: Path, block: int = HASH_BLOCK) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
@@ -86,12 +111,19 @@ class Split:
         return self.folder / entry["name"]
 
 
-def open_split(folder: str | os.PathLike, split: str) -> Split:
-    """The split's shards, each checked to exist with the size dataset.json gives (cheap: a stat)."""
+def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
+               progress: Progress = ignore) -> Split:
+    """The split's shards, each checked to exist with the size dataset.json gives (a stat) and, with
+    VERIFY, to have its sha256 (hashed once, then remembered: `verify_hashes`). PROGRESS gets a
+    Begin("verify <split>", shards to hash, unit="shards") and an Advance per shard when any has to
+    be hashed; nothing when all are remembered."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder (prepare one with `alexcli prepare SRC --out {folder}`)")
     manifest = read_manifest(folder)
+    problems = _check_manifest(folder, manifest)[0]
+    if problems:  # an edited or damaged manifest: one line here, every problem from `alexcli verify`
+        raise DataError(f"{problems[0]}; run `alexcli verify {folder}`")
     splits = manifest.get("splits", {})
     if not has_split(manifest, split):
         have = ", ".join(k for k, v in splits.items() if v.get("shards")) or "none"
@@ -99,17 +131,308 @@ def open_split(folder: str | os.PathLike, split: str) -> Split:
     entries = splits[split]["shards"]
     for entry in entries:
         verify_shard(folder, entry)
+    if verify:
+        verify_hashes(folder, entries, label=f"verify {split}", progress=progress)
     return Split(folder, split, entries, list(manifest["classes"]), int(manifest["parameters"]["size"]))
 
 
-def load_stats(folder: str | os.PathLike) -> dict:
-    """The data set's stats.safetensors as float64 torch tensors (mean image, RGB PCA, ...)."""
+# ---------------------------------------------------------------- shards verified once, remembered
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def user_cache_path(folder: str | os.PathLike) -> Path | None:
+    """Where a data folder that is not writable has its verified shards remembered (None when there
+    is no home folder to put it in)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"  # XDG: a relative path is ignored
+    except RuntimeError:  # no HOME and no password entry
+        return None
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()
+    return root / "alexcli" / "verified" / f"{key}.json"
+
+
+def _stat_record(st: os.stat_result, sha256: str) -> dict:
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "sha256": sha256}
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != VERIFIED_FORMAT or not isinstance(doc.get("shards"), dict):
+        return {}
+    return doc["shards"]
+
+
+class VerifiedShards:
+    """The shards of FOLDER whose sha256 was found to be the manifest's, by their stat (both caches)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.places = [p for p in (self.folder / VERIFIED_FILE, user_cache_path(self.folder)) if p is not None]
+        self.known = [_read_cache(p) for p in self.places]
+        self.new: dict[str, dict] = {}
+
+    def remembered(self, entry: dict, st: os.stat_result) -> bool:
+        want = _stat_record(st, entry["sha256"])
+        return any(k.get(entry["name"]) == want for k in self.known)
+
+    def add(self, entry: dict, st: os.stat_result, started_ns: int) -> None:
+        if max(st.st_mtime_ns, st.st_ctime_ns) < started_ns - RACY_NS:
+            self.new[entry["name"]] = _stat_record(st, entry["sha256"])
+
+    def save(self) -> None:
+        """Into the data folder, else the user's cache; a failure of both only costs time next run."""
+        if not self.new:
+            return
+        for i, place in enumerate(self.places):
+            shards = {**_read_cache(place), **self.new}  # re-read: another process may have added some
+            try:
+                if i:
+                    place.parent.mkdir(parents=True, exist_ok=True)
+                write_json(place, {"format": VERIFIED_FORMAT, "version": 1, "folder": str(self.folder.resolve()),
+                                   "shards": shards})
+                return
+            except OSError:
+                continue
+
+
+def verify_hashes(folder: Path, entries: list[dict], *, label: str = "verify", progress: Progress = ignore) -> None:
+    """Raise DataError naming the first shard (in manifest order) whose sha256 is not the
+    manifest's; shards remembered as verified with their current stat are not read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alexcli.env import cpu_cores
+
+    folder = Path(folder)
+    cache = VerifiedShards(folder)
+    todo = []
+    for entry in entries:
+        st = (folder / entry["name"]).stat()  # taken before hashing: a change during it shows next time
+        if not cache.remembered(entry, st):
+            todo.append((entry, st))
+    if not todo:
+        return
+    progress(Begin(label, len(todo), unit="shards"))
+    started = _now_ns()
+    bad = None
+    threads = max(1, min(HASH_THREADS, cpu_cores(), len(todo)))
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for (entry, st), digest in zip(todo, pool.map(lambda t: sha256_file(folder / t[0]["name"]), todo)):
+                if digest == entry["sha256"]:
+                    cache.add(entry, st, started)
+                elif bad is None:
+                    bad = entry
+                progress(Advance(1))
+    finally:
+        cache.save()
+    if bad is not None:
+        raise DataError(f"{folder / bad['name']}: sha256 differs from {MANIFEST} (corrupt or replaced); "
+                        f"run `alexcli verify {folder}`")
+
+
+def _read_stats(path: Path) -> dict:
     import numpy as np
     import torch
 
     from alexcli.data.stats import load
 
-    path = Path(folder) / STATS_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: missing (run `alexcli prepare` again to write it)")
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load(path).items()}
+
+
+def load_stats(folder: str | os.PathLike) -> dict:
+    """The data set's stats.safetensors as float64 torch tensors (mean image, RGB PCA, ...), checked:
+    a missing, damaged or inconsistent file is one DataError naming it."""
+    problems = _check_stats(Path(folder), None)
+    if problems:
+        raise DataError(problems[0])
+    return _read_stats(Path(folder) / STATS_FILE)
+
+
+# ---------------------------------------------------------------- alexcli verify: everything, every problem
+
+STATS_SHAPES = {"mean_image": None, "rgb_mean": (3,), "rgb_std": (3,), "rgb_cov": (3, 3), "pca_eigval": (3,),
+                "pca_eigvec": (3, 3)}
+MAX_SAMPLE_PROBLEMS = 5  # per shard; the rest are counted
+POOL_BYTES = 64 << 20    # check_data's default: worker processes only for data sets larger than this
+
+
+def check_shard(path: str, entry: dict, size: int, num_classes: int) -> dict:
+    """Everything about one shard (run in a worker process by `check_data`): it exists with its
+    manifest size and sha256, holds its sample count, and every sample's JPEG decodes to a size x
+    size RGB image with a label below NUM_CLASSES. Returns {"problems", "samples", "bytes", "ok_hash"}."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from alexcli.data.image import decode_rgb
+    from alexcli.data.tar import read_samples
+
+    path = Path(path)
+    problems, n, per_sample = [], 0, 0
+    result = {"problems": problems, "samples": 0, "bytes": 0, "ok_hash": False}
+    if not path.is_file():
+        problems.append(f"{path}: missing (listed in {MANIFEST})")
+        return result
+    nbytes = path.stat().st_size
+    result["bytes"] = nbytes
+    if nbytes != entry["bytes"]:
+        problems.append(f"{path}: {nbytes} bytes, but {MANIFEST} says {entry['bytes']} (truncated or replaced)")
+    elif sha256_file(path) != entry["sha256"]:
+        problems.append(f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+    else:
+        result["ok_hash"] = True
+
+    def sample_problem(text):
+        nonlocal per_sample
+        per_sample += 1
+        if per_sample <= MAX_SAMPLE_PROBLEMS:
+            problems.append(text)
+
+    try:
+        for sample in read_samples(path, entry["samples"]):
+            n += 1
+            where = f"{path}: sample {sample.key}"
+            if not 0 <= sample.label < num_classes:
+                sample_problem(f"{where}: label {sample.label}, but there are {num_classes} classes")
+            try:
+                with Image.open(io.BytesIO(sample.jpg)) as im:
+                    fmt = im.format
+                a = decode_rgb(sample.jpg)
+            except Exception as exc:  # noqa: BLE001 - whatever PIL raises for bytes that are not an image
+                from alexcli.data.stream import _undecodable
+
+                sample_problem(f"{where}: undecodable JPEG ({_undecodable(exc)})")
+                continue
+            if fmt != "JPEG":
+                sample_problem(f"{where}: a {fmt} image, not a JPEG")
+            elif a.shape != (size, size, 3) or a.dtype != np.uint8:
+                sample_problem(f"{where}: a {a.shape[1]}x{a.shape[0]} image, but the data set's are {size}x{size}")
+    except DataError as exc:
+        problems.append(str(exc))
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable ({exc})")
+    if per_sample > MAX_SAMPLE_PROBLEMS:
+        problems.append(f"{path}: {per_sample - MAX_SAMPLE_PROBLEMS} more samples with problems")
+    result["samples"] = n
+    return result
+
+
+def _check_shard_task(task):
+    return check_shard(*task)
+
+
+def _entry_ok(e) -> bool:
+    return (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("sha256"), str)
+            and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) for k in ("bytes", "samples")))
+
+
+def _check_manifest(folder: Path, manifest: dict) -> tuple[list[str], int | None, list]:
+    problems = []
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        problems.append(f"{folder}: {MANIFEST} has no list of classes")
+        classes = []
+    names = manifest.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != len(classes)):
+        n = len(names) if isinstance(names, list) else "no"
+        problems.append(f"{folder}: class_names lists {n} names, but classes lists {len(classes)}")
+    size = manifest.get("parameters", {}).get("size") if isinstance(manifest.get("parameters"), dict) else None
+    if not isinstance(size, int) or size < 1:
+        problems.append(f"{folder}: {MANIFEST} gives no image size (parameters.size)")
+        size = None
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not any(isinstance(v, dict) and v.get("shards") for v in splits.values()):
+        problems.append(f"{folder}: {MANIFEST} lists no shards")
+    return problems, size, classes
+
+
+def _check_stats(folder: Path, size: int | None) -> list[str]:
+    path = folder / STATS_FILE
+    if not path.is_file():
+        return [f"{path}: missing (run `alexcli prepare` again to write it)"]
+    try:
+        stats = _read_stats(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return [f"{path}: unreadable ({text})"]
+    problems = []
+    for name, shape in STATS_SHAPES.items():
+        if name == "mean_image":
+            m = stats.get(name)
+            shape = (3, size, size) if size else (3, m.shape[-1], m.shape[-1]) if m is not None and m.dim() == 3 else (3, 0, 0)
+        t = stats.get(name)
+        if t is None:
+            problems.append(f"{path}: no {name} tensor")
+        elif shape is not None and tuple(t.shape) != shape:
+            problems.append(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape}")
+        elif not bool(t.isfinite().all()):
+            problems.append(f"{path}: {name} has values that are not finite")
+    return problems
+
+
+def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progress = ignore) -> dict:
+    """`alexcli verify FOLDER`: the manifest, the statistics and every shard of every split
+    (`check_shard`, in WORKERS processes; 0: in this one; -1: all cores when the shards hold more
+    than POOL_BYTES, else this one). Shards found good are remembered as
+    verified (open_split then skips hashing them). Returns {"path", "kind": "data", "ok",
+    "problems", "shards", "samples", "bytes", "splits"}."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems, size, classes = _check_manifest(folder, manifest)
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    splits = {k: v["shards"] for k, v in splits.items()
+              if isinstance(v, dict) and isinstance(v.get("shards"), list) and v["shards"]}
+    for name, entries in splits.items():
+        good = [e for e in entries if _entry_ok(e)]
+        if len(good) < len(entries):
+            problems.append(f"{folder}: {len(entries) - len(good)} {name} shard entries of {MANIFEST} lack a "
+                            f"name, bytes, samples or sha256")
+        splits[name] = good
+    tasks = [(str(folder / e["name"]), e, size or 0, len(classes)) for entries in splits.values() for e in entries]
+    stats_problems = _check_stats(folder, size)
+    progress(Begin("verify", len(tasks), unit="shards"))
+    cache = VerifiedShards(folder)
+    started = _now_ns()
+    stats = [os.stat(t[0]) if os.path.isfile(t[0]) else None for t in tasks]
+    results = []
+    if workers < 0:
+        from alexcli.env import cpu_cores
+
+        workers = cpu_cores() if sum(int(t[1].get("bytes", 0)) for t in tasks) > POOL_BYTES else 0
+    if workers > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            for r in pool.imap(_check_shard_task, tasks):
+                results.append(r)
+                progress(Advance(1, images=r["samples"]))
+    else:
+        for t in tasks:
+            results.append(check_shard(*t))
+            progress(Advance(1, images=results[-1]["samples"]))
+    for (path, entry, _, _), st, r in zip(tasks, stats, results):
+        problems += r["problems"]
+        try:
+            unchanged = st is not None and _stat_record(os.stat(path), "") == _stat_record(st, "")
+        except OSError:
+            unchanged = False
+        if r["ok_hash"] and unchanged:  # not changed while it was being checked
+            cache.add(entry, st, started)
+    cache.save()
+    problems += stats_problems
+    per_split = {}
+    it = iter(results)
+    for name, entries in splits.items():
+        rs = [next(it) for _ in entries]
+        per_split[name] = {"shards": len(entries), "samples": sum(r["samples"] for r in rs)}
+    return {"path": str(folder), "kind": "data", "ok": not problems, "problems": problems,
+            "shards": len(tasks), "samples": sum(r["samples"] for r in results),
+            "bytes": sum(r["bytes"] for r in results), "splits": per_split}

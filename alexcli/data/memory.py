@@ -42,11 +42,11 @@ def _free_bytes() -> int | None:
         return None
 
 
-def load_split(folder, split: str, *, limit: int = 0, progress: Progress = ignore) -> InMemory:
+def load_split(folder, split: str, *, limit: int = 0, progress: Progress = ignore, verify: bool = True) -> InMemory:
     """The first LIMIT samples (0: all) of SPLIT in shard order, decoded as the shard stream decodes
-    them. prepare shuffles the training split before sharding, so its first LIMIT samples are a
-    random subset."""
-    s = open_split(folder, split)
+    them (each shard's sha256 checked first unless VERIFY is off). prepare shuffles the training
+    split before sharding, so its first LIMIT samples are a random subset."""
+    s = open_split(folder, split, verify=verify, progress=progress)
     n = min(limit, s.samples) if limit > 0 else s.samples
     need = n * 3 * s.size * s.size
     free = _free_bytes()
@@ -62,15 +62,16 @@ def load_split(folder, split: str, *, limit: int = 0, progress: Progress = ignor
     def flush():
         nonlocal done, jpgs
         if jpgs:
-            images[done:done + len(jpgs)] = decode_batch([j for j, _ in jpgs]).permute(0, 2, 3, 1)
-            labels[done:done + len(jpgs)] = torch.tensor([c for _, c in jpgs])
+            images[done:done + len(jpgs)] = decode_batch([j for j, _, _ in jpgs], [w for _, _, w in jpgs],
+                                                         s.size).permute(0, 2, 3, 1)
+            labels[done:done + len(jpgs)] = torch.tensor([c for _, c, _ in jpgs])
             done += len(jpgs)
             progress(Advance(len(jpgs)))
             jpgs = []
 
     for entry in s.shards:
         for sample in read_samples(s.path(entry), entry["samples"]):
-            jpgs.append((sample.jpg, sample.label))
+            jpgs.append((sample.jpg, sample.label, f"{s.path(entry)}: sample {sample.key}"))
             if done + len(jpgs) == n:
                 break
             if len(jpgs) == chunk:

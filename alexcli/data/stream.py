@@ -8,7 +8,8 @@ Training order is a pure function of (seed, epoch, rank, worker): shards are dea
 rank x worker slots from a per-epoch permutation, each slot cycles over its shards with a seeded
 buffer shuffle, and every rank takes exactly `steps_per_epoch` batches. So every rank runs the
 same number of steps (no DDP hang at an epoch end), and a run resumed at an epoch boundary reads
-exactly what the uninterrupted run read. Evaluation reads each shard of a slot once, in order.
+exactly what the uninterrupted run read. A run resumed at step S of an epoch skips the first S
+batches without decoding them (`skip`): batch i of a rank comes from its loader worker i mod W. Evaluation reads each shard of a slot once, in order.
 Each shard's sample count is checked against dataset.json as it is read: a shard cut short is an
 error naming it, never a silent short epoch. An error in a loader process travels to the main
 process as a value and is raised there as one DataError, not a DataLoader traceback.
@@ -17,6 +18,7 @@ process as a value and is raised there as one DataError, not a DataLoader traceb
 from __future__ import annotations
 
 import random
+import signal
 from typing import Iterator, NamedTuple
 
 import torch
@@ -47,19 +49,38 @@ class _Failure:
         self.message = message
 
 
-def decode_batch(jpgs: list[bytes]) -> torch.Tensor:
+def _undecodable(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image PIL recognises"
+    return str(exc) or type(exc).__name__
+
+
+def decode_batch(jpgs: list[bytes], sources: list[str] | None = None, size: int | None = None) -> torch.Tensor:
     """JPEG bytes -> uint8 (B, 3, H, W), each decoded by `decode_rgb` (pillow-simd, the pixels
     prepare's statistics were computed on) straight into the batch. The memory is (B, H, W, 3), so
     the result has channels-last strides (what `--channels-last` wants on a GPU; `.contiguous()`
-    gives NCHW)."""
+    gives NCHW).
+
+    SOURCES names each image for errors (`<shard>: sample <key>`): an image that does not decode,
+    or is not SIZE x SIZE (when given) or the batch's first image's size, is a DataError naming it."""
     out = arr = None
     for i, jpg in enumerate(jpgs):
-        a = decode_rgb(jpg)
+        where = sources[i] if sources is not None else f"image {i} of the batch"
+        try:
+            a = decode_rgb(jpg)
+        except MemoryError:
+            raise
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            raise DataError(f"{where}: undecodable JPEG ({_undecodable(exc)})") from None
+        if size is not None and a.shape != (size, size, 3):
+            raise DataError(f"{where}: a {a.shape[1]}x{a.shape[0]} image, but the data set's are {size}x{size}")
         if out is None:
             out = torch.empty(len(jpgs), *a.shape, dtype=torch.uint8)
             arr = out.numpy()
         if a.shape != arr.shape[1:]:
-            raise DataError(f"images of different sizes in one batch ({a.shape[1]}x{a.shape[0]} and "
+            raise DataError(f"{where}: images of different sizes in one batch ({a.shape[1]}x{a.shape[0]} and "
                             f"{arr.shape[2]}x{arr.shape[1]}): not a prepared data set")
         arr[i] = a
     return out.permute(0, 3, 1, 2)
@@ -112,11 +133,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split: Split, batch: int, *, train: bool, rank: int = 0, world: int = 1,
                  seed: int = 0, epoch: int = 0, buffer: int = SHUFFLE_BUFFER, decode: str = "cpu",
-                 keyed: bool = False):
+                 keyed: bool = False, skip: int = 0):
         if keyed and train:
             raise ValueError("keyed batches are for evaluation (train=False)")
         self.split, self.batch, self.train, self.decode, self.keyed = split, batch, train, decode, keyed
         self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
+        self.skip = skip  # batches of this rank already trained on (a run resumed mid-epoch)
 
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -145,15 +167,30 @@ class ShardStream(IterableDataset):
 
     def _batch(self, buf: list):
         jpgs = [s.jpg for _, _, s in buf]
-        images = decode_batch(jpgs) if self.decode == "cpu" else pack(jpgs)
+        if self.decode == "cpu":
+            sources = [f"{self.split.path(self.split.shards[i])}: sample {s.key}" for i, _, s in buf]
+            images = decode_batch(jpgs, sources, self.split.size)
+        else:
+            images = pack(jpgs)
         labels = torch.tensor([s.label for _, _, s in buf])
+        if labels.min() < 0 or labels.max() >= len(self.split.classes):
+            i, _, bad = next(b for b in buf if not 0 <= b[2].label < len(self.split.classes))
+            raise DataError(f"{self.split.path(self.split.shards[i])}: sample {bad.key}: class {bad.label}, but "
+                            f"dataset.json lists {len(self.split.classes)} classes (edited or from another data set)")
         if not self.keyed:
             return images, labels
         return images, labels, Where(buf[0][0], torch.tensor([p for _, p, _ in buf]), [s.key for _, _, s in buf])
 
     def __iter__(self):
-        if get_worker_info() is not None:  # a decoding process: leave the cores to the others
+        info = get_worker_info()
+        if info is not None:  # a decoding process: leave the cores to the others
             torch.set_num_threads(1)
+            # SIGINT and SIGTERM are for the main process, which saves the run's position and stops
+            # the workers; a worker dying of them first would turn that stop into a DataLoader error.
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        skip = len(range(wid, self.skip, workers))  # the rank's batch i comes from worker i mod W
         slot, slots = self._slot()
         if self.train:
             items = _buffer_shuffle(self._train_samples(slot, slots),
@@ -168,14 +205,17 @@ class ShardStream(IterableDataset):
                     buf = []
                 buf.append(item)
                 if len(buf) == self.batch:
-                    yield self._batch(buf)
+                    if skip:  # trained on before the run was stopped: not decoded again
+                        skip -= 1
+                    else:
+                        yield self._batch(buf)
                     buf = []
             if buf:
                 yield self._batch(buf)
         except DataError as exc:
             yield _Failure(str(exc))
-        except (OSError, ValueError) as exc:  # PIL on a corrupt JPEG
-            yield _Failure(f"{self.split.folder}: undecodable image in a {self.split.name} shard ({exc})")
+        except (OSError, ValueError) as exc:  # a shard's bytes (an undecodable JPEG is a DataError naming it)
+            yield _Failure(f"{self.split.folder}: unreadable {self.split.name} shard ({exc})")
 
 
 def steps_per_epoch(split: Split, batch: int, world: int) -> int:
@@ -204,15 +244,20 @@ def loader_workers(split: Split, world: int, device_type: str, requested: int = 
 
 def batches(split: Split, batch: int, *, train: bool, workers: int, rank: int = 0, world: int = 1,
             seed: int = 0, epoch: int = 0, pin: bool = False, limit: int | None = None,
-            decode: str = "cpu", keyed: bool = False) -> Iterator:
-    """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch).
-    decode="device" yields pack()ed JPEGs for images_on() to decode on the training device."""
+            decode: str = "cpu", keyed: bool = False, skip: int = 0) -> Iterator:
+    """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch), after
+    SKIP batches already trained on. decode="device" yields pack()ed JPEGs for images_on() to decode
+    on the training device."""
     if train:
         check_slots(split, world, workers)
     stream = ShardStream(split, batch, train=train, rank=rank, world=world, seed=seed, epoch=epoch, decode=decode,
-                         keyed=keyed)
+                         keyed=keyed, skip=skip)
+    # The loader's own generator: otherwise starting it draws from torch's global generator, which
+    # dropout uses, so a run resumed mid-epoch (which starts the loader later) would drift. The
+    # stream's randomness comes from its (seed, epoch, slot) alone.
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(0))
     it = iter(loader)
     try:
         n = 0

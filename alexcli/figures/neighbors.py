@@ -187,9 +187,10 @@ def _fetch(split, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], np.ndar
 
 
 def neighbors(ckpt_path, images: Sequence, data, *, split: str = "train", k: int = 6, device="cpu",
-              batch: int = 128, workers: int = -1, cache=None, progress: Progress = ignore
+              batch: int = 128, workers: int = -1, cache=None, verify: bool = True, progress: Progress = ignore
               ) -> tuple[dict, torch.Tensor, dict]:
-    """The K training images nearest to each query image in the last hidden layer's codes.
+    """The K training images nearest to each query image in the last hidden layer's codes (the
+    split's shards checked against their sha256 first, unless VERIFY is false).
 
     Returns (result, the queries as uint8 (N, 3, S, S), {neighbour key: HxWx3 uint8 image})."""
     from safetensors import safe_open
@@ -206,7 +207,7 @@ def neighbors(ckpt_path, images: Sequence, data, *, split: str = "train", k: int
         raise UsageError(f"--k must be at least 1, not {k}")
     dev = torch.device(device)
     meta = read_meta(ckpt_path)
-    sp = open_split(data, split)
+    sp = open_split(data, split, verify=verify, progress=progress)
     if list(meta["classes"]) != sp.classes:
         raise DataError(f"{sp.folder} has {len(sp.classes)} classes that differ from the {len(meta['classes'])} "
                         f"of {ckpt_path}; use the data set it was trained on")
@@ -216,7 +217,7 @@ def neighbors(ckpt_path, images: Sequence, data, *, split: str = "train", k: int
     pixels = load_images(images, image_params(meta))
     workers = stream.loader_workers(sp, 1, dev.type, workers)
     scored = load_scored(ckpt_path, dev)
-    layer = architecture(scored.meta["arch"]["name"]).feature_layer
+    layer = architecture(scored.model.arch.name).feature_layer
     with torch.no_grad():
         x = model_input(to_float(pixels.to(dev)), scored.mean_image, scored.crop, "center")
         # rounded to float16 as the cached codes are, so both sides are at the same precision
