@@ -223,7 +223,7 @@ def test_prepare_holdout_refuses_a_source_with_val(demo_src, tmp_path):
     assert r.stderr.strip() == f"error: --holdout: {demo_src} already has a val split; hold out only from a " \
                                f"source without one"
     r = run_cli("prepare", demo_src, "--out", tmp_path / "x", "--holdout", "1.5")
-    assert r.returncode == 2 and "--holdout must be between 0 and 1, not 1.5" in r.stderr
+    assert r.returncode == 2 and "Invalid value for '--holdout': Input should be less than or equal to 1" in r.stderr
     assert not (tmp_path / "x").exists()
 
 

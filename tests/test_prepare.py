@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -222,32 +221,33 @@ def test_no_usable_training_image_is_an_error(tmp_path):
         prepare(tmp_path, tmp_path / "o", PrepareConfig(size=16, workers=1))
 
 
-PREPARE_SLOWLY = """
-import sys, time
+# `alexcli prepare` that stops before converting its next chunk once two shards are complete,
+# writes a marker and waits there, so the signal always finds it running with exactly those
+# shards done (a fixed sleep per chunk raced the rest of the run on a busy machine).
+PREPARE_HELD = """
+import signal, sys, time
+from pathlib import Path
 import alexcli.data.prepare as P
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the test runner was started with
+# SIGINT ignored (a background job of a script), which its children would inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+partial = Path(argv[argv.index("--out") + 1]) / P.PARTIAL_DIR
 orig = P._process_chunk
-def slow(task):
-    time.sleep(0.15)
+def held(task):
+    if len(list(partial.glob("*.safetensors"))) >= 2:
+        marker.write_text("held")
+        time.sleep(3600)  # SIGINT ends this with KeyboardInterrupt, as it would a conversion
     return orig(task)
-P._process_chunk = slow
+P._process_chunk = held
 from alexcli.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(argv))
 """
 
 
-def _start(args, cwd):
-    return subprocess.Popen([sys.executable, "-c", PREPARE_SLOWLY, *map(str, args)], cwd=cwd,
+def _start(args, cwd, marker):
+    return subprocess.Popen([sys.executable, "-c", PREPARE_HELD, str(marker), *map(str, args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_shards(out, n, proc, timeout=60):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if len(list((out / ".partial").glob("*.safetensors"))) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise AssertionError("no shard finished in time")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -255,10 +255,13 @@ def test_killed_run_resumes_to_identical_output(demo_src, tmp_path, prepared, si
     ref_out, _ = prepared
     out = tmp_path / "resumed"
     args = ["prepare", demo_src, "--out", out, "--size", 32, "--shard-size", 16, "--workers", 1, "--seed", 3]
-    proc = _start(args, tmp_path)
-    _wait_for_shards(out, 2, proc)
+    from conftest import RUN_TIMEOUT, wait_for
+
+    marker = tmp_path / "held"
+    proc = _start(args, tmp_path, marker)
+    wait_for(marker.exists, proc, "prepare finished two shards")
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert "interrupted:" in stderr and "run the same command again to continue" in stderr
@@ -274,7 +277,7 @@ def test_killed_run_resumes_to_identical_output(demo_src, tmp_path, prepared, si
         assert hashlib.sha256(f.read_bytes()).hexdigest() == ref_entries[f.name]["sha256"]
 
     done = subprocess.run([sys.executable, "-m", "alexcli", *map(str, args), "--json"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "resumed"
     mine = json.loads((out / "dataset.json").read_text())

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from alexcli.choices import Resample
 from alexcli.cli._ui import Reporter, emit_json, json_option, out
-from alexcli.data.config import PrepareConfig as P
+from alexcli.data.config import MAX_SIZE, PrepareConfig as P
 
 
 def render_summary(s: dict) -> None:
@@ -29,7 +29,7 @@ def render_summary(s: dict) -> None:
 def prepare_command(
     src: Path = typer.Argument(..., help="Source tree: SRC/train/<class>/<image>, optionally SRC/val and SRC/test."),
     out_dir: Path = typer.Option(None, "--out", help="Output folder (default: shards/<name of SRC>)."),
-    size: int = typer.Option(P.size, min=8, help="Side of the square images written (section 2: 256). A JPEG "
+    size: int = typer.Option(P.size, min=8, max=MAX_SIZE, help="Side of the square images written (section 2: 256). A JPEG "
                                                  "that is already RGB and size x size is copied unchanged (CIFAR at "
                                                  "--size 32)."),
     quality: int = typer.Option(P.quality, min=1, max=100, help="JPEG quality of the written images."),
@@ -37,7 +37,7 @@ def prepare_command(
     seed: int = typer.Option(P.seed, help="Seed of the shuffle of training samples across shards."),
     shard_size: int = typer.Option(P.shard_size, min=1, help="Samples per shard."),
     workers: int = typer.Option(P.workers, min=0, help="Worker processes (0: all cores)."),
-    holdout: float = typer.Option(P.holdout, help="Hold out this fraction (0 to 1) of each class of train/ as the "
+    holdout: float = typer.Option(P.holdout, min=0, max=1, help="Hold out this fraction (0 to 1) of each class of train/ as the "
                                                   "val split (for a source without val/, e.g. CIFAR-10's training "
                                                   "folder)."),
     max_pixels: int = typer.Option(P.max_pixels, min=1, help="Reject sources with more pixels than this."),

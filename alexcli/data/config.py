@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from alexcli.choices import Resample, choice
+from alexcli.errors import UsageError
+
+# The largest --size: every worker holds the mean image's running sum (size x size x 3 float64:
+# 100 MB at 2048), and 2048 is eight times the paper's 256.
+MAX_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,21 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resample", choice(Resample, self.resample, "--resample"))
+
+    def validate(self) -> None:
+        """Every option check, before anything is read or written."""
+        if not 8 <= self.size <= MAX_SIZE:
+            raise UsageError(f"--size must be between 8 and {MAX_SIZE}, not {self.size}")
+        if not 1 <= self.quality <= 100:
+            raise UsageError(f"--quality must be between 1 and 100, not {self.quality}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be at least 1, not {self.shard_size}")
+        if self.workers < 0:
+            raise UsageError(f"--workers must be 0 (all cores) or more, not {self.workers}")
+        if self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be at least 1, not {self.max_pixels}")
+        if self.holdout and not 0 < self.holdout < 1:
+            raise UsageError(f"--holdout must be between 0 and 1, not {self.holdout}")
 
     def image_params(self) -> ImageParams:
         return ImageParams(self.size, self.quality, self.resample.value, self.max_pixels)

@@ -11,6 +11,9 @@ How a run is organised, and why:
   of the statistics go to .partial/NAME.safetensors first. A rerun after Ctrl-C or kill -9 keeps
   every shard that has both, redoes the rest, and ends with the same bytes as an uninterrupted run.
 - dataset.json is written last: its presence means the data set is complete.
+- prepare only ever removes files it wrote: the shards, .partial records and its own JSON files that
+  its manifest or plan (.alexcli-prepare.json) names. Anything else in --out is left alone, and
+  --out is locked (alexcli.io.FolderLock) while a run works in it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +37,14 @@ from alexcli import __version__
 from alexcli.data import stats as S
 from alexcli.data.config import ImageParams, PrepareConfig  # noqa: F401  (PrepareConfig: prepare()'s argument)
 from alexcli.data.dataset import MANIFEST, shard_name
-from alexcli.data.image import Reject, WrittenJpegDecoder, convert
+from alexcli.data.image import MAX_SOURCE_BYTES, Reject, WrittenJpegDecoder, convert, read_source
 from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.data.tar import ShardWriter, sample_key
 from alexcli.env import cpu_cores, pil_info
-from alexcli.errors import DataError, Interrupted, StrictRejectError, UsageError
+from alexcli.errors import DataError, DiskFull, Interrupted, StrictRejectError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
-from alexcli.io import TMP_SUFFIX, write_json, write_safetensors
+from alexcli.io import (LOCK_NAME, TMP_SUFFIX, FolderLock, disk_full, is_disk_full, size_text, write_json,
+                        write_safetensors)
 
 PLAN_FILE = ".alexcli-prepare.json"
 PARTIAL_DIR = ".partial"
@@ -84,7 +89,30 @@ _W: dict = {}
 
 def _init_worker(root: str, params: ImageParams) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    _die_with_parent()
     _setup_worker(root, params)
+
+
+def _die_with_parent() -> None:
+    """A pool worker exits as soon as the main process is gone (kill -9 included), rather than finish
+    its queue: on Linux the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere, and as a
+    backstop, a thread watches the parent pid."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _setup_worker(root: str, params: ImageParams) -> None:
@@ -101,10 +129,7 @@ def _process_chunk(task: tuple[str, int, list[tuple[int, Item]]]):
     samples, rejects = [], []
     for index, item in entries:
         try:
-            try:
-                data = (root / item.relpath).read_bytes()
-            except OSError as exc:
-                raise Reject(f"unreadable: {exc.strerror or exc}") from None
+            data = read_source(root / item.relpath, MAX_SOURCE_BYTES)
             jpg, info = convert(data, params)
         except Reject as exc:
             rejects.append({"path": item.relpath, "split": split, "reason": str(exc)})
@@ -154,37 +179,64 @@ def _save_partial(out: Path, sh: ShardPlan, fingerprint: str, entry: dict, rejec
     write_safetensors(_partial_path(out, sh), sums or {"none": np.zeros(1)}, {"record": record})
 
 
-def _check_out(out: Path, fingerprint: str, cfg: PrepareConfig) -> str:
-    """Decide what to do with --out: 'new', 'resume' or 'done'. Refuses a different data set."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return "new"
+OWN_FILES = (MANIFEST, PLAN_FILE, REJECTED_FILE, S.STATS_FILE)
+
+
+def _marker(out: Path) -> tuple[str, dict] | None:
+    """(file name, contents) of what says --out holds an alexcli data set: its finished manifest or
+    a run's plan; None if neither is there. An unreadable one counts as present but empty."""
     for marker in (MANIFEST, PLAN_FILE):
         path = out / marker
         if path.is_file():
             try:
-                theirs = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
-            except ValueError:
-                theirs = None
-            if theirs == fingerprint and not cfg.overwrite:
-                return "done" if marker == MANIFEST else "resume"
-            break
+                found = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                found = {}
+            return marker, found if isinstance(found, dict) else {}
+    return None
+
+
+def _listed_shards(found: dict) -> list[str]:
+    """The shard names a manifest or plan lists (names only of the form prepare writes)."""
+    if "shards" in found:  # a plan
+        names = found.get("shards") or []
+    else:
+        names = [e.get("name") for sp in (found.get("splits") or {}).values() for e in sp.get("shards", [])]
+    return [n for n in names if isinstance(n, str) and "/" not in n and n.endswith(".tar")]
+
+
+def _own_names(shards: list[str]) -> set[str]:
+    """Every name in --out that a prepare run listing SHARDS may have written."""
+    names = {*OWN_FILES, *shards}
+    return names | {n + TMP_SUFFIX for n in names}
+
+
+def _check_out(out: Path, fingerprint: str, cfg: PrepareConfig, shards: list[ShardPlan]) -> str:
+    """Decide what to do with --out: 'new', 'resume' or 'done'. Refuses a different data set unless
+    --overwrite, and anything that prepare did not write."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if not out.exists() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return "new"
+    found = _marker(out)
+    if found is not None and found[1].get("fingerprint") == fingerprint and not cfg.overwrite:
+        return "done" if found[0] == MANIFEST else "resume"
     if not cfg.overwrite:
-        what = "a different data set" if any((out / m).is_file() for m in (MANIFEST, PLAN_FILE)) \
-            else "files that are not an alexcli data set"
-        raise UsageError(f"--out {out}: holds {what}; choose another --out or pass --overwrite")
-    _clear(out)
+        if found is None:
+            other = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)[0]
+            raise UsageError(f"--out {out}: holds files that are not an alexcli data set (e.g. {other}); choose an "
+                             "empty or new --out, or pass --overwrite to write the data set beside them")
+        raise UsageError(f"--out {out}: holds a different data set; choose another --out or pass --overwrite "
+                         "to replace it")
+    if found is not None:  # remove the data set there, by the names its manifest or plan lists
+        for name in sorted(_own_names(_listed_shards(found[1]))):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
+    clash = sorted(set(_own_names([sh.name for sh in shards])) & {p.name for p in out.iterdir()})
+    if clash:
+        raise UsageError(f"--out {out}: holds {clash[0]}, which alexcli did not write there (or not for the data "
+                         "set it held); move it or choose another --out")
     return "new"
-
-
-def _clear(out: Path) -> None:
-    """Remove what prepare writes (and nothing else) from `out`."""
-    for p in out.iterdir():
-        if p.name in (MANIFEST, PLAN_FILE, REJECTED_FILE, S.STATS_FILE) or p.name.endswith((".tar", ".tar" + TMP_SUFFIX,
-                                                                                           ".json" + TMP_SUFFIX)):
-            p.unlink()
-    shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
 
 
 def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
@@ -211,8 +263,12 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             progress: Progress = ignore) -> dict:
     """Prepare `src` into `out`; returns the summary (also what `--json` prints)."""
     t0 = time.monotonic()
-    if cfg.size < 8 or not 1 <= cfg.quality <= 100 or cfg.shard_size < 1:
-        raise UsageError("--size must be >= 8, --quality 1..100 and --shard-size >= 1")
+    cfg.validate()
+    out = Path(out)
+    root, where = Path(src).resolve(), out.resolve()
+    if where == root or any(where.is_relative_to(root / d) for d in ("train", "val", "validation", "test")):
+        raise UsageError(f"--out {out}: inside the source's image folders ({src}); the next prepare would read "
+                         "its shards as images: choose an --out outside them")
     source = scan(src)
     if cfg.holdout:
         source = hold_out(source, cfg.holdout, cfg.seed)
@@ -220,19 +276,33 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         first = source.rejected[0]
         raise StrictRejectError(f"--strict: {len(source.rejected)} files cannot be used, "
                                 f"first {first['path']}: {first['reason']}")
-    out = Path(out)
     shards, fingerprint = make_plan(source, cfg)
-    state = _check_out(out, fingerprint, cfg)
+    created = not out.exists()
+    if created:
+        out.mkdir(parents=True)
+    try:
+        with FolderLock(out, "prepare"):
+            return _prepare(source, out, cfg, shards, fingerprint, progress, t0)
+    finally:
+        if created and not any(out.iterdir()):  # refused before writing anything: leave no empty --out
+            out.rmdir()
+
+
+def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPlan], fingerprint: str,
+             progress: Progress, t0: float) -> dict:
+    """prepare(), with --out locked."""
+    state = _check_out(out, fingerprint, cfg, shards)
     if state == "done":
         summary = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["summary"]
         return {**summary, "status": "up to date", "seconds": round(time.monotonic() - t0, 2), "images_per_s": None}
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / PARTIAL_DIR).mkdir(exist_ok=True)
-    for stale in out.glob("*" + TMP_SUFFIX):  # left by a killed run
-        stale.unlink()
+    names = [sh.name for sh in shards]
+    for name in _own_names(names):  # temporary files left by a killed run (ours only)
+        if name.endswith(TMP_SUFFIX):
+            (out / name).unlink(missing_ok=True)
     write_json(out / PLAN_FILE, {"fingerprint": fingerprint, "source": str(source.root.resolve()),
-                                        "parameters": cfg.output_parameters()})
+                                 "parameters": cfg.output_parameters(), "shards": names})
     records = {sh.name: _load_partial(out, sh, fingerprint) for sh in shards}
     todo = [sh for sh in shards if records[sh.name] is None]
     total = sum(len(sh.items) for sh in shards)
@@ -269,13 +339,24 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         kept = sum(r is not None for r in records.values())
         raise Interrupted(f"interrupted: {kept} of {len(shards)} shards are complete in {out}; "
                           "run the same command again to continue") from None
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.abort()
+        if is_disk_full(exc) or isinstance(exc, DiskFull):
+            left = sum(len(sh.items) for sh in todo if records[sh.name] is None)
+            per = _bytes_per_image(records)
+            more = f"about {left:,} images still to write" + (f", about {size_text(left * per)}" if per else "")
+            where = getattr(exc, "path", None) or out
+            raise disk_full(where, getattr(exc, "needed", None), getattr(exc, "written", None), more) from None
         raise
     finally:
         results.close()  # stops the worker pool now, not when the generator is collected
     return _finish(out, source, cfg, shards, records, fingerprint, state, t0, n_todo)
+
+
+def _bytes_per_image(records: dict) -> float | None:
+    done = [r["entry"] for r in records.values() if r is not None and r["entry"]["samples"]]
+    return sum(e["bytes"] for e in done) / sum(e["samples"] for e in done) if done else None
 
 
 def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPlan], records: dict,

@@ -17,6 +17,8 @@ Covariance is the population covariance over all pixels of all training images.
 
 from __future__ import annotations
 
+import json
+
 from fractions import Fraction
 
 import numpy as np
@@ -147,9 +149,12 @@ def save(path, stats: dict[str, np.ndarray], count: int) -> None:
     from alexcli.io import write_safetensors
 
     h, w = stats["mean_image"].shape[1:]
-    meta = {"scale": "0-1", "image_count": str(count), "pixel_count": str(count * h * w),
+    meta = {"scale": "0-1", "image_count": count, "pixel_count": count * h * w,
             "covariance": "population, over all pixels of all training images"}
-    write_safetensors(path, {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.items()}, meta)
+    # One metadata key: safetensors writes a header's metadata in hash-map order, so several keys
+    # would make two identical runs' files differ in their bytes.
+    write_safetensors(path, {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in stats.items()},
+                      {"alexcli": json.dumps(dict(meta, format="alexcli-stats"), sort_keys=True)})
 
 
 def load(path) -> dict[str, np.ndarray]:

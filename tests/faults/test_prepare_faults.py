@@ -1,0 +1,209 @@
+"""prepare as an unlucky or careless user meets it: --overwrite beside other files, two runs at once,
+file modes, a disk that fills, a kill that leaves workers behind, options out of range."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alexcli.data.demo import make_demo
+from alexcli.data.prepare import PrepareConfig, prepare
+from alexcli.errors import Busy, UsageError
+from alexcli.io import FolderLock
+from conftest import run_cli
+
+
+def cfg(**kw) -> PrepareConfig:
+    return PrepareConfig(**{"size": 32, "shard_size": 16, "workers": 1, **kw})
+
+
+def test_overwrite_removes_only_what_its_manifest_lists(demo_src, tmp_path):
+    out = tmp_path / "out"
+    first = prepare(demo_src, out, cfg(shard_size=8))  # more shards than the second run will write
+    old_shards = sorted(p.name for p in out.glob("*.tar"))
+    assert first["status"] == "prepared" and len(old_shards) > 3
+    users = {"my-backup.tar": b"backup", "ILSVRC2012_img_train.tar": b"the archive", "notes.json.tmp": b"n",
+             "x.tar.tmp": b"x", "train-000099.tar.txt": b"t"}
+    for name, data in users.items():
+        (out / name).write_bytes(data)
+    again = prepare(demo_src, out, cfg(shard_size=16, overwrite=True))
+    assert again["status"] == "prepared"
+    for name, data in users.items():  # nothing prepare did not write is touched
+        assert (out / name).read_bytes() == data, name
+    manifest = json.loads((out / "dataset.json").read_text())
+    listed = {e["name"] for s in manifest["splits"].values() for e in s["shards"]}
+    assert {p.name for p in out.glob("*-0*.tar")} == listed  # the first run's extra shards are gone
+    assert set(old_shards) - listed
+
+
+def test_overwrite_refuses_a_foreign_file_under_a_name_it_would_write(demo_src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"a user's own file")
+    with pytest.raises(UsageError, match=r"holds files that are not an alexcli data set \(e.g. train-000000.tar\)"):
+        prepare(demo_src, out, cfg())
+    with pytest.raises(UsageError, match="holds train-000000.tar, which alexcli did not write there"):
+        prepare(demo_src, out, cfg(overwrite=True))
+    assert (out / "train-000000.tar").read_bytes() == b"a user's own file"
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]
+
+
+def test_a_second_prepare_into_the_same_out_is_refused_naming_the_first(demo_src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out, "prepare"):
+        with pytest.raises(Busy, match=rf"{out}: in use by alexcli prepare \(pid {os.getpid()} on "):
+            prepare(demo_src, out, cfg())
+        r = run_cli("prepare", demo_src, "--out", out, "--size", "32")
+        assert r.returncode == 2 and "in use by alexcli prepare" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (out / ".alexcli.lock").exists()  # released and removed
+    assert prepare(demo_src, out, cfg())["status"] == "prepared"
+
+
+def test_lock_is_released_by_a_kill(tmp_path):
+    """flock: a holder killed with -9 holds nothing (no stale lock to clean by hand)."""
+    code = ("import sys, time; from alexcli.io import FolderLock\n"
+            f"with FolderLock({str(tmp_path)!r}, 'prepare'):\n    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(Busy, match=f"pid {proc.pid}"):
+        FolderLock(tmp_path, "train").__enter__()
+    proc.kill()
+    proc.wait()
+    with FolderLock(tmp_path, "train"):
+        pass
+
+
+def test_files_are_readable_by_others_and_stats_are_the_same_bytes(demo_src, tmp_path):
+    old = os.umask(0o022)
+    try:
+        with pytest.raises(Exception, match="--strict"):  # stops after the shards: .partial/ is still there
+            prepare(demo_src, tmp_path / "a", cfg(strict=True))
+        partial = list((tmp_path / "a" / ".partial").iterdir())
+        assert partial and all(p.stat().st_mode & 0o777 == 0o644 for p in partial)
+        prepare(demo_src, tmp_path / "a", cfg())
+        prepare(demo_src, tmp_path / "b", cfg())
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "a").iterdir() if p.is_file()]
+    assert {p.name for p in files} >= {"dataset.json", "stats.safetensors", "rejected.json"}
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+    # the same run gives the same stats.safetensors, byte for byte (its header's metadata included)
+    assert (tmp_path / "a" / "stats.safetensors").read_bytes() == (tmp_path / "b" / "stats.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("sub", ["train", "train/disc", "val", "."])
+def test_out_inside_the_source_images_is_refused(demo_src, tmp_path, sub):
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    out = src / sub / "shards"
+    with pytest.raises(UsageError, match="inside the source's image folders"):
+        prepare(src, out if sub != "." else src, cfg())
+    assert not out.exists()
+
+
+def test_out_beside_the_splits_is_fine(demo_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    assert prepare(src, src / "shards", cfg())["status"] == "prepared"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "100000"], "Invalid value for '--size': Input should be less than or equal to 2048"),
+    (["--size", "4"], "Invalid value for '--size': Input should be greater than or equal to 8"),
+    (["--holdout", "1.5"], "Invalid value for '--holdout': Input should be less than or equal to 1"),
+    (["--quality", "0"], "Invalid value for '--quality'"),
+])
+def test_options_out_of_range_are_refused_before_any_work(demo_src, tmp_path, args, message):
+    out = tmp_path / "never"
+    r = run_cli("prepare", demo_src, "--out", out, *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_library_checks_the_size_too(demo_src, tmp_path):
+    with pytest.raises(UsageError, match="--size must be between 8 and 2048, not 100000"):
+        prepare(demo_src, tmp_path / "o", cfg(size=100000))
+    assert not (tmp_path / "o").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+            kids.append(int(stat.parent.name))  # a pool worker (not multiprocessing's resource tracker)
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
+def test_workers_stop_with_a_killed_prepare(tmp_path):
+    src = tmp_path / "src"
+    make_demo(src, train_per_class=40, val_per_class=0, min_side=160, max_side=240, broken=False)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "128",
+                             "--workers", "2", "--shard-size", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    kids: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        kids = [k for k in _children(proc.pid) if _alive(k)]
+        if len(kids) >= 2 and any((out / ".partial").glob("*.safetensors")):
+            break  # the pool is at work
+        time.sleep(0.02)
+    assert proc.poll() is None and len(kids) >= 2, "prepare finished before it could be killed: make the source larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 2.0  # before the fix they ran on through their queue for seconds
+    while time.monotonic() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.01)
+    left = [k for k in kids if _alive(k)]
+    assert not left, f"workers {left} still run after their parent was killed"
+
+
+def test_kill_9_at_random_moments_then_rerun_gives_the_same_bytes(demo_src, prepared, tmp_path):
+    """Several tries, each prepare (two workers) killed at a random moment, then the same command
+    again: shards, stats and manifest as an uninterrupted run's."""
+    import random
+
+    ref, _ = prepared
+    rng = random.Random(2012)
+    args = ["prepare", str(demo_src), "--size", "32", "--shard-size", "16", "--seed", "3"]
+    killed_midway = 0
+    for attempt in range(3):
+        out = tmp_path / f"kill{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "alexcli", *args, "--out", str(out), "--workers", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (out / ".alexcli-prepare.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 1.0))
+        proc.kill()
+        proc.wait()
+        killed_midway += not (out / "dataset.json").exists()
+        assert not list(out.glob("*.tmp")) or proc.returncode == -9
+        r = run_cli(*args, "--out", out, "--workers", "1")
+        assert r.returncode == 0, r.stderr
+        for p in sorted(ref.glob("*.tar")) + [ref / "stats.safetensors", ref / "rejected.json"]:
+            assert (out / p.name).read_bytes() == p.read_bytes(), (attempt, p.name)
+        assert not list(out.glob("*.tmp")) and not (out / ".partial").exists() and not (out / ".alexcli.lock").exists()
+    assert killed_midway, "every kill came after prepare had finished: the test did not test resuming"
