@@ -123,8 +123,13 @@ def model_input(x: torch.Tensor, mean_image: torch.Tensor | None, crop: int, cro
 # --- the training pipeline ---
 
 def parse(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """--augment's names, checked: each registered, none twice (mean,mean would subtract the mean
+    image twice; a checkpoint records each step once)."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--augment {','.join(names)}: {', '.join(twice)} given more than once")
     for n in names:
         plugins.info("augmentation", n)  # unknown names fail here, before any work
     return names
@@ -132,6 +137,7 @@ def parse(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def build(names: list[str], ctx: AugmentContext) -> tuple[Augment, dict]:
     """The pipeline for NAMES in order, and the provenance of each (for the checkpoint)."""
+    names = parse(names)
     steps = [plugins.get("augmentation", n)(ctx) for n in names]
     used = {n: plugins.info("augmentation", n).provenance() for n in names}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,31 @@ from alexcli.data.prepare import PrepareConfig, prepare
 SMALL = dict(train_per_class=6, val_per_class=2, min_side=24, max_side=70)
 
 
-def run_cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+# Limits on waiting for a subprocess are there to end a hung test, not to measure speed: generous
+# enough for 2 cores shared with other jobs, so a slow run is never a failure.
+RUN_TIMEOUT = 1200
+
+
+def run_cli(*args: str, cwd=None, env=None, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
     """Run `python -m alexcli ARGS` as a user would; returns the completed process."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "alexcli", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT, log=None) -> None:
+    """Poll CONDITION() until it holds while PROC runs: for tests that signal a process at a point
+    it reports (a marker file it writes), never after a fixed sleep. Fails at once if PROC ends
+    first, with its output (its pipes, or the file LOG); TIMEOUT only ends a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            printed = Path(log).read_text(errors="replace") if log else " ".join(
+                s for s in proc.communicate() if s)
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}: {printed}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f} s waiting until {what} (hung?)")
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

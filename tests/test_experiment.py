@@ -176,26 +176,57 @@ def test_help_has_an_example():
     assert r.returncode == 0 and "alexcli experiment relu-vs-tanh --data shards/cifar10" in r.stdout
 
 
+# `alexcli experiment` that stops in its second training run once the first one is stored, writes
+# a marker and waits there, so Ctrl-C arrives at a known point however loaded the machine is
+# (a fixed sleep, or a poll for the first fit, raced the next fits and the end of the run).
+EXPERIMENT_HELD = """
+import signal, sys, time
+from pathlib import Path
+from alexcli.experiment.fit import Fit
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the test runner was started with
+# SIGINT ignored (a background job of a script), which its children would inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+real, calls = Fit.run, []
+def run(self, progress):
+    calls.append(1)
+    if len(calls) == 2:  # the first fit is in fits/: it is written before the next one starts
+        marker.write_text("held")
+        time.sleep(3600)  # Ctrl-C (SIGINT) ends this with KeyboardInterrupt, as it would a fit
+    return real(self, progress)
+Fit.run = run
+from alexcli.cli import main
+sys.exit(main(argv))
+"""
+
+
 def test_interrupted_experiment_keeps_finished_runs_and_continues(cifar, tmp_path):
-    import os
     import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import RUN_TIMEOUT, wait_for
 
     out = tmp_path / "int"
+    marker = tmp_path / "held"
     args = ["experiment", "relu-vs-tanh", "--data", str(cifar), "--out", str(out), "--epochs", "40",
             "--lrs", "0.003,0.01", *FAST]
-    p = subprocess.Popen([sys.executable, "-m", "alexcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    deadline = time.time() + 120
-    while not list((out / "fits").glob("*.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(p.pid, signal.SIGINT)
-    _, stderr = p.communicate(timeout=60)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a file, not a pipe that nobody reads while it runs
+        p = subprocess.Popen([sys.executable, "-c", EXPERIMENT_HELD, str(marker), *args], stdout=subprocess.DEVNULL,
+                             stderr=err)
+        try:
+            wait_for(marker.exists, p, "the experiment finished its first training run", log=log)
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=RUN_TIMEOUT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    stderr = log.read_text()
     assert p.returncode == 130, stderr
     kept = len(list((out / "fits").glob("*.json")))
-    assert kept >= 1
+    assert kept == 1  # the one it finished before the Ctrl-C, no more, no fewer
     assert stderr.strip().splitlines()[-1] == (f"error: interrupted: {kept} finished training runs are kept in "
                                                f"{out / 'fits'}; run the same command again to continue")
     assert not (out / "results.json").exists()

@@ -1,11 +1,8 @@
 """`alexcli train` end to end on tiny runs: files, exact resume, divergence, bad checkpoints, DDP, plugins."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -74,19 +71,44 @@ def test_resume_ends_with_the_same_weights(run3, train_data, tmp_path):
     assert [m["epoch"] for m in rows] == [1, 2, 3]
 
 
+# `alexcli train` that stops while publishing epoch 2's checkpoint (its .tmp written and fsynced,
+# not yet renamed), writes a marker and waits there: the kill lands mid-write, at the same point
+# on any machine, instead of whenever a poll for epoch 1's files happened to notice them.
+TRAIN_HELD = """
+import sys, time
+from pathlib import Path
+from alexcli import io
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+real = io.AtomicFile.publish
+def publish(self):
+    if self.path.name == "ckpt-e002.safetensors":
+        marker.write_text("held")
+        time.sleep(3600)
+    return real(self)
+io.AtomicFile.publish = publish
+from alexcli.cli import main
+sys.exit(main(argv))
+"""
+
+
 def test_killed_run_resumes_to_the_same_weights(run3, train_data, tmp_path):
     from alexcli.checkpoint import load_checkpoint
+    from conftest import wait_for
 
     out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "alexcli", "train", "--data", str(train_data), "--out", str(out), *TINY_TRAIN,
-           "--epochs", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "state-e001.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)  # epoch 1 is committed; epoch 2 is under way (an epoch takes seconds here)
-    proc.wait()
-    assert (out / "state-e001.json").exists() and not (out / "state-e003.json").exists(), "the kill came too late"
+    marker = tmp_path / "held"
+    cmd = [sys.executable, "-c", TRAIN_HELD, str(marker), "train", "--data", str(train_data), "--out", str(out),
+           *TINY_TRAIN, "--epochs", "3"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a file, not a pipe that nobody reads while it runs
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(marker.exists, proc, "train began to publish epoch 2's checkpoint", log=log)
+        finally:
+            proc.kill()  # SIGKILL
+            proc.wait()
+    assert (out / "state-e001.json").exists() and (out / "ckpt-e002.safetensors.tmp").exists()
+    assert not (out / "ckpt-e002.safetensors").exists() and not (out / "state-e002.json").exists()
     # whatever the kill interrupted, every file under a final name is whole
     for ckpt in out.glob("ckpt-e*.safetensors"):
         load_checkpoint(ckpt)  # checks the stored sha256
@@ -148,13 +170,13 @@ def test_corrupt_and_foreign_checkpoints_are_one_line_errors(run3, train_data, t
 def test_checkpoint_names_a_missing_plugin_package(run3, tmp_path, monkeypatch):
     from alexcli import plugins
     from alexcli.errors import PluginError
-    from alexcli.checkpoint import load_model, read_meta
+    from alexcli.checkpoint import load_model, read_meta, sealed
 
     path = tmp_path / "ckpt.safetensors"
     tensors = load_file(str(run3[0] / "ckpt-e003.safetensors"))
     meta = read_meta(run3[0] / "ckpt-e003.safetensors")
     meta["variants"]["norm"] = {"name": "groupnorm9", "package": "alexcli-groupnorm9", "version": "1.2"}
-    save_file(tensors, str(path), {"alexcli": json.dumps(meta)})
+    save_file(tensors, str(path), {"alexcli": json.dumps(sealed(meta, tensors))})  # a consistent file
     plugins.reset()
     with pytest.raises(PluginError, match=r"trained with norm 'groupnorm9' from package alexcli-groupnorm9 1.2, "
                                           r"which is not installed: pip install alexcli-groupnorm9"):

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from alexcli.choices import Device, Experiment
-from alexcli.cli._ui import Reporter, device_option, emit_json, json_option, out
+from alexcli.cli._ui import Reporter, device_option, emit_json, json_option, no_verify_option, out
 from alexcli.experiment.plans import ExperimentConfig as C
 
 
@@ -67,6 +67,7 @@ def experiment_command(
                                                 "25%)."),
     width: float = typer.Option(C.width, help="Channel multiplier of the net, in (0, 4]."),
     device: Device = device_option(),
+    no_verify: bool = no_verify_option(),
     as_json: bool = json_option(),
 ) -> None:
     """Rerun one of the paper's CIFAR-10 experiments with the four-layer net (--arch cifar-local).
@@ -96,7 +97,8 @@ def experiment_command(
     plugins.info("norm", norm)  # an unknown name fails before any work
     cfg = C(data=str(data), out=str(out_dir or Path("runs") / "experiments" / name.value), epochs=epochs, seeds=seeds,
             subset=subset, batch=batch, lrs=rates, fixed_lrs=fixed, sweep_epochs=sweep_epochs,
-            weight_decay=weight_decay, crop=crop, norm=norm, width=width, device=device, target=target)
+            weight_decay=weight_decay, crop=crop, norm=norm, width=width, device=device, target=target,
+            verify=not no_verify)
     with Reporter() as report:
         result = run_experiment(name, cfg, progress=report)
     if as_json:

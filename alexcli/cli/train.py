@@ -6,16 +6,17 @@ from typing import List, Optional
 import typer
 
 from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind
-from alexcli.cli._ui import Reporter, emit_json, json_option, out
+from alexcli.cli._ui import Reporter, emit_json, json_option, no_verify_option, out
 from alexcli.model.arch import Arch as A
 from alexcli.train.config import TrainConfig as C
 
 
 def train_command(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="A prepared data set (alexcli prepare)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<name of --data>)."),
     epochs: int = typer.Option(C.epochs, min=1, help="Epochs to train (section 5: about 90); with --resume, the "
-                                                      "new total."),
+                                                      "new total (default: the run's)."),
     batch: int = typer.Option(C.batch, min=1, help="Images per SGD step over all GPUs (section 5: 128)."),
     lr: float = typer.Option(C.lr, help="Initial learning rate (section 5: 0.01)."),
     weight_decay: float = typer.Option(C.weight_decay, min=0.0, help="Weight decay (section 5: 0.0005)."),
@@ -70,7 +71,15 @@ def train_command(
     keep: int = typer.Option(C.keep, min=0, help="Epoch checkpoints to keep besides the best."),
     steps_per_epoch: int = typer.Option(C.steps_per_epoch, min=0, help="Cap on steps per epoch (0: one pass over "
                                                                        "the training set)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to --epochs."),
+    save_every: int = typer.Option(C.save_every, min=0, help="Steps between mid-epoch snapshots, so a stopped job "
+                                                             "loses at most these (default: a quarter of an "
+                                                             "ImageNet epoch at batch 128; 0: epoch ends only). "
+                                                             "SIGTERM and Ctrl-C also save one before exiting."),
+    no_verify: bool = no_verify_option(),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (from its last epoch or "
+                                                        "snapshot) with the run's own settings; only --epochs, "
+                                                        "--keep, --loader-workers, --save-every, --no-verify and "
+                                                        "--device may differ."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an --out that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the network's shapes and parameter count, then stop."),
     as_json: bool = json_option(),
@@ -82,6 +91,7 @@ def train_command(
 
     Examples:
       alexcli train --data shards/imagenet --out runs/alexnet --gpus 2
+      alexcli train --data shards/imagenet --out runs/alexnet --resume
       alexcli train --data shards/imagenet --out runs/alexnet --resume --epochs 100
       alexcli train --data shards/demo --width 0.25 --crop 64 --init kaiming --layer norm=none
       alexcli train --data shards/cifar10 --arch cifar-local --epochs 30 --lr 0.001 --weight-decay 0
@@ -100,17 +110,21 @@ def train_command(
     cfg = C(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
-            loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode)
+            loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
+            save_every=save_every, verify=not no_verify)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,
                             input_scale=input_scale, conv6=conv6, layer=layer)
     cfg = replace(cfg, init_from=init_from)
     if dry_run:
+        cfg.validate()
+        arch.validate()
         _dry_run(arch, data, as_json)
         return
     from alexcli.train.launch import train
 
+    given = _given(ctx, cfg, arch, layer) if resume else None
     with Reporter() as report:
-        summary = train(cfg, arch, resume=resume, overwrite=overwrite, progress=report)
+        summary = train(cfg, arch, resume=resume, overwrite=overwrite, given=given, progress=report)
     if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return
     if as_json:
@@ -121,6 +135,30 @@ def train_command(
     if last and last["val_top1_error"] is not None:
         out.print(f"val top-1 error {last['val_top1_error']:.1%}, top-5 {last['val_top5_error']:.1%} "
                   f"(best top-1 {summary['best_val_top1_error']:.1%} at epoch {summary['best_epoch']})")
+
+
+# command-line parameter -> the TrainConfig or Arch field it sets (where the names differ)
+_FIELD = {"compile_": "compile", "no_verify": "verify", "arch_name": "name"}
+_NOT_SETTINGS = {"ctx", "data", "out_dir", "resume", "overwrite", "dry_run", "as_json", "layer", "init"}
+
+
+def _given(ctx: typer.Context, cfg, arch, layer: list[str]) -> dict:
+    """The settings this command line gives explicitly, as {field: value}: what --resume compares
+    with the run's (an option left out keeps the run's value)."""
+    given = {}
+    for param in ctx.params:
+        if param in _NOT_SETTINGS or ctx.get_parameter_source(param).name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        field = _FIELD.get(param, param)
+        given[field] = getattr(cfg, field) if hasattr(cfg, field) else getattr(arch, field)
+    if ctx.get_parameter_source("init").name not in ("DEFAULT", "DEFAULT_MAP"):
+        given.update({"init_from": cfg.init_from} if cfg.init_from else {"init": arch.init})
+    for spec in layer:
+        kind = spec.partition("=")[0].strip()
+        kind = "activation" if kind == "act" else kind
+        if hasattr(arch, kind):
+            given[kind] = getattr(arch, kind)
+    return given
 
 
 def _arch(name: str, init: Optional[str], *, conv6: bool, layer: list[str], **fields):
@@ -150,7 +188,7 @@ def _dry_run(arch, data: Path, as_json: bool) -> None:
     from alexcli.data.dataset import open_split
     from alexcli.model.registry import build_model, count_parameters, describe, shapes
 
-    arch = replace(arch, num_classes=len(open_split(data, "train").classes))
+    arch = replace(arch, num_classes=len(open_split(data, "train", verify=False).classes))
     model, used = build_model(arch)
     info = {"arch": arch.to_dict(), "parameters": count_parameters(model), "shapes": shapes(model), "variants": used}
     if as_json:

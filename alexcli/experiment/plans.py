@@ -40,6 +40,7 @@ class ExperimentConfig:
     width: float = 1.0
     device: Device = Device.auto
     target: float = TARGET_ERROR
+    verify: bool = True                     # check each shard's sha256 once before its first use
 
     def __post_init__(self) -> None:
         self.device = choice(Device, self.device, "--device")

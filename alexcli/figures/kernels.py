@@ -22,6 +22,9 @@ def normalise_kernels(weight: torch.Tensor) -> np.ndarray:
     return norm.transpose(0, 2, 3, 1)
 
 
+MAX_PIXELS = 64_000_000  # a 192 MB RGB picture; the paper's Figure 3 at --scale 4 is 0.2 million
+
+
 def kernel_layout(count: int, groups: int, size: int, scale: int, per_row: int = KERNELS_PER_ROW) -> dict:
     """Where each kernel goes. Each column's COUNT/GROUPS kernels fill rows of PER_ROW (fewer when
     a column has fewer); tiles are SIZE*SCALE pixels with SCALE pixels of white between and
@@ -50,6 +53,11 @@ def kernel_grid(weight: torch.Tensor, groups: int, scale: int = 4) -> tuple[np.n
         raise UsageError(f"--scale must be at least 1, not {scale}")
     count, _, size, _ = weight.shape
     layout = kernel_layout(count, groups, size, scale)
+    pixels = layout["width"] * layout["height"]
+    if pixels > MAX_PIXELS:
+        unit = pixels / scale ** 2  # the picture grows with the square of the scale
+        raise UsageError(f"--scale {scale} makes a {layout['width']} x {layout['height']} picture, more than "
+                         f"{MAX_PIXELS // 10**6} million pixels; use --scale {int((MAX_PIXELS / unit) ** 0.5)} or less")
     norm = normalise_kernels(weight)
     tiles = np.rint(norm * 255).astype(np.uint8).repeat(scale, axis=1).repeat(scale, axis=2)
     canvas = np.full((layout["height"], layout["width"], 3), 255, np.uint8)

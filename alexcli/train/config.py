@@ -5,6 +5,7 @@ the trainer state, so `--resume` continues with exactly these. Imports no torch,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, choice
@@ -17,6 +18,11 @@ WEIGHT_DECAY = 5e-4
 LR_DROP = 10.0        # "divide the learning rate by 10 when the validation error rate stopped improving"
 MAX_DROPS = 3         # "reduced three times prior to termination"
 DEFAULT_AUGMENT = ("mean", "crop", "flip", "pca")  # sections 2 and 4.1: mean image, random crop, reflection, PCA colour
+# Steps between mid-epoch snapshots: a quarter of an ImageNet epoch at batch 128 (10,009 steps), so a
+# job stopped by its scheduler loses at most that; an epoch shorter than this only saves at its end.
+SAVE_EVERY = 2500
+# What --resume may change: everything else is the run's and is refused if it differs.
+RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device")
 
 # the choice fields and the option each comes from (values from a saved config are plain strings)
 _CHOICES = {"schedule": (ScheduleKind, "--schedule"), "device": (Device, "--device"), "parallel": (Parallel, "--parallel"),
@@ -48,24 +54,32 @@ class TrainConfig:
     steps_per_epoch: int = 0                 # 0: one pass over the training set; >0 caps it (benchmarks, demo)
     init_from: str = ""                      # a checkpoint to fine-tune from (train --init CKPT)
     decode: Decode = Decode.cpu              # cpu: PIL in the loader processes; device: nvJPEG on the GPU
+    save_every: int = SAVE_EVERY             # steps between mid-epoch snapshots (0: at epoch ends only)
+    verify: bool = True                      # check each shard's sha256 once before its first use
 
     def __post_init__(self) -> None:
         for name, (kind, option) in _CHOICES.items():
             setattr(self, name, choice(kind, getattr(self, name), option))
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, not {self.epochs}")
-        if self.batch < 1:
-            raise UsageError(f"--batch must be at least 1, not {self.batch}")
-        if self.gpus < 1:
-            raise UsageError(f"--gpus must be at least 1, not {self.gpus}")
+        """Every option check, before the run folder is touched."""
+        for name, low in (("epochs", 1), ("batch", 1), ("gpus", 1), ("patience", 1), ("keep", 0),
+                          ("steps_per_epoch", 0), ("loader_workers", -1), ("save_every", 0)):
+            if getattr(self, name) < low:
+                option = "--" + name.replace("_", "-")
+                raise UsageError(f"{option} must be at least {low}, not {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive number, not {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight-decay must be 0 or a positive number, not {self.weight_decay}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise UsageError(f"momentum must be in [0, 1), not {self.momentum}")
+        if any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])) or any(e < 1 for e in self.lr_steps):
+            raise UsageError(f"--lr-steps must be increasing epochs of 1 or more, not {','.join(map(str, self.lr_steps))}")
         if self.batch % self.gpus:
             raise UsageError(f"--batch {self.batch} does not split evenly over --gpus {self.gpus}")
         if self.parallel == Parallel.columns and self.gpus != 1:
             raise UsageError("--parallel columns uses 2 GPUs in one process: leave --gpus at 1")
-        if self.keep < 0:
-            raise UsageError(f"--keep must be 0 or more, not {self.keep}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -7,7 +7,9 @@ set. Each rank runs `alexcli.train.loop.run_rank`; an error in any rank comes ba
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -19,69 +21,151 @@ from alexcli.choices import Parallel
 from alexcli.data.dataset import open_split
 from alexcli.errors import AlexcliError, UsageError
 from alexcli.events import Progress, ignore
-from alexcli.model.registry import Arch
-from alexcli.train.config import TrainConfig
-from alexcli.train.loop import CURVES, METRICS, run_rank
+from alexcli.model.registry import Arch, build_model
+from alexcli.io import TMP_SUFFIX, FolderLock
+from alexcli.train import preempt
+from alexcli.train.config import RESUME_MAY_CHANGE, TrainConfig
+from alexcli.train.loop import CURVES, METRICS, Data, run_rank
 
 
 def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool = False,
-          progress: Progress = ignore) -> dict:
-    """Train (or with RESUME continue) the run in cfg.out; returns a summary dict."""
+          given: dict | None = None, progress: Progress = ignore) -> dict:
+    """Train (or with RESUME continue) the run in cfg.out; returns a summary dict. GIVEN: the
+    options the user set explicitly ({config or Arch field: value}, from the command line); on
+    resume each must agree with the run's unless `RESUME_MAY_CHANGE` lists it (None: only
+    cfg.epochs and cfg.data are taken, as a library caller means)."""
     cfg.validate()
     if not resume:
         arch.validate()
         if cfg.parallel == Parallel.columns and arch.name != "alexnet":
             raise UsageError(f"--parallel columns splits AlexNet's two columns; {arch.name} has none")
+        with torch.device("meta"):  # a network that cannot be built (a crop too small) is refused first
+            build_model(arch)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        return _join_torchrun(cfg, arch, resume, overwrite, progress)
-    cfg, arch, start = _setup(cfg, arch, resume, overwrite)
-    if cfg.gpus == 1:
-        return run_rank(0, 1, 0, cfg, arch, start, progress)
-    return _spawn(cfg, arch, start, progress)
+        return _join_torchrun(cfg, arch, resume, overwrite, given, progress)
+    with run_folder(cfg, resume, progress) as folder:
+        cfg, arch, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
+        with preempt.StopSignals() as stop:
+            if cfg.gpus == 1:
+                return run_rank(0, 1, 0, cfg, arch, start, progress, mid=mid, stop=stop)
+            return _spawn(cfg, arch, start, mid, progress, stop)
 
 
 # ---------------------------------------------------------------------------------------------
 # the run folder (main process, before any rank starts)
 
+# Every name a run writes in its folder (a `.tmp` of each while it is written): --overwrite and a
+# fresh start remove these and nothing else.
+RUN_FILE_RE = re.compile(r"^(ckpt-e\d{3,}(-s\d{6,})?\.safetensors|state-e\d{3,}(-s\d{6,})?\.(safetensors|json)|"
+                         + re.escape(METRICS) + "|" + re.escape(CURVES) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
+
+
 def _run_files(out: Path) -> list[Path]:
-    return sorted([*out.glob("ckpt-e*.safetensors"), *out.glob("state-e*"), *out.glob("*.tmp"),
-                   out / METRICS, out / CURVES])
+    return sorted(p for p in out.iterdir() if RUN_FILE_RE.match(p.name)) if out.is_dir() else []
 
 
-def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool) -> tuple[TrainConfig, Arch, int]:
-    """Check or set up the run folder; returns the settings to run with and the epoch done so far."""
+@contextlib.contextmanager
+def run_folder(cfg: TrainConfig, resume: bool, progress: Progress = ignore):
+    """The run folder, locked for this run: made if it is new (and removed again if the run is
+    refused before it wrote anything). A new run's data is checked before the folder is touched."""
     out = Path(cfg.out)
-    done = ck.latest_complete_epoch(out) if out.is_dir() else None
-    if resume:
-        if done is None:
-            raise UsageError(f"--resume: {out} holds no complete epoch to continue from")
-        ckpt = ck.load_checkpoint(out / ck.ckpt_name(done))  # a corrupt or foreign file fails here, in one line
-        _, state = ck.load_trainer_state(out, done)
-        saved = TrainConfig.from_dict(state.get("config", {}))
-        cfg = replace(saved, epochs=cfg.epochs, data=cfg.data or saved.data, out=str(out))
-        arch = Arch.from_dict(ckpt.meta["arch"])
-        if done >= cfg.epochs:
-            raise UsageError(f"--resume: {out} has already trained {done} epochs; give a larger --epochs")
-        return cfg, arch, done
-    if done is not None or any(p.exists() for p in _run_files(out)):
-        if not overwrite:
-            raise UsageError(f"{out} already holds a training run (epoch {done or 0}); use --resume to continue "
-                             f"it or --overwrite to start again")
-        for p in _run_files(out):
-            p.unlink(missing_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if resume and not out.is_dir():
+        raise UsageError(f"--resume: no run folder {out}; run the same command without --resume to start it")
+    if not resume:
+        Data(cfg, progress)  # a bad data set or --batch is refused here, before the run folder exists (and
+        # each shard's sha256 is checked once and remembered, so the ranks find them verified)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    return cfg, arch, 0
+    try:
+        with FolderLock(out, "train"):
+            yield out
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
-def _setup(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool) -> tuple[TrainConfig, Arch, int]:
-    """The run folder checked or made, the classifier sized to the data set's classes."""
-    cfg, arch, start = prepare_run(cfg, arch, resume=resume, overwrite=overwrite)
-    classes = len(open_split(cfg.data, "train").classes)
+def _position(out: Path) -> tuple[int | None, int]:
+    """(last complete epoch or None, step of the newest snapshot inside the next epoch or 0)."""
+    done = ck.latest_complete_epoch(out)
+    return done, preempt.latest(out, (done or 0) + 1) or 0
+
+
+def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool, given: dict | None = None
+                ) -> tuple[TrainConfig, Arch, int, int]:
+    """Check the (locked) run folder; returns the settings to run with, the epoch done so far and
+    the step of a snapshot inside the next epoch (0: none)."""
+    out = Path(cfg.out)
+    done, mid = _position(out)
+    if resume:
+        if done is None and not mid:
+            raise UsageError(f"--resume: {out} holds no saved position yet (stopped before its first checkpoint); "
+                             f"run the same command without --resume to start it")
+        saved_at = (out / preempt.names(done + 1 if done else 1, mid)[0]) if mid else out / ck.ckpt_name(done)
+        ckpt = ck.load_checkpoint(saved_at)  # a corrupt or foreign file fails here, in one line
+        state = (preempt.load(out, (done or 0) + 1, mid, 0)[4] if mid else ck.load_trainer_state(out, done)[1])
+        saved = TrainConfig.from_dict(state.get("config", {}))
+        saved_arch = Arch.from_dict(ckpt.meta["arch"])
+        cfg = _resumed_config(cfg, saved, saved_arch, given, state, out)
+        if (done or 0) >= cfg.epochs:
+            raise UsageError(f"--resume: {out} has already trained {done} epochs; give a larger --epochs")
+        return cfg, saved_arch, done or 0, mid
+    if done is not None or mid:
+        if not overwrite:
+            at = f"epoch {done or 0}" + (f", step {mid} of epoch {(done or 0) + 1}" if mid else "")
+            raise UsageError(f"{out} already holds a training run ({at}); use --resume to continue it or "
+                             f"--overwrite to start again")
+    for p in _run_files(out):  # --overwrite, or what a run killed before its first save left
+        p.unlink(missing_ok=True)
+    return cfg, arch, 0, 0
+
+
+def _shown(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(getattr(v, "value", v))
+
+
+def _resumed_config(cfg: TrainConfig, saved: TrainConfig, saved_arch: Arch, given: dict | None, state: dict,
+                    out: Path) -> TrainConfig:
+    """The saved run's settings with what may change on resume taken from this command; an option
+    given with another value than the run's is refused, naming each."""
+    ident = state.get("data") or {}
+    new = Data(replace(saved, data=cfg.data or saved.data, verify=cfg.verify))
+    if ident.get("fingerprint") and new.manifest.get("fingerprint") != ident["fingerprint"]:
+        raise UsageError(f"--resume: --data {cfg.data} is not the data set the run in {out} trained on "
+                         f"({ident.get('folder')}); give that one")
+    if given is None:  # a library call: the new total of epochs, nothing else
+        return replace(saved, epochs=cfg.epochs, data=cfg.data or saved.data, out=str(out))
+    conflicts, changes = [], {}
+    saved_cfg, saved_a = saved.to_dict(), saved_arch.to_dict()
+    for field, value in given.items():
+        if field in ("data", "out"):
+            continue
+        theirs = saved_cfg[field] if field in saved_cfg else saved_a.get(field)
+        if field in RESUME_MAY_CHANGE:
+            changes[field] = value
+        elif _shown(value) != _shown(theirs):
+            option = "--" + {"name": "arch", "init_from": "init", "compile": "compile"}.get(field, field).replace("_", "-")
+            conflicts.append(f"{option} {_shown(value) or chr(39) * 2} (the run: {_shown(theirs) or chr(39) * 2})")
+    if conflicts:
+        may = ", ".join("--" + f.replace("_", "-").replace("verify", "no-verify") for f in RESUME_MAY_CHANGE)
+        raise UsageError(f"--resume: {'; '.join(conflicts)}: these cannot change when a run continues (only "
+                         f"{may} can); leave them out to continue with the run's, or start a new --out")
+    return replace(saved, data=cfg.data or saved.data, out=str(out), **changes)
+
+
+def _setup(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool, given: dict | None, folder: Path
+           ) -> tuple[TrainConfig, Arch, int, int]:
+    """The run folder checked, the classifier sized to the data set's classes."""
+    cfg, arch, start, mid = prepare_run(cfg, arch, resume=resume, overwrite=overwrite, given=given)
+    classes = len(open_split(cfg.data, "train", verify=False).classes)
     if not resume:
         arch = replace(arch, num_classes=classes)
     elif arch.num_classes != classes:
         raise UsageError(f"{cfg.data}: {classes} classes, but the run in {cfg.out} was trained on {arch.num_classes}")
-    return cfg, arch, start
+    return cfg, arch, start, mid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,37 +186,42 @@ def _init_dist(rank: int, world: int, cfg: TrainConfig) -> None:
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
 
 
-def _join_torchrun(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool, progress: Progress) -> dict:
-    """Rank 0 sets up the run folder, then every rank gets its settings by broadcast."""
+def _join_torchrun(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool, given: dict | None,
+                   progress: Progress) -> dict:
+    """Rank 0 sets up (and locks) the run folder, then every rank gets its settings by broadcast."""
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     box = [None]
-    if rank == 0:
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            try:
+                folder = stack.enter_context(run_folder(cfg, resume))
+                c, a, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
+                box = [(c.to_dict(), a.to_dict(), start, mid, None)]
+            except AlexcliError as exc:
+                box = [(None, None, 0, 0, str(exc))]
+        _init_dist(rank, world, cfg)
         try:
-            c, a, start = _setup(cfg, arch, resume, overwrite)
-            box = [(c.to_dict(), a.to_dict(), start, None)]
-        except AlexcliError as exc:
-            box = [(None, None, 0, str(exc))]
-    _init_dist(rank, world, cfg)
-    try:
-        dist.broadcast_object_list(box, src=0)
-        cfg_d, arch_d, start, failure = box[0]
-        if failure is not None:
-            raise UsageError(failure if rank == 0 else f"rank 0 could not start: {failure}")
-        cfg = replace(TrainConfig.from_dict(cfg_d), gpus=world)
-        return run_rank(rank, world, local, cfg, Arch.from_dict(arch_d), start, progress)
-    finally:
-        dist.destroy_process_group()
+            dist.broadcast_object_list(box, src=0)
+            cfg_d, arch_d, start, mid, failure = box[0]
+            if failure is not None:
+                raise UsageError(failure if rank == 0 else f"rank 0 could not start: {failure}")
+            cfg = replace(TrainConfig.from_dict(cfg_d), gpus=world)
+            with preempt.StopSignals() as stop:
+                return run_rank(rank, world, local, cfg, Arch.from_dict(arch_d), start, progress, mid=mid, stop=stop)
+        finally:
+            dist.destroy_process_group()
 
 
-def _child(rank: int, world: int, port: int, cfg_d: dict, arch_d: dict, start: int, errors) -> None:
+def _child(rank: int, world: int, port: int, cfg_d: dict, arch_d: dict, start: int, mid: int, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = TrainConfig.from_dict(cfg_d)
     try:
         _init_dist(rank, world, cfg)
-        run_rank(rank, world, rank, cfg, Arch.from_dict(arch_d), start)
+        with preempt.StopSignals() as stop:
+            run_rank(rank, world, rank, cfg, Arch.from_dict(arch_d), start, mid=mid, stop=stop)
     except AlexcliError as exc:
         errors.put((exc.exit_code, f"rank {rank}: {exc}"))
         raise SystemExit(exc.exit_code)
@@ -146,21 +235,21 @@ def _child(rank: int, world: int, port: int, cfg_d: dict, arch_d: dict, start: i
             dist.destroy_process_group()
 
 
-def _spawn(cfg: TrainConfig, arch: Arch, start: int, progress: Progress) -> dict:
+def _spawn(cfg: TrainConfig, arch: Arch, start: int, mid: int, progress: Progress, stop) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    children = [ctx.Process(target=_child, args=(rank, cfg.gpus, port, cfg.to_dict(), arch.to_dict(), start, errors),
+    children = [ctx.Process(target=_child, args=(rank, cfg.gpus, port, cfg.to_dict(), arch.to_dict(), start, mid, errors),
                             daemon=False) for rank in range(1, cfg.gpus)]
     for c in children:
         c.start()
     failure = None
     try:
         _init_dist(0, cfg.gpus, cfg)
-        summary = run_rank(0, cfg.gpus, 0, cfg, arch, start, progress)
+        summary = run_rank(0, cfg.gpus, 0, cfg, arch, start, progress, mid=mid, stop=stop)
     except BaseException as exc:
         failure = exc
     finally:

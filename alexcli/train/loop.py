@@ -2,15 +2,18 @@
 
 Exact resume: every random stream (dropout, augmentation, data order) is re-seeded at the start
 of each epoch from (seed, epoch, rank), and an epoch is committed only at its end: the checkpoint,
-metrics.jsonl and curves.png, then the trainer state (momentum buffers, schedule), whose file marks
-the epoch complete. A run killed anywhere and resumed repeats the interrupted epoch exactly and
-ends with the same weights as an uninterrupted run. `alexcli.train.launch` starts the ranks.
+metrics.jsonl and curves.png, then the trainer state (momentum buffers, schedule, the metric rows),
+whose file marks the epoch complete. Inside an epoch, snapshots (`alexcli.train.preempt`) save the
+position every --save-every steps and when SIGTERM or SIGINT arrives. A run killed anywhere and
+resumed continues from its last snapshot or epoch and ends with the same weights as an
+uninterrupted run. `alexcli.train.launch` starts the ranks.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -22,15 +25,16 @@ from alexcli.choices import Parallel
 from alexcli.data import stream
 from alexcli.data.dataset import has_split, load_stats, open_split, read_manifest
 from alexcli.env import device_name, tune_cpu
-from alexcli.errors import DataError, TrainingDiverged, UsageError
+from alexcli.errors import DataError, Stopped, TrainingDiverged, UsageError
 from alexcli.evaluate import Tally, predict_probs
 from alexcli.events import Advance, Begin, Note, Progress, ignore
 from alexcli.io import write_jsonl
 from alexcli.model.registry import Arch, build_model, count_parameters
 from alexcli.specs import AugmentContext
+from alexcli.train import preempt
 from alexcli.train.config import TrainConfig
 from alexcli.train.optim import PaperSGD, Schedule, set_lr
-from alexcli.train.step import TrainStep, autocast_for, derive_seed, seed_epoch, train_epoch
+from alexcli.train.step import LOG_EVERY, TrainStep, autocast_for, derive_seed, seed_epoch, train_epoch
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -71,30 +75,58 @@ class Rank:
             dist.barrier()
 
 
+class Data:
+    """The training data as every rank and the launcher see it, checked once: manifest, splits,
+    statistics. Every check a run needs of its data is here, so a bad data set is refused before the
+    run folder is touched."""
+
+    def __init__(self, cfg: TrainConfig, progress: Progress = ignore):
+        self.train = open_split(cfg.data, "train", verify=cfg.verify, progress=progress)
+        self.manifest = read_manifest(cfg.data)
+        self.val = (open_split(cfg.data, "val", verify=cfg.verify, progress=progress)
+                    if has_split(self.manifest, "val") else None)
+        if self.val is None and cfg.schedule == "plateau":
+            raise UsageError(f"{cfg.data}: no val split, so the plateau schedule cannot see the error stop "
+                             f"improving; use --schedule steps --lr-steps ...")
+        if self.val is not None and self.val.classes != self.train.classes:
+            raise UsageError(f"{cfg.data}: val and train splits list different classes")
+        if cfg.batch > self.train.samples:
+            raise UsageError(f"--batch {cfg.batch}: larger than the training split of {cfg.data} "
+                             f"({self.train.samples:,} images); use a --batch of at most that")
+        self.stats = load_stats(cfg.data)
+
+    @property
+    def identity(self) -> dict:
+        """What says which data set a run trained on (compared on --resume)."""
+        return {"folder": str(Path(self.train.folder).resolve()), "fingerprint": self.manifest.get("fingerprint")}
+
+
 def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arch, start: int,
-             progress: Progress = ignore) -> dict:
-    """Train epochs start+1..cfg.epochs as this rank; returns the run's summary (rank 0's view)."""
+             progress: Progress = ignore, mid: int = 0, stop: preempt.StopSignals | None = None) -> dict:
+    """Train epochs start+1..cfg.epochs as this rank (from step MID of epoch start+1 when a snapshot
+    was saved there); returns the run's summary (rank 0's view). STOP: the signals that ask the run
+    to save and stop."""
     r = Rank(rank, world, local_rank, cfg)
     emit = progress if r.main else ignore
     out = Path(cfg.out)
+    stop = stop or preempt.StopSignals()
 
     # the data: splits, statistics, batches per rank and epoch
-    manifest = read_manifest(cfg.data)
-    train_split = open_split(cfg.data, "train")
-    val_split = open_split(cfg.data, "val") if has_split(manifest, "val") else None
-    if val_split is None and cfg.schedule == "plateau":
-        raise UsageError(f"{cfg.data}: no val split, so the plateau schedule cannot see the error stop "
-                         f"improving; use --schedule steps --lr-steps ...")
-    if val_split is not None and val_split.classes != train_split.classes:
-        raise UsageError(f"{cfg.data}: val and train splits list different classes")
-    stats = load_stats(cfg.data)
+    data = Data(cfg)
+    manifest, train_split, val_split, stats = data.manifest, data.train, data.val, data.stats
     workers = stream.loader_workers(train_split, world, r.device.type, cfg.loader_workers)
     steps = stream.steps_per_epoch(train_split, cfg.batch, world)
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
 
+    # where the run stands: a snapshot inside epoch start+1, or the end of epoch START
+    snap = preempt.load(out, start + 1, mid, rank) if mid else None
+    if snap is not None and snap[4].get("position", {}).get("steps_per_epoch") != steps:
+        raise UsageError(f"--resume: the snapshot in {out} was taken with {snap[4]['position'].get('steps_per_epoch')} "
+                         f"steps per epoch, this data and batch give {steps}")
+
     # the network, the optimizer and the augmentations (restored on resume)
-    net, runner, opt, variants, transfer = _build(cfg, arch, r, start)
+    net, runner, opt, variants, transfer = _build(cfg, arch, r, start, snap)
     if transfer:
         emit(Note(f"--init {transfer['path']}: loaded {len(transfer['loaded'])} tensors; re-initialised "
                   f"{', '.join(transfer['reinitialised']) or 'none'}"
@@ -105,31 +137,48 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                      autocast=autocast_for(cfg.amp, r.device))
     eval_mean = ctx.mean_image if "mean" in cfg.augment else None
 
-    # the schedule and the best epoch so far (restored on resume)
+    # the schedule, the best epoch so far and the metric rows (restored on resume)
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.patience, cfg.lr_steps)
     best = {"epoch": None, "val_top1_error": math.inf}
-    if start:
-        _, state = ck.load_trainer_state(out, start)
+    saved_rows = None
+    if start or snap:
+        state = snap[4] if snap else ck.load_trainer_state(out, start)[1]
         schedule.load_state_dict(state["schedule"])
         best = state.get("best", best) or best
         best["val_top1_error"] = math.inf if best.get("val_top1_error") is None else best["val_top1_error"]
+        saved_rows = state.get("metrics")
     set_lr(opt, schedule.lr)
-    rows = _read_metrics(out, start) if r.main else []
+    rows = _metric_rows(out, start, saved_rows) if r.main else []
     meta_base = ck.training_meta(
         arch=arch, variants=variants, augment=aug_used, split=train_split, manifest=manifest,
         parameters=count_parameters(net), config=cfg.to_dict(),
         init_from=({k: transfer[k] for k in ("path", "sha256", "reinitialised")} if transfer
-                   else _saved_init_from(out, start)))
+                   else _saved_init_from(out, start, snap)))
     emit(Note(f"training on {r.device} x{world}, {meta_base['parameters']:,} parameters, batch {cfg.batch}, "
               f"{steps} steps/epoch, {workers} loader worker(s) per rank"
-              + (f"; resuming after epoch {start}" if start else "")))
+              + (f"; resuming at epoch {start + 1} step {mid}" if mid else
+                 f"; resuming after epoch {start}" if start else "")))
+
+    def common_state(epoch: int) -> dict:
+        """What the trainer state of an epoch and a snapshot inside it both hold."""
+        best_json = dict(best, val_top1_error=None if best["epoch"] is None else best["val_top1_error"])
+        return {"config": cfg.to_dict(), "schedule": _json_safe(schedule.state_dict()), "best": best_json,
+                "data": data.identity, "metrics": rows,
+                "position": {"epoch": epoch, "steps_per_epoch": steps, "world": world,
+                             "order": "data order, augmentation and dropout re-seeded from (seed, epoch, rank)"}}
 
     last = None
     for epoch in range(start + 1, cfg.epochs + 1):
         gen = seed_epoch(cfg.seed, epoch, rank)  # every random stream of this epoch: exact resume
+        resumed = snap if epoch == start + 1 else None
+        skip = mid if resumed else 0
+        if resumed:
+            preempt.set_random_state(resumed[2], gen, r.device)
         emit(Begin(f"epoch {epoch}/{cfg.epochs}", steps, unit="steps"))
+        if skip:
+            emit(Advance(skip))
         t0 = time.perf_counter()
-        shown = {"steps": 0, "images": 0}
+        shown = {"steps": skip, "images": resumed[3][3] if resumed else 0}
 
         def logged(n: int, mean_loss: float, seen: int, epoch=epoch) -> None:
             if not math.isfinite(mean_loss):
@@ -139,10 +188,27 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             emit(Advance(n - shown["steps"], images=(seen - shown["images"]) * world, loss=mean_loss))
             shown.update(steps=n, images=seen)
 
+        def after_step(tally, epoch=epoch, gen=gen) -> None:
+            signum = stop.signum
+            if world > 1:  # every rank must agree to stop at the same step: ask at the loss checks
+                signum = None
+                if tally.done % LOG_EVERY == 0:
+                    flag = r.all_sum(torch.tensor([float(stop.signum or 0)], dtype=torch.float64))
+                    signum = signal_of(flag) if flag[0] else None
+            due = cfg.save_every and tally.done % cfg.save_every == 0
+            if not (due or signum):
+                return
+            path = _snapshot(out, epoch, tally, net, opt, stats, meta_base, common_state(epoch), gen, r)
+            if signum:
+                name = signal.Signals(signum).name
+                raise Stopped(f"stopped by {name} at epoch {epoch} step {tally.done}/{steps}; saved {path}; "
+                              f"continue with: alexcli train --data {cfg.data} --out {out} --resume", signum)
+
         batches = stream.batches(train_split, cfg.batch // world, train=True, workers=workers, rank=rank, world=world,
-                                 seed=cfg.seed, epoch=epoch, pin=r.device.type == "cuda", limit=steps,
-                                 decode=cfg.decode)
-        loss_sum, wrong, seen = train_epoch(step, batches, gen, r.device, steps=steps, logged=logged)
+                                 seed=cfg.seed, epoch=epoch, pin=r.device.type == "cuda", limit=steps - skip,
+                                 decode=cfg.decode, skip=skip)
+        loss_sum, wrong, seen = train_epoch(step, batches, gen, r.device, steps=steps, logged=logged,
+                                            start=tuple(resumed[3]) if resumed else None, after_step=after_step)
         train_seconds = time.perf_counter() - t0
         totals = r.all_sum(torch.tensor([loss_sum, wrong, float(seen)], dtype=torch.float64))
         val = (evaluate_split(runner, val_split, cfg, r, eval_mean, arch.crop, arch.num_classes, workers)
@@ -157,19 +223,50 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                    "val_top5_error": val["top5_error"] if val else None,
                    "val_loss": val["loss"] if val else None, "lr": lr_used,
                    "images_per_s": float(totals[2]) / train_seconds, "seconds": time.perf_counter() - t0}
+        if resumed:
+            metrics["resumed_at_step"] = skip  # its speed and seconds cover only the steps after it
         if val and val["top1_error"] < best["val_top1_error"]:
             best = {"epoch": epoch, "val_top1_error": val["top1_error"]}
         if r.main:
             rows.append(metrics)
             _commit_epoch(out, epoch, net, opt, stats, dict(meta_base, epoch=epoch, metrics=metrics), rows,
-                          schedule, best, cfg, steps, world)
+                          schedule, common_state(epoch), cfg, steps)
         r.barrier()
         emit(Note(_epoch_line(metrics) + (f"  -> lr {schedule.lr:g}" if dropped else "")))
         last = metrics
+        if stop.signum and epoch < cfg.epochs:
+            raise Stopped(f"stopped by {stop.name} after epoch {epoch}; saved {out / ck.ckpt_name(epoch)}; "
+                          f"continue with: alexcli train --data {cfg.data} --out {out} --resume", stop.signum)
     return {"rank": rank, "out": str(out), "epochs": cfg.epochs, "started_at": start, "last": last,
             "best_epoch": best["epoch"], "best_val_top1_error": None if best["epoch"] is None else best["val_top1_error"],
             "checkpoint": str(out / ck.ckpt_name(cfg.epochs)), "parameters": meta_base["parameters"],
             "device": str(r.device), "world": world}
+
+
+def signal_of(flag: torch.Tensor) -> int:
+    """The signal that stops every rank, from the sum over ranks of the signal numbers they got."""
+    n = int(flag[0])
+    return n if n in (signal.SIGTERM, signal.SIGINT) else signal.SIGTERM
+
+
+def _snapshot(out: Path, epoch: int, tally, net, opt, stats, meta_base: dict, state: dict, gen, r: Rank) -> Path | None:
+    """Save the position inside EPOCH (a collective when there are several ranks: each sends its
+    random state and running sums to rank 0, which writes)."""
+    mine = {"random": preempt.random_state(gen, r.device),
+            "tally": [tally.done, float(tally.loss_sum), float(tally.wrong), tally.seen]}
+    ranks = [mine]
+    if r.world > 1:
+        import torch.distributed as dist
+
+        ranks = [None] * r.world
+        dist.all_gather_object(ranks, mine)
+    path = None
+    if r.main:
+        state = dict(state, position=dict(state["position"], step=tally.done))
+        path = preempt.save(out, epoch, tally.done, weights=one_device_state(net), data=ck.stats_tensors(stats),
+                            meta=meta_base, velocity=_velocity(opt, net), ranks=ranks, state=state)
+    r.barrier()
+    return path or out / preempt.names(epoch, tally.done)[0]
 
 
 def _epoch_line(m: dict) -> str:
@@ -182,14 +279,18 @@ def _epoch_line(m: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # the network
 
-def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int):
-    """The network (weights restored on resume), the module that runs it, and the optimizer."""
+def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int, snap=None):
+    """The network (weights restored on resume, from SNAP when resuming mid-epoch), the module that
+    runs it, and the optimizer."""
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # the same initial weights on every rank
     net, variants = build_model(arch)
     velocity, transfer = None, None
-    if cfg.init_from and not start:
+    if cfg.init_from and not (start or snap):
         transfer = load_matching(net, cfg.init_from)
-    if start:
+    if snap is not None:
+        net.load_state_dict(snap[0].model_state)
+        velocity = snap[1]
+    elif start:
         ckpt = ck.load_checkpoint(Path(cfg.out) / ck.ckpt_name(start))
         net.load_state_dict(ckpt.model_state)
         velocity, _ = ck.load_trainer_state(Path(cfg.out), start)
@@ -278,26 +379,29 @@ def evaluate_split(runner, split, cfg: TrainConfig, r: Rank, mean_image, crop: i
     return tally.result()
 
 
-def _commit_epoch(out, epoch, net, opt, stats, meta, rows, schedule, best, cfg, steps, world) -> None:
-    """The epoch's files in order: checkpoint, metrics.jsonl, curves.png, then the trainer state,
-    whose presence marks the epoch complete (each written atomically)."""
+def _commit_epoch(out, epoch, net, opt, stats, meta, rows, schedule, state, cfg, steps) -> None:
+    """The epoch's files in order: checkpoint, metrics.jsonl, curves.png, then the trainer state
+    (which holds the metric rows too), whose presence marks the epoch complete (each written
+    atomically); then the epoch's snapshots go and old checkpoints are pruned."""
     from alexcli.figures.plot import write_curves
 
     ck.save_checkpoint(out / ck.ckpt_name(epoch), one_device_state(net), ck.stats_tensors(stats), meta)
     write_jsonl(out / METRICS, rows)
     write_curves(out / CURVES, rows)
-    best_json = dict(best, val_top1_error=None if best["epoch"] is None else best["val_top1_error"])
-    state = {"config": cfg.to_dict(), "schedule": _json_safe(schedule.state_dict()), "best": best_json,
-             "position": {"epoch": epoch, "step": epoch * steps, "steps_per_epoch": steps, "world": world,
-                          "order": "data order, augmentation and dropout re-seeded from (seed, epoch, rank)"},
-             "seeds": {"torch": derive_seed(cfg.seed, epoch + 1, 0, "torch"),
-                       "augment": derive_seed(cfg.seed, epoch + 1, 0, "augment")}}
+    state = dict(state, position=dict(state["position"], step=epoch * steps),
+                 seeds={"torch": derive_seed(cfg.seed, epoch + 1, 0, "torch"),
+                        "augment": derive_seed(cfg.seed, epoch + 1, 0, "augment")})
     ck.save_trainer_state(out, epoch, _velocity(opt, net), state)
-    ck.prune(out, cfg.keep, best["epoch"], epoch)
+    preempt.remove(out)
+    ck.prune(out, cfg.keep, state["best"]["epoch"], epoch)
 
 
-def _read_metrics(out: Path, upto: int) -> list[dict]:
-    """The rows of epochs 1..UPTO (a row of an epoch that was not committed is dropped)."""
+def _metric_rows(out: Path, upto: int, saved: list | None) -> list[dict]:
+    """The metric rows of epochs 1..UPTO: those the trainer state saved (metrics.jsonl is rewritten
+    from them at the next commit, so a damaged or cut metrics.jsonl is rebuilt); a run from before
+    the state held them reads metrics.jsonl, and a damaged one is an error naming it."""
+    if saved is not None:
+        return [m for m in saved if m.get("epoch", math.inf) <= upto]
     path = out / METRICS
     if not path.is_file():
         return []
@@ -312,8 +416,10 @@ def _read_metrics(out: Path, upto: int) -> list[dict]:
     return [m for m in rows if m.get("epoch", math.inf) <= upto]
 
 
-def _saved_init_from(out: Path, start: int):
+def _saved_init_from(out: Path, start: int, snap=None):
     """On resume, the fine-tuning record of the run's earlier checkpoints."""
+    if snap is not None:
+        return snap[0].meta.get("init_from")
     if not start:
         return None
     return ck.read_meta(out / ck.ckpt_name(start)).get("init_from")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,17 +75,30 @@ class TrainStep:
         return self.update(self.inputs(images, gen), labels)
 
 
+class Tally(NamedTuple):
+    """An epoch's running sums on one rank: steps done, loss sum and top-1 misses (device tensors),
+    images seen. What a mid-epoch snapshot saves so a resumed epoch ends with the same metrics."""
+
+    done: int
+    loss_sum: torch.Tensor
+    wrong: torch.Tensor
+    seen: int
+
+
 def train_epoch(step: TrainStep, batches: Iterable, gen: torch.Generator, device: torch.device, *,
-                steps: int, logged: Callable[[int, float, int], None], log_every: int = LOG_EVERY
-                ) -> tuple[float, float, int]:
+                steps: int, logged: Callable[[int, float, int], None], log_every: int = LOG_EVERY,
+                start: tuple[int, float, float, int] | None = None,
+                after_step: Callable[[Tally], None] | None = None) -> tuple[float, float, int]:
     """One epoch of STEP over BATCHES ((images, labels): decoded or packed, on any device); returns
     this rank's (loss sum, top-1 misses, images). LOGGED(steps done, mean loss so far, images so
     far) is called every LOG_EVERY steps and after the last: each call syncs the device once, and
-    is where a caller stops a diverging run or moves a progress bar."""
+    is where a caller stops a diverging run or moves a progress bar. START (steps done, loss sum,
+    misses, images) continues an epoch resumed mid-way (BATCHES then begins after those steps);
+    AFTER_STEP(tally) runs after every step but the last: where train saves a snapshot or stops."""
     step.model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    wrong = torch.zeros((), device=device, dtype=torch.long)
-    seen = done = 0
+    done, loss0, wrong0, seen = start or (0, 0.0, 0.0, 0)
+    loss_sum = torch.full((), loss0, device=device, dtype=torch.float64)
+    wrong = torch.full((), int(wrong0), device=device, dtype=torch.long)
     for images, labels in batches:
         labels = labels.to(device, non_blocking=True)
         loss, logits = step(images_on(images, device), labels, gen)
@@ -95,4 +108,6 @@ def train_epoch(step: TrainStep, batches: Iterable, gen: torch.Generator, device
         done += 1
         if done % log_every == 0 or done == steps:
             logged(done, float(loss_sum) / seen, seen)
+        if after_step is not None and done < steps:
+            after_step(Tally(done, loss_sum, wrong, seen))
     return float(loss_sum), float(wrong), seen

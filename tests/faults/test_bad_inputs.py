@@ -1,0 +1,67 @@
+"""Edited data sets and options beyond reason: one line naming the file or option, exit 2, never a
+traceback or an allocation that takes the machine down."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY_TRAIN
+
+
+@pytest.fixture
+def cli(capsys):
+    from alexcli.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        got = capsys.readouterr()
+        return code, got.err.strip().splitlines()[-1]  # after any progress lines: the error
+    return run
+
+
+@pytest.fixture
+def data(train_data, tmp_path):
+    """A copy of the small prepared data set, to edit."""
+    return shutil.copytree(train_data, tmp_path / "data")
+
+
+def test_a_shortened_class_list_is_one_line(data, tmp_path, cli):
+    m = json.loads((data / "dataset.json").read_text())
+    m["classes"], m["class_names"] = m["classes"][:3], m["class_names"][:3]
+    (data / "dataset.json").write_text(json.dumps(m))
+    code, err = cli("train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1")
+    assert code == 2, err
+    assert err.startswith(f"error: {data}/") and ": class " in err and "dataset.json lists 3 classes" in err, err
+
+
+def test_class_names_that_do_not_match_the_classes_are_one_line(data, tmp_path, cli):
+    m = json.loads((data / "dataset.json").read_text())
+    m["class_names"] = m["class_names"][:3]
+    (data / "dataset.json").write_text(json.dumps(m))
+    code, err = cli("train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1")
+    assert code == 2 and err == (f"error: {data}: class_names lists 3 names, but classes lists 8; "
+                                 f"run `alexcli verify {data}`"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 100, b"not safetensors at all, but text"])
+def test_garbage_stats_are_one_line(data, tmp_path, cli, garbage):
+    (data / "stats.safetensors").write_bytes(garbage)
+    code, err = cli("train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1")
+    assert code == 2, err
+    assert err.startswith(f"error: {data / 'stats.safetensors'}: unreadable ("), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_kernels_scale_beyond_reason_is_refused(train_data, tmp_path, cli):
+    code, _ = cli("train", "--data", train_data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1",
+                  "--steps-per-epoch", "1")
+    assert code == 0
+    code, err = cli("kernels", tmp_path / "run" / "ckpt-e001.safetensors", "--out", tmp_path / "k.png",
+                    "--scale", "100000")
+    assert code == 2 and err.startswith("error: --scale 100000 makes a ") and "use --scale " in err, err
+    assert not (tmp_path / "k.png").exists()

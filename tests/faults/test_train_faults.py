@@ -1,0 +1,283 @@
+"""train as an unlucky user meets it: stopped by the scheduler, killed at random steps, a cut
+metrics.jsonl, a resume with other options, a second run into the same folder, options that make no
+sense, files in --out that are not alexcli's."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alexcli.io import FolderLock
+from conftest import TINY_TRAIN, run_cli
+
+EPOCHS = "2"
+LAST = f"ckpt-e00{EPOCHS}.safetensors"
+SNAP = ["--save-every", "2"]  # 6 steps an epoch here: snapshots at steps 2 and 4
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """`alexcli ARGS` in this process (no interpreter start per run): returns a Result."""
+    from alexcli.cli import main
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        got = capsys.readouterr()
+        return Result(code, got.out, got.err)
+    return run
+
+
+def train_in(cli, data, out, *extra) -> Result:
+    return cli("train", "--data", data, "--out", out, *TINY_TRAIN, *extra)
+
+
+def train(data, out, *extra, **kw):
+    return run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, *extra, **kw)
+
+
+def train_cmd(data, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "alexcli", "train", "--data", str(data), "--out", str(out), *TINY_TRAIN, *extra]
+
+
+def weights(path):
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(train_data, tmp_path_factory):
+    """An uninterrupted run with snapshots: the weights every stopped and resumed run must end with."""
+    from alexcli.cli import main
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(["train", "--data", str(train_data), "--out", str(out), *TINY_TRAIN, "--epochs", EPOCHS, *SNAP]) == 0
+    assert not list(out.glob("*-s0*")), "an epoch's snapshots are removed when it commits"
+    return out
+
+
+def test_snapshots_do_not_change_the_weights(reference, train_data, tmp_path, cli):
+    out = tmp_path / "plain"
+    assert train_in(cli, train_data, out, "--epochs", EPOCHS, "--save-every", "0").returncode == 0
+    assert_same_weights(reference / LAST, out / LAST)
+
+
+def _wait_for(path_glob: Path, proc, timeout=180) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(path_glob.parent.glob(path_glob.name)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_sigterm_saves_a_snapshot_and_resume_is_bit_identical(reference, train_data, tmp_path, cli):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS, *SNAP), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "state-e002-s000002.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM "), last
+    assert last.endswith(f"continue with: alexcli train --data {train_data} --out {out} --resume"), last
+    saved = last.split("; saved ")[1].split(";")[0]
+    assert Path(saved).is_file()  # an ordinary checkpoint: eval reads it
+    assert not list(out.glob("*.tmp"))
+    r = train_in(cli, train_data, out, "--resume")  # the run's own --epochs (not the default 90)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at epoch 2 step" in r.stderr, r.stderr
+    assert_same_weights(reference / LAST, out / LAST)
+    assert [m["epoch"] for m in rows(out)] == [1, 2]
+    assert not list(out.glob("*-s0*"))
+
+
+def test_sigint_mid_epoch_is_exit_130_with_the_resume_command(train_data, tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS, *SNAP), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "state-e001-s000002.json", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err and f"--out {out} --resume" in err
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(reference, train_data, tmp_path, cli):
+    """Several tries, each killed at a random moment of the run (snapshot writes included)."""
+    rng = random.Random(2012)
+    lengths = []
+    for attempt in range(3):
+        out = tmp_path / f"kill{attempt}"
+        proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS, *SNAP),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(out / "ckpt-e001-s000002.safetensors*", proc)  # training is under way
+        time.sleep(rng.uniform(0, 1.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        r = train_in(cli, train_data, out, "--resume") if not (out / f"state-e00{EPOCHS}.json").exists() else None
+        if r is not None and "holds no saved position yet" in r.stderr:  # killed before the first save
+            r = train_in(cli, train_data, out, "--epochs", EPOCHS, *SNAP)
+        if r is not None:
+            assert r.returncode == 0, r.stderr
+        lengths.append(r is not None)
+        assert_same_weights(reference / LAST, out / LAST)
+        assert [m["epoch"] for m in rows(out)] == [1, 2]
+    assert any(lengths), "every kill came after the run had finished: the test did not test resuming"
+
+
+def test_stop_at_a_chosen_step_in_process_resumes_mid_epoch(train_data, tmp_path, monkeypatch):
+    """Deterministic: SIGTERM arrives during step 3 of epoch 2; the run saves step 3 and stops."""
+    from alexcli.errors import Stopped
+    from alexcli.model.registry import make_arch
+    from alexcli.train import step as step_mod
+    from alexcli.train.config import TrainConfig
+    from alexcli.train.launch import train as train_lib
+
+    def config(out):
+        return TrainConfig(data=str(train_data), out=str(out), epochs=2, batch=8, loader_workers=0,
+                           schedule="steps", lr_steps=(2,), save_every=0)
+
+    arch = make_arch("alexnet", init="kaiming", width=0.125, crop=64)
+    train_lib(config(tmp_path / "whole"), arch)
+
+    calls = {"n": 0}
+    real = step_mod.TrainStep.__call__
+
+    def call(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 6 + 3:  # epoch 2, step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a)
+
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", call)
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM at epoch 2 step 3/6; saved .*ckpt-e002-s000003") as e:
+        train_lib(config(tmp_path / "cut"), arch)
+    assert e.value.exit_code == 143
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", real)
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in cut.glob("*-s0*")) == ["ckpt-e002-s000003.safetensors",
+                                                         "state-e002-s000003.json", "state-e002-s000003.safetensors"]
+    summary = train_lib(config(cut), arch, resume=True)
+    assert summary["started_at"] == 1
+    assert_same_weights(tmp_path / "whole" / "ckpt-e002.safetensors", cut / "ckpt-e002.safetensors")
+    whole, resumed = rows(tmp_path / "whole"), rows(cut)
+    for a, b in zip(whole, resumed):  # the epoch's sums survive the stop: the same metrics
+        assert (a["train_loss"], a["train_top1_error"], a["val_top1_error"]) == \
+               (b["train_loss"], b["train_top1_error"], b["val_top1_error"])
+    assert resumed[1]["resumed_at_step"] == 3
+
+
+def test_cut_metrics_file_is_rebuilt_on_resume(train_data, tmp_path, cli):
+    out = tmp_path / "m"
+    assert train_in(cli, train_data, out, "--epochs", "2").returncode == 0
+    text = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(text[: len(text) * 2 // 3])  # cut in the middle of a row
+    r = train_in(cli, train_data, out, "--resume", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert [m["epoch"] for m in rows(out)] == [1, 2, 3]
+
+
+def test_resume_refuses_options_that_differ_naming_each(train_data, tmp_path, demo_src, tmp_path_factory, cli):
+    out = tmp_path / "r"
+    assert train_in(cli, train_data, out, "--epochs", "1").returncode == 0
+    r = cli("train", "--data", train_data, "--out", out, "--resume", "--epochs", "2", "--lr", "0.1",
+            "--batch", "4", "--width", "0.25")
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert line.startswith("error: --resume: --lr 0.1 (the run: 0.01); --batch 4 (the run: 8); --width 0.25 "
+                           "(the run: 0.125): these cannot change when a run continues"), line
+    assert len(line.splitlines()) == 1
+    other = tmp_path_factory.mktemp("other") / "d"
+    from alexcli.data.prepare import PrepareConfig, prepare
+
+    prepare(demo_src, other, PrepareConfig(size=72, shard_size=12, workers=1, seed=5))  # another shuffle
+    r = cli("train", "--data", other, "--out", out, "--resume", "--epochs", "2")
+    assert r.returncode == 2 and "is not the data set the run in" in r.stderr, r.stderr
+    # the options that may change, and the same values given again, are fine
+    r = cli("train", "--data", train_data, "--out", out, "--resume", "--epochs", "2", "--keep", "1",
+            "--loader-workers", "0", "--batch", "8", "--width", "0.125")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_second_train_into_the_same_folder_is_refused(train_data, tmp_path, cli):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with FolderLock(out, "train"):
+        r = train_in(cli, train_data, out, "--epochs", "1")
+    assert r.returncode == 2 and f"{out}: in use by alexcli train (pid {os.getpid()}" in r.stderr, r.stderr
+
+
+def test_overwrite_removes_only_the_runs_files(train_data, tmp_path, cli):
+    out = tmp_path / "o"
+    assert train_in(cli, train_data, out, "--epochs", "1", "--steps-per-epoch", "2").returncode == 0
+    mine = {"notes.txt": b"my notes", "draft.tmp": b"an editor's file", "ckpt-best.safetensors": b"mine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    r = train_in(cli, train_data, out, "--epochs", "1")
+    assert r.returncode == 2 and "use --resume to continue it or --overwrite to start again" in r.stderr
+    assert train_in(cli, train_data, out, "--epochs", "1", "--steps-per-epoch", "2", "--overwrite").returncode == 0
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data
+
+
+def test_a_run_killed_before_its_first_save_starts_again_plainly(train_data, tmp_path, cli):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "ckpt-e001.safetensors.tmp").write_bytes(b"half a checkpoint")  # what a kill in the first save leaves
+    r = train_in(cli, train_data, out, "--epochs", "1", "--resume")
+    assert r.returncode == 2
+    assert "holds no saved position yet" in r.stderr and "without --resume" in r.stderr
+    r = train_in(cli, train_data, out, "--epochs", "1", "--steps-per-epoch", "2")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "ckpt-e001.safetensors.tmp").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "nan"], "--lr must be a positive number, not nan"),
+    (["--lr", "inf"], "--lr must be a positive number, not inf"),
+    (["--lr", "0"], "--lr must be a positive number, not 0.0"),
+    (["--weight-decay", "nan"], "Invalid value for '--weight-decay'"),
+    (["--loader-workers", "-5"], "Invalid value for '--loader-workers'"),
+    (["--steps-per-epoch", "-1"], "Invalid value for '--steps-per-epoch'"),
+    (["--augment", "mean,mean,crop"], "--augment mean,mean,crop: mean given more than once"),
+    (["--batch", "100000"], "--batch 100000: larger than the training split of"),
+    (["--lr-steps", "3,2"], "--lr-steps must be increasing epochs of 1 or more, not 3,2"),
+])
+def test_bad_options_leave_no_run_folder(train_data, tmp_path, args, message, cli):
+    out = tmp_path / "never"
+    r = train_in(cli, train_data, out, "--epochs", "1", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_one_line(train_data, tmp_path, cli):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    r = train_in(cli, train_data, out, "--epochs", "1")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: --out {out}: exists and is not a folder"
+    assert out.read_text() == "x"
