@@ -28,6 +28,38 @@ def run_cli(*args: str, cwd=None, env=None, timeout=RUN_TIMEOUT) -> subprocess.C
                           capture_output=True, text=True, timeout=timeout)
 
 
+def weights(path) -> dict:
+    """The model tensors of a checkpoint file."""
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+
+
+def assert_same_weights(a, b) -> None:
+    """Checkpoints A and B hold bit-identical weights."""
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def run_here(*args) -> subprocess.CompletedProcess:
+    """`alexcli ARGS` in this process: what run_cli checks (exit code, stdout, stderr) without an
+    interpreter and torch starting for every run (about 3 s each on 2 cores). For what needs a
+    process of its own (signals, kill -9, a clean registry), use run_cli."""
+    import contextlib
+    import io
+
+    from alexcli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["alexcli", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT, log=None) -> None:
     """Poll CONDITION() until it holds while PROC runs: for tests that signal a process at a point
     it reports (a marker file it writes), never after a fixed sleep. Fails at once if PROC ends

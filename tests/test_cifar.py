@@ -19,7 +19,7 @@ from alexcli.model.registry import Arch, build_model, count_parameters, make_arc
 from alexcli.model.cifar import LocallyConnected2d
 from alexcli.data import dataset, stream, tar
 from alexcli.data.memory import load_split
-from conftest import run_cli
+from conftest import run_here
 
 
 def local_reference(x, weight, bias, k, padding, stride):
@@ -137,10 +137,10 @@ def test_architectures_are_registry_entries():
 
 
 def test_cli_lists_architectures_and_rejects_unknown_one(prepared, tmp_path):
-    r = run_cli("plugins", "--json")
+    r = run_here("plugins", "--json")
     rows = [p for p in json.loads(r.stdout)["plugins"] if p["kind"] == "architecture"]
     assert {p["name"] for p in rows} >= {"alexnet", "cifar-local"}
-    r = run_cli("train", "--data", prepared[0], "--out", tmp_path / "run", "--arch", "resnet")
+    r = run_here("train", "--data", prepared[0], "--out", tmp_path / "run", "--arch", "resnet")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown architecture 'resnet'; available: alexnet, cifar-local"
     assert not (tmp_path / "run").exists()
@@ -148,17 +148,17 @@ def test_cli_lists_architectures_and_rejects_unknown_one(prepared, tmp_path):
 
 def test_train_dry_run_and_a_trained_cifar_checkpoint_evaluates(prepared, tmp_path):
     data = prepared[0]
-    r = run_cli("train", "--data", data, "--arch", "cifar-local", "--dry-run", "--json")
+    r = run_here("train", "--data", data, "--arch", "cifar-local", "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["arch"]["name"] == "cifar-local" and info["arch"]["crop"] == 24
     assert info["parameters"] == count_parameters(build_model(make_arch("cifar-local", num_classes=8))[0])
     assert info["shapes"]["local3"] == [1, 32, 5, 5]
     out = tmp_path / "run"
-    r = run_cli("train", "--data", data, "--out", out, "--arch", "cifar-local", "--epochs", "1", "--batch", "16",
+    r = run_here("train", "--data", data, "--out", out, "--arch", "cifar-local", "--epochs", "1", "--batch", "16",
                 "--loader-workers", "0", "--augment", "mean,crop,flip", "--json")
     assert r.returncode == 0, r.stderr
-    r = run_cli("eval", out / "ckpt-e001.safetensors", "--data", data, "--json")
+    r = run_here("eval", out / "ckpt-e001.safetensors", "--data", data, "--json")
     assert r.returncode == 0, r.stderr
     assert 0 <= json.loads(r.stdout)["models"][0]["top1_error"] <= 1
 
@@ -218,11 +218,11 @@ def test_prepare_holdout_splits_each_class_and_copies_32px_jpegs(tmp_path):
 
 
 def test_prepare_holdout_refuses_a_source_with_val(demo_src, tmp_path):
-    r = run_cli("prepare", demo_src, "--out", tmp_path / "x", "--size", "32", "--holdout", "0.2")
+    r = run_here("prepare", demo_src, "--out", tmp_path / "x", "--size", "32", "--holdout", "0.2")
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: --holdout: {demo_src} already has a val split; hold out only from a " \
                                f"source without one"
-    r = run_cli("prepare", demo_src, "--out", tmp_path / "x", "--holdout", "1.5")
+    r = run_here("prepare", demo_src, "--out", tmp_path / "x", "--holdout", "1.5")
     assert r.returncode == 2 and "Invalid value for '--holdout': Input should be less than or equal to 1" in r.stderr
     assert not (tmp_path / "x").exists()
 

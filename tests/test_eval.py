@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, run_here
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def two_models(train_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     paths = []
     for seed in ("1", "2"):
-        r = run_cli("train", "--data", train_data, "--out", root / seed, *TINY_TRAIN, "--epochs", "2", "--seed", seed)
+        r = run_here("train", "--data", train_data, "--out", root / seed, *TINY_TRAIN, "--epochs", "2", "--seed", seed)
         assert r.returncode == 0, r.stderr
         paths.append(root / seed / "ckpt-e002.safetensors")
     return paths
@@ -62,7 +62,7 @@ def errors(probs, labels):
 
 @pytest.mark.parametrize("crops", ["center", "ten"])
 def test_eval_and_ensemble_equal_the_reference(two_models, train_data, crops):
-    r = run_cli("ensemble", *two_models, "--data", train_data, "--crops", crops, "--batch", "5", "--json")
+    r = run_here("ensemble", *two_models, "--data", train_data, "--crops", crops, "--batch", "5", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     refs = [reference_probs(p, train_data, crops) for p in two_models]
@@ -72,12 +72,12 @@ def test_eval_and_ensemble_equal_the_reference(two_models, train_data, crops):
         assert (model["top1_error"], model["top5_error"]) == pytest.approx(errors(probs, labels), abs=1e-9)
     ens = (refs[0][0] + refs[1][0]) / 2
     assert (got["ensemble"]["top1_error"], got["ensemble"]["top5_error"]) == pytest.approx(errors(ens, labels), abs=1e-9)
-    single = json.loads(run_cli("eval", two_models[0], "--data", train_data, "--crops", crops, "--json").stdout)
+    single = json.loads(run_here("eval", two_models[0], "--data", train_data, "--crops", crops, "--json").stdout)
     assert single["models"][0]["top1_error"] == got["models"][0]["top1_error"] and single["ensemble"] is None
 
 
 def test_eval_finds_its_data_and_prints_a_table(two_models, train_data):
-    r = run_cli("eval", two_models[0], "--per-class")  # --data defaults to the folder it was trained on
+    r = run_here("eval", two_models[0], "--per-class")  # --data defaults to the folder it was trained on
     assert r.returncode == 0, r.stderr
     assert "top-1 (val)" in r.stdout and "top-1 error per class" in r.stdout and "disc" in r.stdout
 
@@ -94,16 +94,16 @@ def test_ensemble_refuses_different_class_lists(two_models, tmp_path, train_data
     meta["classes"] = list(reversed(meta["classes"]))
     tensors = load_file(str(two_models[1]))
     save_file(tensors, str(other), {"alexcli": json.dumps(sealed(meta, tensors))})  # a consistent file
-    r = run_cli("ensemble", two_models[0], other, "--data", train_data)
+    r = run_here("ensemble", two_models[0], other, "--data", train_data)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (f"error: {other} and {two_models[0]} list different classes "
                                                  f"(first difference at index 0); an ensemble needs the same class list")
 
 
 def test_bad_eval_input(two_models, train_data, tmp_path):
-    r = run_cli("eval", tmp_path / "missing.safetensors", "--data", train_data)
+    r = run_here("eval", tmp_path / "missing.safetensors", "--data", train_data)
     assert r.returncode == 2 and "no such checkpoint" in r.stderr
-    r = run_cli("eval", two_models[0], "--data", train_data, "--crops", "five")
+    r = run_here("eval", two_models[0], "--data", train_data, "--crops", "five")
     assert r.returncode == 2 and "'--crops': Value error, 'five' is not one of 'center', 'ten'" in r.stderr
     from alexcli.errors import UsageError
     from alexcli.evaluate import score
@@ -129,11 +129,11 @@ def test_eval_refuses_a_val_shard_that_is_not_the_one_prepared(two_models, train
     shutil.copytree(train_data, data)
     shard = flip_val_jpeg(data)
     for cmd in (["eval", two_models[0]], ["ensemble", *two_models]):
-        r = run_cli(*cmd, "--data", data, "--json")
+        r = run_here(*cmd, "--data", data, "--json")
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert r.stderr.strip().splitlines()[-1] == (f"error: {shard}: sha256 differs from dataset.json (corrupt or "
                                                      f"replaced); run `alexcli verify {data}`")
-    r = run_cli("eval", two_models[0], "--data", data, "--json", "--no-verify")  # on purpose: it runs
+    r = run_here("eval", two_models[0], "--data", data, "--json", "--no-verify")  # on purpose: it runs
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["images"] == 16
 
@@ -166,10 +166,10 @@ def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_
     data = tmp_path / "three72"
     prepare(src, data, PrepareConfig(size=72, shard_size=8, workers=1))
     out = tmp_path / "ft"
-    r = run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, "--init", two_models[0], "--conv6",
+    r = run_here("train", "--data", data, "--out", out, *TINY_TRAIN, "--init", two_models[0], "--conv6",
                 "--epochs", "1", "--lr", "0")
     assert r.returncode == 2 and "--lr must be" in r.stderr and "positive" in r.stderr  # train's wording may vary
-    r = run_cli("train", "--data", data, "--out", out, *[a for a in TINY_TRAIN if a != "kaiming" and a != "--init"],
+    r = run_here("train", "--data", data, "--out", out, *[a for a in TINY_TRAIN if a != "kaiming" and a != "--init"],
                 "--init", two_models[0], "--conv6", "--epochs", "1", "--lr", "1e-9")
     assert r.returncode == 0, r.stderr
     assert "re-initialised conv6.weight, conv6.bias, fc8.weight, fc8.bias" in r.stderr
@@ -183,6 +183,6 @@ def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_
 
 
 def test_init_that_is_neither_preset_nor_file(train_data, tmp_path):
-    r = run_cli("train", "--data", train_data, "--out", tmp_path / "x", "--init", "resnet")
+    r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--init", "resnet")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --init 'resnet': neither a preset of alexnet (paper, caffe, kaiming) nor a checkpoint file"

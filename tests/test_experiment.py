@@ -15,7 +15,7 @@ from alexcli.experiment.run import crossing
 from alexcli.data import dataset
 from alexcli.data.memory import load_split
 from alexcli.model.registry import make_arch
-from conftest import run_cli
+from conftest import run_here
 from test_cifar import write_cifar_like
 
 FAST = ["--batch", "16", "--sweep-epochs", "1"]
@@ -62,7 +62,7 @@ def test_relu_vs_tanh_end_to_end_and_resumes_from_finished_fits(cifar, tmp_path)
     # learning rates at which both nets learn this tiny set (none diverges) and reach 50% training error
     args = ["experiment", "relu-vs-tanh", "--data", cifar, "--out", out, "--epochs", "4", "--lrs", "0.003,0.01",
             "--target", "0.5", *FAST]
-    r = run_cli(*args, "--json")
+    r = run_here(*args, "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res == json.loads((out / "results.json").read_text())
@@ -92,7 +92,7 @@ def test_relu_vs_tanh_end_to_end_and_resumes_from_finished_fits(cifar, tmp_path)
     assert "relu" in r.stderr and "chosen by the sweep" in r.stderr
 
     # run again: every fit is read back from fits/, nothing is trained, the results are the same
-    again = run_cli(*args, "--json")
+    again = run_here(*args, "--json")
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("done before, read from fits/") == 6  # 2 x 2 sweep runs, 2 final runs
     assert "epoch   1" not in again.stderr
@@ -103,7 +103,7 @@ def test_relu_vs_tanh_end_to_end_and_resumes_from_finished_fits(cifar, tmp_path)
 
 def test_lrn_end_to_end_and_checkpoints_score_the_same_in_eval(cifar, tmp_path):
     out = tmp_path / "lrn"
-    r = run_cli("experiment", "lrn", "--data", cifar, "--out", out, "--epochs", "3", "--lrs", "0.002", "--seeds", "2",
+    r = run_here("experiment", "lrn", "--data", cifar, "--out", out, "--epochs", "3", "--lrs", "0.002", "--seeds", "2",
                 *FAST)
     assert r.returncode == 0, r.stderr
     assert "without - with normalisation" in r.stdout
@@ -130,7 +130,7 @@ def test_lrn_end_to_end_and_checkpoints_score_the_same_in_eval(cifar, tmp_path):
     assert res["difference"]["values"] == pytest.approx(diffs)
     # the saved weights are an ordinary checkpoint: alexcli eval gives the same centre-patch error
     ckpt = out / "lrn-seed1.safetensors"
-    e = run_cli("eval", ckpt, "--data", cifar, "--json")
+    e = run_here("eval", ckpt, "--data", cifar, "--json")
     assert e.returncode == 0, e.stderr
     scored = json.loads(e.stdout)
     assert scored["images"] == 24
@@ -138,31 +138,31 @@ def test_lrn_end_to_end_and_checkpoints_score_the_same_in_eval(cifar, tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
-    r = run_cli("experiment", "dropout", "--data", cifar)
+    r = run_here("experiment", "dropout", "--data", cifar)
     assert r.returncode == 2 and r.stderr.strip() == ("error: Invalid value for 'NAME': Value error, 'dropout' is not "
                                                       "one of 'relu-vs-tanh', 'lrn'. (see: alexcli experiment --help)")
-    r = run_cli("experiment", "lrn", "--data", cifar, "--lrs", "fast")
+    r = run_here("experiment", "lrn", "--data", cifar, "--lrs", "fast")
     assert r.returncode == 2 and r.stderr.strip() == ("error: --lrs 'fast': expected learning rates like 0.001,0.01 "
                                                       "or relu=0.003,tanh=0.01")
-    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--lrs", "relu=0.003", "--out", tmp_path / "z")
+    r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--lrs", "relu=0.003", "--out", tmp_path / "z")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --lrs relu=0.003: give one rate for each of relu, tanh (or a list to sweep)"
-    r = run_cli("experiment", "lrn", "--data", cifar, "--norm", "batchnorm-typo")
+    r = run_here("experiment", "lrn", "--data", cifar, "--norm", "batchnorm-typo")
     assert r.returncode == 2 and "unknown norm 'batchnorm-typo'" in r.stderr
-    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--crop", "40", "--out", tmp_path / "x")
+    r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--crop", "40", "--out", tmp_path / "x")
     assert r.returncode == 2 and "--crop 40 is larger than the 32x32 images" in r.stderr
     no_val = tmp_path / "noval"
     prepare(cifar.parent / "src", no_val, PrepareConfig(size=32, workers=1))
-    r = run_cli("experiment", "lrn", "--data", no_val, "--out", tmp_path / "y", "--lrs", "0.01")
+    r = run_here("experiment", "lrn", "--data", no_val, "--out", tmp_path / "y", "--lrs", "0.01")
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: {no_val}: no val or test split to measure test error on; prepare it with "
                                 "--holdout 0.1 (CIFAR-10's training folder) or from a source with val/")
-    r = run_cli("experiment", "lrn", "--data", tmp_path / "missing")
+    r = run_here("experiment", "lrn", "--data", tmp_path / "missing")
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_one_learning_rate_per_variant_skips_the_sweep(cifar, tmp_path):
-    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--out", tmp_path / "o", "--epochs", "1",
+    r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--out", tmp_path / "o", "--epochs", "1",
                 "--lrs", "relu=0.002,tanh=0.02", "--batch", "16", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
@@ -172,7 +172,7 @@ def test_one_learning_rate_per_variant_skips_the_sweep(cifar, tmp_path):
 
 
 def test_help_has_an_example():
-    r = run_cli("experiment", "--help")
+    r = run_here("experiment", "--help")
     assert r.returncode == 0 and "alexcli experiment relu-vs-tanh --data shards/cifar10" in r.stdout
 
 
@@ -231,7 +231,7 @@ def test_interrupted_experiment_keeps_finished_runs_and_continues(cifar, tmp_pat
                                                f"{out / 'fits'}; run the same command again to continue")
     assert not (out / "results.json").exists()
     # run again with fewer epochs for the final runs: the sweep runs already done are read back
-    r = run_cli("experiment", "relu-vs-tanh", "--data", cifar, "--out", out, "--epochs", "2", "--lrs", "0.003,0.01",
+    r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--out", out, "--epochs", "2", "--lrs", "0.003,0.01",
                 *FAST)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("done before, read from fits/") >= kept

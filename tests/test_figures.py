@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from alexcli.cli import app, main
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, run_here
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -29,7 +29,7 @@ def cli(*args) -> int:
 @pytest.fixture(scope="module")
 def model(train_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fig-run") / "run"
-    r = run_cli("train", "--data", train_data, "--out", out, *TINY_TRAIN, "--epochs", "1")
+    r = run_here("train", "--data", train_data, "--out", out, *TINY_TRAIN, "--epochs", "1")
     assert r.returncode == 0, r.stderr
     return out / "ckpt-e001.safetensors"
 

@@ -239,7 +239,6 @@ def test_verified_shards_are_remembered_until_they_change(train_data, tmp_path, 
 def test_just_written_shards_are_hashed_again(train_data, tmp_path, monkeypatch):
     """A shard changed within the clock's granularity of its verification would keep its mtime, so a
     shard younger than a few seconds when hashed is not remembered (git's "racy clean" rule)."""
-    import time
 
     data = copy_data(train_data, tmp_path / "d")  # ctime: now
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

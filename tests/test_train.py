@@ -8,22 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, assert_same_weights, run_here, weights
 
 
 def train(data, out, *extra):
-    return run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, *extra)
-
-
-def weights(path):
-    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    return run_here("train", "--data", data, "--out", out, *TINY_TRAIN, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +212,13 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--input-scale", "-1"], "--input-scale must be in (0, 10000], not -1.0"),
 ])
 def test_bad_options(train_data, tmp_path, args, message):
-    r = run_cli("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",
+    r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",
                 "--epochs", "1", *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
 def test_missing_data_folder(tmp_path):
-    r = run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "x")
+    r = run_here("train", "--data", tmp_path / "nope", "--out", tmp_path / "x")
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such data folder (prepare one with `alexcli prepare SRC --out {tmp_path / 'nope'}`)"
 
@@ -274,7 +263,7 @@ def test_input_scale_is_recorded_and_eval_uses_it(train_data, tmp_path):
 
     ckpt = out / "ckpt-e001.safetensors"
     assert read_meta(ckpt)["arch"]["input_scale"] == 255.0
-    r = run_cli("eval", ckpt, "--data", train_data, "--json")
+    r = run_here("eval", ckpt, "--data", train_data, "--json")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads(r.stdout)["models"][0]["top1_error"] == pytest.approx(metrics["val_top1_error"], abs=1e-9)

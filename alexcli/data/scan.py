@@ -158,16 +158,10 @@ class _Lister:
             listing = self.entries(d)
             subdirs = []
             for p, est in listing or ():
-                if isinstance(est, str):
-                    self.reject(p, est)
-                elif stat.S_ISDIR(est.st_mode):
-                    if self.enter(p, est, above):
-                        subdirs.append((p, above + ((est.st_dev, est.st_ino),)))
-                elif not stat.S_ISREG(est.st_mode):
-                    self.reject(p, f"not a regular file ({file_kind(est.st_mode)})")
-                elif not _utf8(p.name):
-                    self.reject(p, "file name is not valid UTF-8")
-                else:
+                kind = self.classify(p, est)
+                if kind == "folder" and self.enter(p, est, above):
+                    subdirs.append((p, above + ((est.st_dev, est.st_ino),)))
+                elif kind == "file":
                     out.append((p, est.st_size))
             stack.extend(reversed(subdirs))
         return out
@@ -180,17 +174,26 @@ class _Lister:
             return None
         subdirs, loose = [], []
         for p, est in listing:
-            if isinstance(est, str):
-                self.reject(p, est)
-            elif stat.S_ISDIR(est.st_mode):
+            kind = self.classify(p, est)
+            if kind == "folder":
                 subdirs.append((p, est))
-            elif not stat.S_ISREG(est.st_mode):
-                self.reject(p, f"not a regular file ({file_kind(est.st_mode)})")
-            elif not _utf8(p.name):
-                self.reject(p, "file name is not valid UTF-8")
-            else:
+            elif kind == "file":
                 loose.append((p, est.st_size))
         return subdirs, loose
+
+    def classify(self, p: Path, est: os.stat_result | str) -> str | None:
+        """"folder", "file" (a regular file with a UTF-8 name), or None after rejecting the entry."""
+        if isinstance(est, str):
+            self.reject(p, est)
+        elif stat.S_ISDIR(est.st_mode):
+            return "folder"
+        elif not stat.S_ISREG(est.st_mode):
+            self.reject(p, f"not a regular file ({file_kind(est.st_mode)})")
+        elif not _utf8(p.name):
+            self.reject(p, "file name is not valid UTF-8")
+        else:
+            return "file"
+        return None
 
 
 def _read_class_names(root: Path, classes: list[str]) -> list[str]:

@@ -8,18 +8,14 @@ import shutil
 
 import pytest
 
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, run_here
 
 
 @pytest.fixture
-def cli(capsys):
-    from alexcli.cli import main
-
+def cli():
     def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        got = capsys.readouterr()
-        return code, got.err.strip().splitlines()[-1]  # after any progress lines: the error
+        r = run_here(*args)
+        return r.returncode, r.stderr.strip().splitlines()[-1]  # after any progress lines: the error
     return run
 
 

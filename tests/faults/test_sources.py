@@ -18,15 +18,9 @@ from alexcli.data.prepare import PrepareConfig, prepare
 from alexcli.data.scan import scan
 from alexcli.errors import DataError
 from conftest import run_cli
+from test_scan import jpeg  # one small JPEG writer for both
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="FIFOs, symlinks and devices as on POSIX")
-
-
-def jpeg(path, colour=(10, 20, 30)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    b = io.BytesIO()
-    Image.new("RGB", (20, 20), colour).save(b, "JPEG")
-    path.write_bytes(b.getvalue())
 
 
 @pytest.fixture

@@ -14,56 +14,26 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from alexcli.io import FolderLock
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, assert_same_weights, run_here
 
 EPOCHS = "2"
 LAST = f"ckpt-e00{EPOCHS}.safetensors"
 SNAP = ["--save-every", "2"]  # 6 steps an epoch here: snapshots at steps 2 and 4
 
 
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
-def cli(capsys):
-    """`alexcli ARGS` in this process (no interpreter start per run): returns a Result."""
-    from alexcli.cli import main
-
-    def run(*args) -> Result:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        got = capsys.readouterr()
-        return Result(code, got.out, got.err)
-    return run
+def cli():
+    return run_here
 
 
-def train_in(cli, data, out, *extra) -> Result:
+def train_in(cli, data, out, *extra) -> subprocess.CompletedProcess:
     return cli("train", "--data", data, "--out", out, *TINY_TRAIN, *extra)
-
-
-def train(data, out, *extra, **kw):
-    return run_cli("train", "--data", data, "--out", out, *TINY_TRAIN, *extra, **kw)
 
 
 def train_cmd(data, out, *extra) -> list[str]:
     return [sys.executable, "-m", "alexcli", "train", "--data", str(data), "--out", str(out), *TINY_TRAIN, *extra]
-
-
-def weights(path):
-    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 def rows(out: Path) -> list[dict]:
