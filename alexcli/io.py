@@ -90,7 +90,12 @@ class AtomicFile:
         self.tmp = tmp_path(self.path)
         self.size = size  # the final size when known (named in a disk-full error)
         self.written = 0
-        self.file: BinaryIO = open(self.tmp, "wb")
+        try:
+            self.file: BinaryIO = open(self.tmp, "wb")
+        except OSError as exc:  # no inode left is a full disk too
+            if is_disk_full(exc):
+                raise disk_full(self.path, size) from None
+            raise
 
     def write(self, data: bytes) -> None:
         try:

@@ -249,10 +249,10 @@ def _read_stats(path: Path) -> dict:
 def load_stats(folder: str | os.PathLike) -> dict:
     """The data set's stats.safetensors as float64 torch tensors (mean image, RGB PCA, ...), checked:
     a missing, damaged or inconsistent file is one DataError naming it."""
-    problems = _check_stats(Path(folder), None)
+    stats, problems = _check_stats(Path(folder), None)
     if problems:
         raise DataError(problems[0])
-    return _read_stats(Path(folder) / STATS_FILE)
+    return stats
 
 
 # ---------------------------------------------------------------- alexcli verify: everything, every problem
@@ -354,28 +354,30 @@ def _check_manifest(folder: Path, manifest: dict) -> tuple[list[str], int | None
     return problems, size, classes
 
 
-def _check_stats(folder: Path, size: int | None) -> list[str]:
+def _check_stats(folder: Path, size: int | None) -> tuple[dict | None, list[str]]:
+    """The data set's statistics (read once) and every problem with them; SIZE: the side the mean
+    image must have (None: any square)."""
     path = folder / STATS_FILE
     if not path.is_file():
-        return [f"{path}: missing (run `alexcli prepare` again to write it)"]
+        return None, [f"{path}: missing (run `alexcli prepare` again to write it)"]
     try:
         stats = _read_stats(path)
     except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return [f"{path}: unreadable ({text})"]
+        return None, [f"{path}: unreadable ({text})"]
     problems = []
     for name, shape in STATS_SHAPES.items():
-        if name == "mean_image":
-            m = stats.get(name)
-            shape = (3, size, size) if size else (3, m.shape[-1], m.shape[-1]) if m is not None and m.dim() == 3 else (3, 0, 0)
         t = stats.get(name)
+        if name == "mean_image":
+            side = size or (t.shape[-1] if t is not None and t.dim() else 0)
+            shape = (3, side, side)
         if t is None:
             problems.append(f"{path}: no {name} tensor")
         elif shape is not None and tuple(t.shape) != shape:
             problems.append(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape}")
         elif not bool(t.isfinite().all()):
             problems.append(f"{path}: {name} has values that are not finite")
-    return problems
+    return stats, problems
 
 
 def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progress = ignore) -> dict:
@@ -397,7 +399,7 @@ def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progres
                             f"name, bytes, samples or sha256")
         splits[name] = good
     tasks = [(str(folder / e["name"]), e, size or 0, len(classes)) for entries in splits.values() for e in entries]
-    stats_problems = _check_stats(folder, size)
+    stats_problems = _check_stats(folder, size)[1]
     progress(Begin("verify", len(tasks), unit="shards"))
     cache = VerifiedShards(folder)
     started = _now_ns()

@@ -43,8 +43,7 @@ from alexcli.data.tar import ShardWriter, sample_key
 from alexcli.env import cpu_cores, pil_info
 from alexcli.errors import DataError, DiskFull, Interrupted, StrictRejectError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
-from alexcli.io import (LOCK_NAME, TMP_SUFFIX, FolderLock, disk_full, is_disk_full, size_text, write_json,
-                        write_safetensors)
+from alexcli.io import LOCK_NAME, TMP_SUFFIX, FolderLock, disk_full, size_text, write_json, write_safetensors
 
 PLAN_FILE = ".alexcli-prepare.json"
 PARTIAL_DIR = ".partial"
@@ -342,12 +341,11 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
     except BaseException as exc:
         if writer is not None:
             writer.abort()
-        if is_disk_full(exc) or isinstance(exc, DiskFull):
+        if isinstance(exc, DiskFull):  # alexcli.io names the file; add what is still to write
             left = sum(len(sh.items) for sh in todo if records[sh.name] is None)
             per = _bytes_per_image(records)
             more = f"about {left:,} images still to write" + (f", about {size_text(left * per)}" if per else "")
-            where = getattr(exc, "path", None) or out
-            raise disk_full(where, getattr(exc, "needed", None), getattr(exc, "written", None), more) from None
+            raise disk_full(exc.path, exc.needed, exc.written, more) from None
         raise
     finally:
         results.close()  # stops the worker pool now, not when the generator is collected

@@ -104,7 +104,7 @@ def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool, 
                              f"run the same command without --resume to start it")
         saved_at = (out / preempt.names(done + 1 if done else 1, mid)[0]) if mid else out / ck.ckpt_name(done)
         ckpt = ck.load_checkpoint(saved_at)  # a corrupt or foreign file fails here, in one line
-        state = (preempt.load(out, (done or 0) + 1, mid, 0)[4] if mid else ck.load_trainer_state(out, done)[1])
+        state = preempt.read_state(out, (done or 0) + 1, mid) if mid else ck.load_trainer_state(out, done)[1]
         saved = TrainConfig.from_dict(state.get("config", {}))
         saved_arch = Arch.from_dict(ckpt.meta["arch"])
         cfg = _resumed_config(cfg, saved, saved_arch, given, state, out)

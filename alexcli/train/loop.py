@@ -121,9 +121,9 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
 
     # where the run stands: a snapshot inside epoch start+1, or the end of epoch START
     snap = preempt.load(out, start + 1, mid, rank) if mid else None
-    if snap is not None and snap[4].get("position", {}).get("steps_per_epoch") != steps:
-        raise UsageError(f"--resume: the snapshot in {out} was taken with {snap[4]['position'].get('steps_per_epoch')} "
-                         f"steps per epoch, this data and batch give {steps}")
+    if snap is not None and snap.state.get("position", {}).get("steps_per_epoch") != steps:
+        raise UsageError(f"--resume: the snapshot in {out} was taken with "
+                         f"{snap.state['position'].get('steps_per_epoch')} steps per epoch, this data and batch give {steps}")
 
     # the network, the optimizer and the augmentations (restored on resume)
     net, runner, opt, variants, transfer = _build(cfg, arch, r, start, snap)
@@ -142,7 +142,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
     best = {"epoch": None, "val_top1_error": math.inf}
     saved_rows = None
     if start or snap:
-        state = snap[4] if snap else ck.load_trainer_state(out, start)[1]
+        state = snap.state if snap else ck.load_trainer_state(out, start)[1]
         schedule.load_state_dict(state["schedule"])
         best = state.get("best", best) or best
         best["val_top1_error"] = math.inf if best.get("val_top1_error") is None else best["val_top1_error"]
@@ -173,12 +173,12 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         resumed = snap if epoch == start + 1 else None
         skip = mid if resumed else 0
         if resumed:
-            preempt.set_random_state(resumed[2], gen, r.device)
+            preempt.set_random_state(resumed.random, gen, r.device)
         emit(Begin(f"epoch {epoch}/{cfg.epochs}", steps, unit="steps"))
         if skip:
             emit(Advance(skip))
         t0 = time.perf_counter()
-        shown = {"steps": skip, "images": resumed[3][3] if resumed else 0}
+        shown = {"steps": skip, "images": resumed.tally[3] if resumed else 0}
 
         def logged(n: int, mean_loss: float, seen: int, epoch=epoch) -> None:
             if not math.isfinite(mean_loss):
@@ -200,15 +200,13 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                 return
             path = _snapshot(out, epoch, tally, net, opt, stats, meta_base, common_state(epoch), gen, r)
             if signum:
-                name = signal.Signals(signum).name
-                raise Stopped(f"stopped by {name} at epoch {epoch} step {tally.done}/{steps}; saved {path}; "
-                              f"continue with: alexcli train --data {cfg.data} --out {out} --resume", signum)
+                raise _stopped(signum, f"at epoch {epoch} step {tally.done}/{steps}", path, cfg)
 
         batches = stream.batches(train_split, cfg.batch // world, train=True, workers=workers, rank=rank, world=world,
                                  seed=cfg.seed, epoch=epoch, pin=r.device.type == "cuda", limit=steps - skip,
                                  decode=cfg.decode, skip=skip)
         loss_sum, wrong, seen = train_epoch(step, batches, gen, r.device, steps=steps, logged=logged,
-                                            start=tuple(resumed[3]) if resumed else None, after_step=after_step)
+                                            start=tuple(resumed.tally) if resumed else None, after_step=after_step)
         train_seconds = time.perf_counter() - t0
         totals = r.all_sum(torch.tensor([loss_sum, wrong, float(seen)], dtype=torch.float64))
         val = (evaluate_split(runner, val_split, cfg, r, eval_mean, arch.crop, arch.num_classes, workers)
@@ -230,17 +228,22 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         if r.main:
             rows.append(metrics)
             _commit_epoch(out, epoch, net, opt, stats, dict(meta_base, epoch=epoch, metrics=metrics), rows,
-                          schedule, common_state(epoch), cfg, steps)
+                          common_state(epoch), cfg, steps)
         r.barrier()
         emit(Note(_epoch_line(metrics) + (f"  -> lr {schedule.lr:g}" if dropped else "")))
         last = metrics
         if stop.signum and epoch < cfg.epochs:
-            raise Stopped(f"stopped by {stop.name} after epoch {epoch}; saved {out / ck.ckpt_name(epoch)}; "
-                          f"continue with: alexcli train --data {cfg.data} --out {out} --resume", stop.signum)
+            raise _stopped(stop.signum, f"after epoch {epoch}", out / ck.ckpt_name(epoch), cfg)
     return {"rank": rank, "out": str(out), "epochs": cfg.epochs, "started_at": start, "last": last,
             "best_epoch": best["epoch"], "best_val_top1_error": None if best["epoch"] is None else best["val_top1_error"],
             "checkpoint": str(out / ck.ckpt_name(cfg.epochs)), "parameters": meta_base["parameters"],
             "device": str(r.device), "world": world}
+
+
+def _stopped(signum: int, where: str, saved: Path, cfg: TrainConfig) -> Stopped:
+    """The one line a stopped run ends with: what stopped it, what it saved, how to continue."""
+    return Stopped(f"stopped by {signal.Signals(signum).name} {where}; saved {saved}; continue with: "
+                   f"alexcli train --data {cfg.data} --out {cfg.out} --resume", signum)
 
 
 def signal_of(flag: torch.Tensor) -> int:
@@ -249,7 +252,7 @@ def signal_of(flag: torch.Tensor) -> int:
     return n if n in (signal.SIGTERM, signal.SIGINT) else signal.SIGTERM
 
 
-def _snapshot(out: Path, epoch: int, tally, net, opt, stats, meta_base: dict, state: dict, gen, r: Rank) -> Path | None:
+def _snapshot(out: Path, epoch: int, tally, net, opt, stats, meta_base: dict, state: dict, gen, r: Rank) -> Path:
     """Save the position inside EPOCH (a collective when there are several ranks: each sends its
     random state and running sums to rank 0, which writes)."""
     mine = {"random": preempt.random_state(gen, r.device),
@@ -288,8 +291,8 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int, snap=None):
     if cfg.init_from and not (start or snap):
         transfer = load_matching(net, cfg.init_from)
     if snap is not None:
-        net.load_state_dict(snap[0].model_state)
-        velocity = snap[1]
+        net.load_state_dict(snap.ckpt.model_state)
+        velocity = snap.velocity
     elif start:
         ckpt = ck.load_checkpoint(Path(cfg.out) / ck.ckpt_name(start))
         net.load_state_dict(ckpt.model_state)
@@ -379,7 +382,7 @@ def evaluate_split(runner, split, cfg: TrainConfig, r: Rank, mean_image, crop: i
     return tally.result()
 
 
-def _commit_epoch(out, epoch, net, opt, stats, meta, rows, schedule, state, cfg, steps) -> None:
+def _commit_epoch(out, epoch, net, opt, stats, meta, rows, state, cfg, steps) -> None:
     """The epoch's files in order: checkpoint, metrics.jsonl, curves.png, then the trainer state
     (which holds the metric rows too), whose presence marks the epoch complete (each written
     atomically); then the epoch's snapshots go and old checkpoints are pruned."""
@@ -419,7 +422,7 @@ def _metric_rows(out: Path, upto: int, saved: list | None) -> list[dict]:
 def _saved_init_from(out: Path, start: int, snap=None):
     """On resume, the fine-tuning record of the run's earlier checkpoints."""
     if snap is not None:
-        return snap[0].meta.get("init_from")
+        return snap.ckpt.meta.get("init_from")
     if not start:
         return None
     return ck.read_meta(out / ck.ckpt_name(start)).get("init_from")

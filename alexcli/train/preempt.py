@@ -18,14 +18,17 @@ never stopped.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from alexcli import checkpoint as ck
+from alexcli.errors import DataError
 from alexcli.io import write_json, write_safetensors
 
 SNAPSHOT_RE = re.compile(r"^state-e(\d{3,})-s(\d{6,})\.json$")
@@ -99,27 +102,44 @@ def save(run: Path, epoch: int, step: int, *, weights: dict, data: dict, meta: d
     return run / ckpt_name
 
 
-def load(run: Path, epoch: int, step: int, rank: int):
-    """(checkpoint, velocity, this rank's random state, this rank's tally, the marker's state)."""
-    import json
+class Snapshot(NamedTuple):
+    """A snapshot as one rank resumes from it."""
 
+    ckpt: ck.Checkpoint
+    velocity: dict[str, torch.Tensor]
+    random: dict[str, torch.Tensor]  # this rank's random_state()
+    tally: list                      # this rank's [steps, loss sum, misses, images]
+    state: dict                      # the marker: schedule, best, metric rows, position, config
+
+
+def _unreadable(run: Path, epoch: int, step: int, exc: Exception) -> DataError:
+    return DataError(f"{run / names(epoch, step)[2]}: snapshot unreadable ({type(exc).__name__}: {exc}); "
+                     "delete its three files to resume from the last epoch instead")
+
+
+def read_state(run: Path, epoch: int, step: int) -> dict:
+    """The snapshot's marker alone (the run's settings and position), without its tensors."""
+    try:
+        return json.loads((run / names(epoch, step)[2]).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _unreadable(run, epoch, step, exc) from None
+
+
+def load(run: Path, epoch: int, step: int, rank: int) -> Snapshot:
+    """The snapshot at STEP of EPOCH as RANK resumes from it."""
     from safetensors.torch import load_file
 
-    from alexcli.errors import DataError
-
-    ckpt_name, tensors_name, marker = names(epoch, step)
-    ckpt = ck.load_checkpoint(run / ckpt_name)
+    ckpt = ck.load_checkpoint(run / names(epoch, step)[0])
+    state = read_state(run, epoch, step)
     try:
-        tensors = load_file(str(run / tensors_name))
-        state = json.loads((run / marker).read_text(encoding="utf-8"))
+        tensors = load_file(str(run / names(epoch, step)[1]))
         tally = state["tallies"][rank]
     except Exception as exc:
-        raise DataError(f"{run / marker}: snapshot unreadable ({type(exc).__name__}: {exc}); "
-                        "delete its three files to resume from the last epoch instead") from None
+        raise _unreadable(run, epoch, step, exc) from None
     velocity = {k[9:]: v for k, v in tensors.items() if k.startswith("velocity.")}
     prefix = f"random.{rank}."
     random = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return ckpt, velocity, random, tally, state
+    return Snapshot(ckpt, velocity, random, tally, state)
 
 
 class StopSignals:
@@ -135,10 +155,6 @@ class StopSignals:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
