@@ -18,7 +18,7 @@ from alexcli.data.demo import make_demo
 from alexcli.data.prepare import PrepareConfig, prepare
 from alexcli.errors import Busy, UsageError
 from alexcli.io import FolderLock
-from conftest import run_cli
+from conftest import run_cli, wait_for
 
 
 def cfg(**kw) -> PrepareConfig:
@@ -163,14 +163,13 @@ def test_workers_stop_with_a_killed_prepare(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "128",
                              "--workers", "2", "--shard-size", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
     kids: list[int] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        kids = [k for k in _children(proc.pid) if _alive(k)]
-        if len(kids) >= 2 and any((out / ".partial").glob("*.safetensors")):
-            break  # the pool is at work
-        time.sleep(0.02)
-    assert proc.poll() is None and len(kids) >= 2, "prepare finished before it could be killed: make the source larger"
+
+    def pool_at_work() -> bool:
+        kids[:] = [k for k in _children(proc.pid) if _alive(k)]
+        return len(kids) >= 2 and any((out / ".partial").glob("*.safetensors"))
+
+    wait_for(pool_at_work, proc, "its pool was at work (make the source larger if it finished first)")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 2.0  # before the fix they ran on through their queue for seconds
@@ -193,9 +192,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_bytes(demo_src, prep
         out = tmp_path / f"kill{attempt}"
         proc = subprocess.Popen([sys.executable, "-m", "alexcli", *args, "--out", str(out), "--workers", "2"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not (out / ".alexcli-prepare.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for((out / ".alexcli-prepare.json").exists, proc, "prepare wrote its plan")
         time.sleep(rng.uniform(0, 1.0))
         proc.kill()
         proc.wait()

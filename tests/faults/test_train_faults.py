@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from alexcli.io import FolderLock
-from conftest import TINY_TRAIN, assert_same_weights, run_here
+from conftest import RUN_TIMEOUT, TINY_TRAIN, assert_same_weights, run_here, wait_for
 
 EPOCHS = "2"
 LAST = f"ckpt-e00{EPOCHS}.safetensors"
@@ -57,20 +57,21 @@ def test_snapshots_do_not_change_the_weights(reference, train_data, tmp_path, cl
     assert_same_weights(reference / LAST, out / LAST)
 
 
-def _wait_for(path_glob: Path, proc, timeout=180) -> None:
-    deadline = time.monotonic() + timeout
-    while not list(path_glob.parent.glob(path_glob.name)) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+def signal_mid_run(data, out: Path, marker: str, sig: int, tmp_path: Path) -> tuple[int, str]:
+    """Start a run with snapshots, send SIG once the file MARKER appears in OUT; (exit code, stderr)."""
+    log = tmp_path / f"{out.name}.stderr"
+    with open(log, "w") as err:  # a file, not a pipe nobody reads while the run goes on
+        proc = subprocess.Popen(train_cmd(data, out, "--epochs", EPOCHS, *SNAP), stdout=subprocess.DEVNULL, stderr=err)
+        wait_for((out / marker).exists, proc, f"the run wrote {marker}", log=log)
+        proc.send_signal(sig)
+        proc.wait(timeout=RUN_TIMEOUT)
+    return proc.returncode, log.read_text()
 
 
 def test_sigterm_saves_a_snapshot_and_resume_is_bit_identical(reference, train_data, tmp_path, cli):
     out = tmp_path / "term"
-    proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS, *SNAP), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "state-e002-s000002.json", proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 143, err
+    code, err = signal_mid_run(train_data, out, "state-e002-s000002.json", signal.SIGTERM, tmp_path)
+    assert code == 143, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: stopped by SIGTERM "), last
     assert last.endswith(f"continue with: alexcli train --data {train_data} --out {out} --resume"), last
@@ -87,12 +88,8 @@ def test_sigterm_saves_a_snapshot_and_resume_is_bit_identical(reference, train_d
 
 def test_sigint_mid_epoch_is_exit_130_with_the_resume_command(train_data, tmp_path):
     out = tmp_path / "int"
-    proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS, *SNAP), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "state-e001-s000002.json", proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err
+    code, err = signal_mid_run(train_data, out, "state-e001-s000002.json", signal.SIGINT, tmp_path)
+    assert code == 130, err
     assert "stopped by SIGINT" in err and f"--out {out} --resume" in err
 
 
@@ -104,7 +101,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(reference, train_
         out = tmp_path / f"kill{attempt}"
         proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS, *SNAP),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(out / "ckpt-e001-s000002.safetensors*", proc)  # training is under way
+        wait_for(lambda: any(out.glob("ckpt-e001-s000002.safetensors*")), proc, "training was under way")
         time.sleep(rng.uniform(0, 1.5))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
