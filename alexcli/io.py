@@ -11,12 +11,14 @@ everything else).
 when complete); `atomic_write` writes bytes, text or whatever a callback puts into the open file.
 A full disk (ENOSPC, EDQUOT) becomes `DiskFull`, one line naming the file and the space free.
 
-`FolderLock` is the one lock: prepare holds it on its --out, train on its run folder, so a second
-run into the same folder is refused in one line naming the first one's pid.
+`FolderLock` is the one lock: prepare holds it on its --out, train on its run folder (both through
+`locked_folder`), so a second run into the same folder is refused in one line naming the first
+one's pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -232,3 +234,19 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike, command: str):
+    """FOLDER, made if it is missing and locked for COMMAND while the block runs. A folder made here
+    is removed again if the block leaves it empty: a run refused before it wrote anything leaves no
+    empty --out behind."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(folder, command):
+            yield folder
+    finally:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

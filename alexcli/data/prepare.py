@@ -13,7 +13,7 @@ How a run is organised, and why:
 - dataset.json is written last: its presence means the data set is complete.
 - prepare only ever removes files it wrote: the shards, .partial records and its own JSON files that
   its manifest or plan (.alexcli-prepare.json) names. Anything else in --out is left alone, and
-  --out is locked (alexcli.io.FolderLock) while a run works in it.
+  --out is locked (alexcli.io.locked_folder) while a run works in it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from alexcli.data.tar import ShardWriter, sample_key
 from alexcli.env import cpu_cores, pil_info
 from alexcli.errors import DataError, DiskFull, Interrupted, StrictRejectError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
-from alexcli.io import LOCK_NAME, TMP_SUFFIX, FolderLock, disk_full, size_text, write_json, write_safetensors
+from alexcli.io import LOCK_NAME, TMP_SUFFIX, disk_full, locked_folder, size_text, write_json, write_safetensors
 
 PLAN_FILE = ".alexcli-prepare.json"
 PARTIAL_DIR = ".partial"
@@ -276,15 +276,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         raise StrictRejectError(f"--strict: {len(source.rejected)} files cannot be used, "
                                 f"first {first['path']}: {first['reason']}")
     shards, fingerprint = make_plan(source, cfg)
-    created = not out.exists()
-    if created:
-        out.mkdir(parents=True)
-    try:
-        with FolderLock(out, "prepare"):
-            return _prepare(source, out, cfg, shards, fingerprint, progress, t0)
-    finally:
-        if created and not any(out.iterdir()):  # refused before writing anything: leave no empty --out
-            out.rmdir()
+    with locked_folder(out, "prepare"):
+        return _prepare(source, out, cfg, shards, fingerprint, progress, t0)
 
 
 def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPlan], fingerprint: str,

@@ -22,7 +22,7 @@ from alexcli.data.dataset import open_split
 from alexcli.errors import AlexcliError, UsageError
 from alexcli.events import Progress, ignore
 from alexcli.model.registry import Arch, build_model
-from alexcli.io import TMP_SUFFIX, FolderLock
+from alexcli.io import TMP_SUFFIX, locked_folder
 from alexcli.train import preempt
 from alexcli.train.config import RESUME_MAY_CHANGE, TrainConfig
 from alexcli.train.loop import CURVES, METRICS, Data, run_rank
@@ -76,14 +76,8 @@ def run_folder(cfg: TrainConfig, resume: bool, progress: Progress = ignore):
     if not resume:
         Data(cfg, progress)  # a bad data set or --batch is refused here, before the run folder exists (and
         # each shard's sha256 is checked once and remembered, so the ranks find them verified)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with FolderLock(out, "train"):
-            yield out
-    finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+    with locked_folder(out, "train"):
+        yield out
 
 
 def _position(out: Path) -> tuple[int | None, int]:
