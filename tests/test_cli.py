@@ -26,7 +26,7 @@ def test_version(capsys):
 def test_missing_source_is_one_line_and_exit_2(tmp_path):
     r = run_cli("prepare", tmp_path / "nope", cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such directory"]
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file or directory"]
     assert "Traceback" not in r.stderr
 
 
@@ -34,12 +34,15 @@ def test_no_training_split_is_exit_2(tmp_path, capsys):
     (tmp_path / "src" / "val").mkdir(parents=True)
     assert main(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {tmp_path / 'src'}: no training split (expected {tmp_path / 'src' / 'train'}/<class>/<image>)"
+    from alexcli.data.archives import KNOWN
+
+    assert err.strip() == (f"error: {tmp_path / 'src'}: no training split (expected {tmp_path / 'src' / 'train'}"
+                           f"/<class>/<image>, or an archive alexcli reads: {KNOWN})")
 
 
 def test_debug_shows_the_traceback(tmp_path):
     r = run_cli("--debug", "prepare", tmp_path / "nope", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" in r.stderr and "no such directory" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr and "no such file or directory" in r.stderr
 
 
 @pytest.mark.parametrize("args,names", [
@@ -106,7 +109,7 @@ def test_prepare_json_and_default_out(demo_src, tmp_path, capsys, monkeypatch):
 def test_prepare_strict_exit_code(demo_src, tmp_path, capsys):
     assert main(["prepare", str(demo_src), "--out", str(tmp_path / "o"), "--size", "16", "--workers", "1",
                  "--strict"]) == 1
-    assert "--strict: 3 files rejected" in capsys.readouterr().err
+    assert "--strict: 3 files cannot be used" in capsys.readouterr().err
 
 
 def test_prepare_table_output(prepared, demo_src, capsys):

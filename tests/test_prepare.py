@@ -99,11 +99,34 @@ def test_webdataset_reads_the_shards(prepared):
     assert items[0][0].shape == (32, 32, 3) and isinstance(items[0][1], int)
 
 
-def test_stats_equal_a_one_pass_numpy_computation(prepared):
-    out, _ = prepared
+def _reference_pixels(out, src, manifest, exact):
+    """The training images each mode's statistics are over, as float64 HxWx3 arrays on 0..1: the
+    JPEGs in the shards (--exact-stats), or each source converted again, before encoding."""
+    from alexcli.data.config import ImageParams
+    from alexcli.data.image import convert_pixels
+
+    params = ImageParams(size=manifest["parameters"]["size"], quality=manifest["parameters"]["quality"])
+    images = []
+    for _, m in all_samples(out, manifest, "train"):
+        if exact:
+            im = Image.open(io.BytesIO(m["jpg"])).convert("RGB")
+        else:
+            im = convert_pixels((src / json.loads(m["json"])["path"]).read_bytes(), params).image
+        images.append(np.asarray(im, np.float64) / 255)
+    return np.stack(images)
+
+
+@pytest.fixture(scope="module")
+def prepared_exact(demo_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared-exact") / "demo"
+    return out, prepare(demo_src, out, PrepareConfig(size=32, shard_size=16, workers=1, seed=3, exact_stats=True))
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["before-encoding", "exact-stats"])
+def test_stats_equal_a_one_pass_numpy_computation(exact, prepared, prepared_exact, demo_src):
+    out, summary = prepared_exact if exact else prepared
     manifest = json.loads((out / "dataset.json").read_text())
-    imgs = np.stack([np.asarray(Image.open(io.BytesIO(m["jpg"])).convert("RGB"), np.float64) / 255
-                     for _, m in all_samples(out, manifest, "train")])
+    imgs = _reference_pixels(out, demo_src, manifest, exact)
     pixels = imgs.reshape(-1, 3)
     cov = np.cov(pixels.T, bias=True)
     eigval, eigvec = np.linalg.eigh(cov)
@@ -119,6 +142,36 @@ def test_stats_equal_a_one_pass_numpy_computation(prepared):
         v, ref = st["pca_eigvec"][:, k], eigvec[:, 2 - k]
         np.testing.assert_allclose(v * np.sign(v @ ref), ref, rtol=1e-6, atol=1e-9)
     assert manifest["stats"]["image_count"] == len(imgs)
+    pixels_said = "as written" if exact else "before encoding"
+    assert manifest["stats"]["pixels"] == summary["stats"]["pixels"] == pixels_said
+    from safetensors import safe_open
+
+    with safe_open(str(out / "stats.safetensors"), framework="numpy") as f:
+        assert json.loads(f.metadata()["alexcli"])["pixels"] == pixels_said
+    # The two modes write the same shards: only the statistics differ.
+    other = (prepared if exact else prepared_exact)[0]
+    for entry, twin in zip(manifest["splits"]["train"]["shards"],
+                           json.loads((other / "dataset.json").read_text())["splits"]["train"]["shards"]):
+        assert entry == twin
+
+
+def test_stats_before_encoding_are_close_to_the_exact_ones(demo_src, tmp_path):
+    """The default's statistics against --exact-stats on photo-like images at quality 90: JPEG moves
+    the mean and the leading component very little; the small eigenvalues (chroma) shrink a bit."""
+    got = {}
+    for exact in (False, True):
+        out = tmp_path / str(exact)
+        prepare(demo_src, out, PrepareConfig(size=64, shard_size=64, workers=1, exact_stats=exact))
+        got[exact] = S.load(out / "stats.safetensors")
+    a, b = got[False], got[True]
+    # Measured here: 1.2e-5, 0.0096, eigenvalues within 2.9%, cosine 0.9955 (the demo's two leading
+    # eigenvalues are close, so their vectors turn easily); on 500 ImageNet photos at 256: 1.0e-4,
+    # 0.0049, 5.6%, 0.9999999 (docs/design.md).
+    assert np.abs(a["rgb_mean"] - b["rgb_mean"]).max() < 1e-3
+    assert np.abs(a["mean_image"] - b["mean_image"]).max() < 0.02
+    np.testing.assert_allclose(a["pca_eigval"], b["pca_eigval"], rtol=0.06)
+    assert abs(a["pca_eigvec"][:, 0] @ b["pca_eigvec"][:, 0]) > 0.99
+    assert not np.array_equal(a["rgb_cov"], b["rgb_cov"])  # they are different computations
 
 
 def _numpy_sums(images):
@@ -195,11 +248,38 @@ def test_rerun_is_up_to_date_and_other_data_is_refused(prepared, demo_src, tmp_p
 
 
 def test_strict_fails_and_keeps_work(demo_src, tmp_path):
-    with pytest.raises(StrictRejectError, match=r"--strict: 3 files rejected, listed in .*rejected.json"):
+    with pytest.raises(StrictRejectError, match=r"--strict: 3 files cannot be used \(0 found while listing, 3 failed "
+                                                r"to convert\), listed in .*rejected.json"):
         prepare(demo_src, tmp_path / "s", PrepareConfig(size=32, shard_size=16, workers=1, strict=True))
     assert not (tmp_path / "s" / "dataset.json").exists()
     assert len(json.loads((tmp_path / "s" / "rejected.json").read_text())) == 3
     assert prepare(demo_src, tmp_path / "s", PrepareConfig(size=32, shard_size=16, workers=1))["status"] == "resumed"
+
+
+def test_strict_counts_the_listings_rejects_and_the_conversions(demo_src, tmp_path):
+    """--strict's one line counts every file that cannot be used, not only those the listing found."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    (src / "train" / "disc" / "gone.JPEG").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(StrictRejectError, match=r"--strict: 4 files cannot be used \(1 found while listing, 3 failed "
+                                                r"to convert\)"):
+        prepare(src, tmp_path / "s", PrepareConfig(size=16, workers=1, strict=True))
+
+
+def test_hidden_files_are_skipped_not_rejected(tmp_path):
+    src = tmp_path / "src"
+    make_demo(src, train_per_class=2, val_per_class=1, min_side=30, max_side=40, broken=False)
+    for junk in ("train/disc/.DS_Store", "train/disc/._disc_0000.JPEG", "train/.DS_Store", "val/Thumbs.db",
+                 "train/.ipynb_checkpoints/x.JPEG"):
+        (src / junk).parent.mkdir(parents=True, exist_ok=True)
+        (src / junk).write_bytes(b"\0\0junk")
+    summary = prepare(src, tmp_path / "o", PrepareConfig(size=16, workers=1))
+    assert summary["rejected"] == 0 and summary["skipped"] == 5
+    assert summary["found"] == summary["written"] == 8 * 3
+    manifest = json.loads((tmp_path / "o" / "dataset.json").read_text())
+    assert ".ipynb_checkpoints" not in manifest["classes"]
 
 
 def test_pixel_limit_rejects_are_listed(tmp_path):
@@ -288,3 +368,16 @@ def test_killed_run_resumes_to_identical_output(demo_src, tmp_path, prepared, si
     assert stats_content(out / "stats.safetensors") == stats_content(ref_out / "stats.safetensors")
     assert (out / "rejected.json").read_bytes() == (ref_out / "rejected.json").read_bytes()
     assert not list(out.glob("*.tmp")) and not (out / ".partial").exists()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_prepare_does_not_import_torch_unless_exact_stats_needs_it(exact, demo_src, tmp_path):
+    """torch's import costs over a second per process (the main one and every worker): the CLI's
+    prepare and its worker code (run in-process with --workers 1) must not load it; --exact-stats'
+    decoder of the written JPEGs does."""
+    code = ("import sys\nfrom alexcli.cli import main\n"
+            f"rc = main(['prepare', {str(demo_src)!r}, '--out', {str(tmp_path / 'o')!r}, '--size', '16', "
+            f"'--workers', '1', '--json'{', ' + repr('--exact-stats') if exact else ''}])\n"
+            "print(rc, sorted(m for m in ('torch', 'torchvision') if m in sys.modules), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.stderr.strip().splitlines()[-1] == ("0 ['torch']" if exact else "0 []")

@@ -93,8 +93,12 @@ def test_loose_file_in_train_is_rejected(tree):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(UsageError, match="no such directory"):
+    with pytest.raises(UsageError, match="missing: no such file or directory"):
         scan(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("not an archive")
+    with pytest.raises(UsageError, match="notes.txt: not a directory, nor an archive alexcli reads"):
+        scan(tmp_path / "notes.txt")
+    (tmp_path / "notes.txt").unlink()
     with pytest.raises(DataError, match="no training split"):
         scan(tmp_path)
     (tmp_path / "train").mkdir()

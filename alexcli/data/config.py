@@ -35,6 +35,9 @@ class PrepareConfig:
     strict: bool = False  # any rejected file is a failure
     overwrite: bool = False  # replace a different data set in --out
     holdout: float = 0.0  # fraction of each class of train/ held out as the val split (sources without val/)
+    # Statistics over the JPEGs as written (a second decode per image) rather than over the pixels
+    # just before encoding: see alexcli.data.stats for why the default is good enough.
+    exact_stats: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resample", choice(Resample, self.resample, "--resample"))

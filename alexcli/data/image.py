@@ -12,6 +12,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, ImageFile
 
@@ -154,11 +155,31 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def convert(data: bytes, p: ImageParams) -> tuple[bytes, dict]:
-    """Source file bytes -> (JPEG bytes of the size x size image, info about the source)."""
-    im = open_checked(data, p.max_pixels)
+class Converted(NamedTuple):
+    jpg: bytes            # what prepare writes
+    info: dict            # about the source: size [w, h], mode, format; copied, upscaled when so
+    image: Image.Image    # the size x size RGB pixels jpg encodes (jpg's own pixels when copied)
+
+
+def convert(data: bytes | Image.Image, p: ImageParams) -> tuple[bytes, dict]:
+    """Source file bytes (or an image already decoded) -> (JPEG bytes of the size x size image,
+    info about the source)."""
+    done = convert_pixels(data, p)
+    return done.jpg, done.info
+
+
+def convert_pixels(data: bytes | Image.Image, p: ImageParams) -> Converted:
+    """convert(), also giving the pixels before encoding (prepare's statistics are over them)."""
+    if isinstance(data, Image.Image):
+        im = data
+        if im.width * im.height > p.max_pixels:
+            raise Reject(f"image too large: {im.width}x{im.height} exceeds the limit of {p.max_pixels} pixels")
+    else:
+        im = open_checked(data, p.max_pixels)
     w, h = im.size
     info = {"size": [w, h], "mode": im.mode, "format": im.format}
+    if min(w, h) < p.size:
+        info["upscaled"] = True
     try:
         if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
             # libjpeg's DCT scaling decodes straight to 1/2, 1/4 or 1/8 size. Asking for at least
@@ -168,11 +189,11 @@ def convert(data: bytes, p: ImageParams) -> tuple[bytes, dict]:
             if scale < 1:
                 im.draft(im.mode, (int(w * scale) + 1, int(h * scale) + 1))
         im.load()
-        if (im.format == "JPEG" and im.mode == "RGB" and (w, h) == (p.size, p.size)
+        if (isinstance(data, bytes) and im.format == "JPEG" and im.mode == "RGB" and (w, h) == (p.size, p.size)
                 and not im.info.get("progressive")):
             # already what prepare would write (CIFAR's 32x32 JPEGs at --size 32): keep the
             # source's bytes rather than add a second lossy encoding
-            return data, dict(info, copied=True)
+            return Converted(data, dict(info, copied=True), im)
         rgb = to_rgb(im)
         sw, sh = rgb.size  # smaller than (w, h) when draft() scaled the decode
         out = rgb.resize((p.size, p.size), RESAMPLE[p.resample], box=centre_box(sw, sh))
@@ -182,7 +203,7 @@ def convert(data: bytes, p: ImageParams) -> tuple[bytes, dict]:
         raise Reject(f"truncated or corrupt: {exc}") from None
     except Exception as exc:
         raise Reject(f"cannot decode: {type(exc).__name__}: {exc}") from None
-    return encode(out, p), info
+    return Converted(encode(out, p), info, out)
 
 
 def encode(im: Image.Image, p: ImageParams) -> bytes:

@@ -4,9 +4,13 @@ How a run is organised, and why:
 - The plan (which image goes in which shard, in which order) depends only on the source listing
   and the parameters, never on timing or worker count. Training images are shuffled with --seed
   before sharding; evaluation splits keep file-name order.
-- Workers decode, resize and re-encode chunks of images and add the statistics of the JPEGs
-  *as written* (the pixels the network will see). The main process receives the chunks in plan
-  order and appends them to the shard being written, so shards are the same for 1 or N workers.
+- Workers read (from files or in place from archives: alexcli.data.archives), decode, resize and
+  re-encode chunks of images and add their statistics: of the pixels just before encoding, or with
+  --exact-stats of the JPEGs as written (alexcli.data.stats says why the default is enough). The
+  main process receives the chunks in plan order and appends them to the shard being written, so
+  shards are the same for 1 or N workers.
+- No torch here (its import costs over a second per process); only --exact-stats' fast decoder of
+  the written JPEGs loads it.
 - A shard is written as NAME.tar.tmp and renamed when complete; its manifest entry and its part
   of the statistics go to .partial/NAME.safetensors first. A rerun after Ctrl-C or kill -9 keeps
   every shard that has both, redoes the rest, and ends with the same bytes as an uninterrupted run.
@@ -37,7 +41,8 @@ from alexcli import __version__
 from alexcli.data import stats as S
 from alexcli.data.config import ImageParams, PrepareConfig  # noqa: F401  (PrepareConfig: prepare()'s argument)
 from alexcli.data.dataset import MANIFEST, shard_name
-from alexcli.data.image import MAX_SOURCE_BYTES, Reject, WrittenJpegDecoder, convert, read_source
+from alexcli.data.archives import ItemReader
+from alexcli.data.image import Reject, convert_pixels
 from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.data.tar import ShardWriter, sample_key
 from alexcli.env import cpu_cores, pil_info
@@ -86,10 +91,10 @@ def make_plan(source: Source, cfg: PrepareConfig) -> tuple[list[ShardPlan], str]
 _W: dict = {}
 
 
-def _init_worker(root: str, params: ImageParams) -> None:
+def _init_worker(root: str, params: ImageParams, exact: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     _die_with_parent()
-    _setup_worker(root, params)
+    _setup_worker(root, params, exact)
 
 
 def _die_with_parent() -> None:
@@ -114,31 +119,36 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _setup_worker(root: str, params: ImageParams) -> None:
-    import torch
+def _setup_worker(root: str, params: ImageParams, exact: bool) -> None:
+    decode = None
+    if exact:  # the JPEGs as written, decoded again: torchvision's libjpeg-turbo op, checked against PIL
+        import torch
 
-    torch.set_num_threads(1)
-    _W.update(root=Path(root), params=params, sums=S.ImageSums(params.size), decode=WrittenJpegDecoder(params))
+        from alexcli.data.image import WrittenJpegDecoder
+
+        torch.set_num_threads(1)
+        decode = WrittenJpegDecoder(params)
+    _W.update(reader=ItemReader(Path(root)), params=params, sums=S.ImageSums(params.size), decode=decode)
 
 
 def _process_chunk(task: tuple[str, int, list[tuple[int, Item]]]):
-    """Convert one chunk. Returns (samples, rejects, statistic sums or None)."""
+    """Convert one chunk. Returns (samples, rejects, statistic sums or None, images upscaled)."""
     split, _shard, entries = task
-    root, params, sums, decode = _W["root"], _W["params"], _W["sums"], _W["decode"]
-    samples, rejects = [], []
+    reader, params, sums, decode = _W["reader"], _W["params"], _W["sums"], _W["decode"]
+    samples, rejects, upscaled = [], [], 0
     for index, item in entries:
         try:
-            data = read_source(root / item.relpath, MAX_SOURCE_BYTES)
-            jpg, info = convert(data, params)
+            done = convert_pixels(reader.read(item), params)
         except Reject as exc:
             rejects.append({"path": item.relpath, "split": split, "reason": str(exc)})
             continue
         if split == "train":
-            sums.add(decode(jpg))  # the statistics are over the JPEG as written: what the network will see
-        meta = {"path": item.relpath, "class": item.label, **info}
+            sums.add(done.image if decode is None else decode(done.jpg))
+        upscaled += bool(done.info.get("upscaled"))
+        meta = {"path": item.relpath, "class": item.label, **done.info}
         samples.append((sample_key(index, item.relpath),
-                        {"jpg": jpg, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()}))
-    return samples, rejects, (sums.take() if split == "train" else None)
+                        {"jpg": done.jpg, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()}))
+    return samples, rejects, (sums.take() if split == "train" else None), upscaled
 
 
 # ---------------------------------------------------------------- main side
@@ -173,8 +183,9 @@ def _load_partial(out: Path, sh: ShardPlan, fingerprint: str) -> dict | None:
     return meta
 
 
-def _save_partial(out: Path, sh: ShardPlan, fingerprint: str, entry: dict, rejects: list, sums) -> None:
-    record = json.dumps({"fingerprint": fingerprint, "entry": entry, "rejected": rejects})
+def _save_partial(out: Path, sh: ShardPlan, fingerprint: str, entry: dict, rejects: list, sums,
+                  upscaled: int) -> None:
+    record = json.dumps({"fingerprint": fingerprint, "entry": entry, "rejected": rejects, "upscaled": upscaled})
     write_safetensors(_partial_path(out, sh), sums or {"none": np.zeros(1)}, {"record": record})
 
 
@@ -242,13 +253,15 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
     """Yield (split, shard index, chunk result) in plan order, with 1 worker in this process."""
     tasks = list(_tasks(shards))  # one list: handed to the pool and paired with its results
     if workers <= 1:
-        _setup_worker(str(source.root), cfg.image_params())
+        _setup_worker(str(source.root), cfg.image_params(), cfg.exact_stats)
         for t in tasks:
             yield t[0], t[1], _process_chunk(t)
         return
-    # spawn, not fork: the parent may hold torch's thread pools, which do not survive fork.
+    # spawn, not fork: the parent may run threads (the progress display; torch's pools when called
+    # from train or a test), whose locks a forked child would inherit held.
     ctx = mp.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(source.root), cfg.image_params()))
+    pool = ctx.Pool(workers, initializer=_init_worker,
+                    initargs=(str(source.root), cfg.image_params(), cfg.exact_stats))
     try:
         for t, res in zip(tasks, pool.imap(_process_chunk, tasks, chunksize=1)):
             yield t[0], t[1], res
@@ -256,6 +269,23 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
     finally:
         pool.terminate()
         pool.join()
+
+
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_KNOWN_NAMES = {"cifar-10-python": "cifar10", "cifar-10-binary": "cifar10", "cifar-10-batches-py": "cifar10",
+                "cifar-10-batches-bin": "cifar10", "cifar-100-python": "cifar100", "cifar-100-binary": "cifar100",
+                "imagenet-object-localization-challenge": "imagenet"}
+
+
+def default_out(src: str | os.PathLike) -> Path:
+    """prepare's --out when none is given: shards/<name of SRC>, an archive's name without its
+    suffix, CIFAR's downloads as cifar10 / cifar100."""
+    name = Path(src).resolve().name
+    for suffix in _ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Path("shards") / _KNOWN_NAMES.get(name, name)
 
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
@@ -271,10 +301,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     source = scan(src)
     if cfg.holdout:
         source = hold_out(source, cfg.holdout, cfg.seed)
-    if cfg.strict and source.rejected:
-        first = source.rejected[0]
-        raise StrictRejectError(f"--strict: {len(source.rejected)} files cannot be used, "
-                                f"first {first['path']}: {first['reason']}")
+    # --strict does not stop at the listing's rejects: its message counts every file that cannot be
+    # used, so the images are converted first (the shards are kept: a rerun without --strict resumes).
     shards, fingerprint = make_plan(source, cfg)
     with locked_folder(out, "prepare"):
         return _prepare(source, out, cfg, shards, fingerprint, progress, t0)
@@ -305,25 +333,27 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
 
     by_name = {sh.name: sh for sh in todo}
     remaining = {sh.name: -(-len(sh.items) // CHUNK) for sh in todo}
-    writer, rejects, sums = None, [], None
+    writer, rejects, sums, upscaled = None, [], None, 0
     results = _results(todo, source, cfg, workers)
     try:
-        for split, index, (samples, chunk_rejects, chunk_sums) in results:
+        for split, index, (samples, chunk_rejects, chunk_sums, chunk_upscaled) in results:
             sh = by_name[shard_name(split, index)]
             if writer is None:
-                writer, rejects, sums = ShardWriter(out / sh.name), [], (S.empty_sums(cfg.size) if split == "train" else None)
+                writer, rejects, upscaled = ShardWriter(out / sh.name), [], 0
+                sums = S.empty_sums(cfg.size) if split == "train" else None
             for key, members in samples:
                 writer.write(key, members)
             rejects.extend(chunk_rejects)
+            upscaled += chunk_upscaled
             if sums is not None:
                 S.merge_into(sums, chunk_sums)
             progress(Advance(len(samples) + len(chunk_rejects)))
             remaining[sh.name] -= 1
             if remaining[sh.name] == 0:
                 entry = writer.finish()
-                _save_partial(out, sh, fingerprint, entry, rejects, sums)
+                _save_partial(out, sh, fingerprint, entry, rejects, sums, upscaled)
                 writer.publish()
-                records[sh.name] = {"entry": entry, "rejected": rejects, "sums": sums}
+                records[sh.name] = {"entry": entry, "rejected": rejects, "sums": sums, "upscaled": upscaled}
                 writer = None
     except KeyboardInterrupt:
         if writer is not None:
@@ -376,13 +406,17 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
     rejected.sort(key=lambda r: (r["split"], r["path"]))
     write_json(out / REJECTED_FILE, rejected)
     if cfg.strict and rejected:
-        raise StrictRejectError(f"--strict: {len(rejected)} files rejected, listed in {out / REJECTED_FILE}; "
-                                "the shards are kept, rerun without --strict to finish")
+        listed = len(source.rejected)
+        raise StrictRejectError(f"--strict: {len(rejected)} files cannot be used ({listed} found while listing, "
+                                f"{len(rejected) - listed} failed to convert), listed in {out / REJECTED_FILE}; "
+                                "the shards are kept: rerun without --strict to finish")
     if count == 0:
         raise DataError(f"{source.root}: none of the {splits['train']['found']} training files could be used "
                         f"(reasons in {out / REJECTED_FILE})")
     stats = S.finalize(image_sum, gram, count)
-    S.save(out / S.STATS_FILE, stats, count)
+    pixels = S.AS_WRITTEN if cfg.exact_stats else S.BEFORE_ENCODING
+    S.save(out / S.STATS_FILE, stats, count, pixels)
+    upscaled = sum(records[sh.name].get("upscaled", 0) for sh in shards)
     seconds = time.monotonic() - t0
     summary = {
         "out": str(out),
@@ -394,7 +428,14 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         "written": sum(s["written"] for s in splits.values()),
         "rejected": len(rejected),
         "rejected_file": str(out / REJECTED_FILE),
+        "skipped": sum(source.skipped.values()),  # hidden files passed over (.DS_Store, ._*): not in found
+        "class_names_from": source.names_from,
+        "upscaled": upscaled,
+        "size": cfg.size,
+        "stats": {"pixels": pixels, "rgb_mean": [round(v, 4) for v in stats["rgb_mean"].tolist()],
+                  "pca_eigval": [round(v, 5) for v in stats["pca_eigval"].tolist()]},
         "notes": source.notes,
+        "warnings": source.warnings,
         "pil": pil_info(),
         "seconds": round(seconds, 2),
         "images_per_s": round(processed / seconds, 1) if seconds > 0 else None,
@@ -408,7 +449,7 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         "classes": source.classes,
         "class_names": source.class_names,
         "splits": splits,
-        "stats": {"file": S.STATS_FILE, "image_count": count, "scale": "0-1",
+        "stats": {"file": S.STATS_FILE, "image_count": count, "scale": "0-1", "pixels": pixels,
                   "rgb_mean": stats["rgb_mean"].tolist(), "rgb_std": stats["rgb_std"].tolist(),
                   "pca_eigval": stats["pca_eigval"].tolist()},
         "rejected_file": REJECTED_FILE,

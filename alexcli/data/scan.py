@@ -31,7 +31,7 @@ import csv
 import errno
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alexcli.errors import DataError, UsageError
@@ -41,9 +41,12 @@ EVAL_SPLITS = ("val", "test")
 
 @dataclass(frozen=True)
 class Item:
-    relpath: str  # relative to SRC, with forward slashes
+    relpath: str  # relative to SRC, with forward slashes; inside an archive: "ARCHIVE/member/path"
     label: int
     nbytes: int
+    # How a worker reads it (alexcli.data.archives.ItemReader): () is the file SRC/relpath; an
+    # archive member carries its place in the archive (see archives.py for the forms).
+    where: tuple = ()
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Source:
     splits: dict[str, list[Item]]
     rejected: list[dict] = field(default_factory=list)  # {"path", "split", "reason"}
     notes: list[str] = field(default_factory=list)  # things a user should know (skipped splits)
+    names_from: str = "the class folders' names"  # where class_names came from, in words
+    skipped: dict[str, int] = field(default_factory=dict)  # split -> hidden files passed over (.DS_Store, ._*)
+    warnings: list[str] = field(default_factory=list)  # things that are probably not what the user wants
 
     def found(self, split: str) -> int:
         return len(self.splits.get(split, [])) + sum(r["split"] == split for r in self.rejected)
@@ -90,14 +96,28 @@ def _utf8(name: str) -> bool:
         return False
 
 
-def _list(folder: Path) -> list[tuple[Path, os.stat_result | str]] | str:
-    """(path, stat or reason) of each entry of FOLDER sorted by name, or why it cannot be listed."""
+# Files and folders that operating systems and tools leave in photo trees: macOS's .DS_Store and
+# ._* (AppleDouble), Windows' Thumbs.db and desktop.ini, and every other dot-name (.git,
+# .ipynb_checkpoints, ...). They are passed over and counted as skipped, not rejected.
+_OS_FILES = ("thumbs.db", "desktop.ini")
+
+
+def hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _OS_FILES
+
+
+def _list(folder: Path, skipped: list[int] | None = None) -> list[tuple[Path, os.stat_result | str]] | str:
+    """(path, stat or reason) of each entry of FOLDER sorted by name, or why it cannot be listed.
+    Hidden entries are left out and counted in skipped[0]."""
     try:
         with os.scandir(folder) as it:
             names = sorted(e.name for e in it)
     except OSError as exc:
         return f"unreadable folder: {exc.strerror or exc}"
-    return [(folder / n, _stat(folder / n)) for n in names]
+    shown = [n for n in names if not hidden(n)]
+    if skipped is not None:
+        skipped[0] += len(names) - len(shown)
+    return [(folder / n, _stat(folder / n)) for n in shown]
 
 
 def _record(rel: str) -> str:
@@ -114,6 +134,7 @@ class _Lister:
 
     def __init__(self, root: Path, split: str, rejected: list[dict], split_folder: Path):
         self.root, self.split, self.rejected = root, split, rejected
+        self.skipped = [0]  # hidden entries passed over
         self.seen: dict[tuple[int, int], str] = {}  # real folder -> the path it was first listed at
         self.above: tuple = ()  # SRC and the split's folder: above every folder listed
         for folder, rel in ((root, "the source folder"), (split_folder, _record(_rel(root, split_folder)))):
@@ -126,7 +147,7 @@ class _Lister:
 
     def entries(self, folder: Path) -> list[tuple[Path, os.stat_result | str]] | None:
         """FOLDER's entries; None (and a reject) if it cannot be listed."""
-        listing = _list(folder)
+        listing = _list(folder, self.skipped)
         if isinstance(listing, str):
             self.reject(folder, listing)
             return None
@@ -196,7 +217,9 @@ class _Lister:
         return None
 
 
-def _read_class_names(root: Path, classes: list[str]) -> list[str]:
+def _read_class_names(root: Path, classes: list[str], find_devkit=lambda: None) -> tuple[list[str], str]:
+    """(readable names of CLASSES, where they came from in words): LOC_synset_mapping.txt (Kaggle),
+    words.txt (the ILSVRC synset list), the devkit's meta.mat, else the class ids themselves."""
     names: dict[str, str] = {}
     mapping = root / "LOC_synset_mapping.txt"
     words = root / "words.txt"
@@ -205,25 +228,31 @@ def _read_class_names(root: Path, classes: list[str]) -> list[str]:
             wnid, _, name = line.strip().partition(" ")
             if wnid:
                 names[wnid] = name.strip()
+        where = mapping.name
     elif words.is_file():
         for line in words.read_text(encoding="utf-8", errors="replace").splitlines():
             wnid, _, name = line.partition("\t")
             if wnid:
                 names[wnid.strip()] = name.strip()
-    return [names.get(c, c) for c in classes]
+        where = words.name
+    elif (kit := find_devkit()) is not None and kit.names:
+        names, where = kit.names, kit.where
+    if not any(c in names for c in classes):
+        return list(classes), Source.names_from  # the default: the class folders' names
+    return [names.get(c, c) for c in classes], where
 
 
 def _find(root: Path, name: str, depth: int = 3) -> Path | None:
     for dirpath, dirnames, filenames in os.walk(root):
         if Path(dirpath) != root and len(Path(dirpath).relative_to(root).parts) >= depth:
             dirnames[:] = []
-        dirnames[:] = sorted(d for d in dirnames if d not in ("train", "val", "test"))
+        dirnames[:] = sorted(d for d in dirnames if d not in ("train", "val", "test") and not hidden(d))
         if name in filenames:
             return Path(dirpath) / name
     return None
 
 
-def _flat_val_labels(root: Path, files: list[Path]) -> dict[str, str] | None:
+def _flat_val_labels(root: Path, files: list[Path], devkit) -> dict[str, str] | None:
     """image stem -> wnid for ImageNet's flat validation folder, or None if no ground truth."""
     loc = _find(root, "LOC_val_solution.csv")
     if loc is not None:
@@ -234,23 +263,13 @@ def _flat_val_labels(root: Path, files: list[Path]) -> dict[str, str] | None:
                 if row.get("ImageId") and pred:
                     labels[row["ImageId"]] = pred[0]
         return labels
-    gt = _find(root, "ILSVRC2012_validation_ground_truth.txt")
-    if gt is not None:
-        meta = gt.parent / "meta.mat"
-        if not meta.is_file():
-            raise DataError(f"{gt}: needs the devkit's meta.mat beside it to map ILSVRC2012_IDs to classes")
-        try:
-            import scipy.io
-        except ImportError as exc:
-            raise DataError(f"{meta}: reading meta.mat needs scipy (pip install scipy)") from exc
-        synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
-        id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
-        ids = [int(x) for x in gt.read_text().split()]
+    if devkit is not None and devkit.val_wnids is not None:
         # The ground truth lists the 50,000 images in file-name order.
         names = sorted(p.stem for p in files)
-        if len(ids) != len(names):
-            raise DataError(f"{gt}: has {len(ids)} labels but the flat val folder has {len(names)} files")
-        return {stem: id_to_wnid[i] for stem, i in zip(names, ids)}
+        if len(devkit.val_wnids) != len(names):
+            raise DataError(f"{devkit.where}: has {len(devkit.val_wnids)} validation labels but the flat val "
+                            f"folder has {len(names)} files")
+        return dict(zip(names, devkit.val_wnids))
     return None
 
 
@@ -264,6 +283,7 @@ def hold_out(source: Source, fraction: float, seed: int) -> Source:
     if source.splits.get("val"):
         raise UsageError(f"--holdout: {source.root} already has a val split; hold out only from a source without one")
     by_class: dict[int, list[Item]] = {}
+    none: list[int] = []  # sizes of the classes that hold out nothing
     for it in source.splits["train"]:
         by_class.setdefault(it.label, []).append(it)
     train, val = [], []
@@ -271,13 +291,19 @@ def hold_out(source: Source, fraction: float, seed: int) -> Source:
         items = sorted(by_class[label], key=lambda it: it.relpath)
         random.Random(f"{seed}/holdout/{label}").shuffle(items)
         n = round(len(items) * fraction)
+        if n == 0:
+            none.append(len(items))
         val += items[:n]
         train += items[n:]
     val.sort(key=lambda it: it.relpath)
     train.sort(key=lambda it: it.relpath)
     notes = source.notes + [f"val: {len(val):,} training files held out ({fraction:g} of each class, seed {seed})"]
-    return Source(source.root, source.classes, source.class_names, {**source.splits, "train": train, "val": val},
-                  source.rejected, notes)
+    warnings = list(source.warnings)
+    if none:
+        # round(n * fraction) is 0 below n = 0.5 / fraction (Python rounds 0.5 to even: 0)
+        warnings.append(f"--holdout {fraction:g}: {len(none)} of {len(by_class)} classes have too few training files "
+                        f"to hold any out (at most {max(none)}); those classes are not in val")
+    return replace(source, splits={**source.splits, "train": train, "val": val}, notes=notes, warnings=warnings)
 
 
 def _split_folder(root: Path, name: str) -> os.stat_result | str | None:
@@ -292,25 +318,56 @@ def _split_folder(root: Path, name: str) -> os.stat_result | str | None:
     return st
 
 
+# Where the Kaggle download (imagenet-object-localization-challenge) keeps its split folders; its
+# LOC_val_solution.csv and LOC_synset_mapping.txt lie at the top.
+KAGGLE_BASE = ("ILSVRC", "Data", "CLS-LOC")
+
+
 def scan(src: str | os.PathLike) -> Source:
+    """The source at SRC: an image tree (SRC/train/<class>/..., or the Kaggle tree under
+    SRC/ILSVRC/Data/CLS-LOC), or the archives users download (alexcli.data.archives)."""
+    from alexcli.data import archives
+
     root = Path(src)
     st = _stat(root)
     if st in ("dangling symlink", "vanished while listing"):
-        raise UsageError(f"{root}: no such directory")
+        raise UsageError(f"{root}: no such file or directory")
     if isinstance(st, str):
         raise UsageError(f"{root}: {st}")
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{root}: not a directory")
-    train = root / "train"
-    tst = _split_folder(root, "train")
+        found = archives.scan_archive(root)
+        if found is None:
+            raise UsageError(f"{root}: not a directory, nor an archive alexcli reads ({archives.KNOWN})")
+        return found
+    base = root
+    if _split_folder(root, "train") is None:
+        kaggle = root.joinpath(*KAGGLE_BASE)
+        if isinstance(_split_folder(kaggle, "train"), os.stat_result):
+            base = kaggle
+        else:
+            found = archives.scan_archive(root)
+            if found is not None:
+                return found
+    return _scan_tree(root, base)
+
+
+def _scan_tree(root: Path, base: Path) -> Source:
+    """An image tree whose split folders are in BASE (ROOT itself, or the Kaggle tree's); paths
+    are recorded relative to ROOT."""
+    from alexcli.data import archives
+
+    train = base / "train"
+    tst = _split_folder(base, "train")
     if tst is None:
-        raise DataError(f"{root}: no training split (expected {train}/<class>/<image>)")
+        raise DataError(f"{root}: no training split (expected {train}/<class>/<image>, or an archive alexcli "
+                        f"reads: {archives.KNOWN})")
     if isinstance(tst, str):
         raise DataError(f"{train}: {tst}")
     rejected: list[dict] = []
     notes: list[str] = []
+    skipped: dict[str, int] = {}
     lister = _Lister(root, "train", rejected, train)
-    listing = _list(train)
+    listing = _list(train, lister.skipped)
     if isinstance(listing, str):
         raise DataError(f"{train}: {listing}")
     class_dirs: list[tuple[Path, os.stat_result]] = []
@@ -347,19 +404,26 @@ def scan(src: str | os.PathLike) -> Source:
                          "whose output the network is never trained on")
     if not splits["train"]:
         raise DataError(f"{train}: no files in its class folders")
+    skipped["train"] = lister.skipped[0]
+    devkit: list = []  # found on first need: reading meta.mat takes a moment
+
+    def find_devkit():
+        if not devkit:
+            devkit.append(archives.find_devkit(root))
+        return devkit[0]
 
     for split in EVAL_SPLITS:
         name = split
-        if split == "val" and _split_folder(root, "val") is None and isinstance(
-                _split_folder(root, "validation"), os.stat_result):
+        if split == "val" and _split_folder(base, "val") is None and isinstance(
+                _split_folder(base, "validation"), os.stat_result):
             name = "validation"
-        folder = root / name
-        fst = _split_folder(root, name)
+        folder = base / name
+        fst = _split_folder(base, name)
         if fst is None:
             continue
         splits[split] = []
         if isinstance(fst, str):
-            rejected.append({"path": name, "split": split, "reason": fst})
+            rejected.append({"path": _rel(root, folder), "split": split, "reason": fst})
             continue
         own: list[dict] = []  # this split's rejects, kept apart until we know the split is kept
         lister = _Lister(root, split, own, folder)
@@ -378,12 +442,13 @@ def scan(src: str | os.PathLike) -> Source:
             for f, _ in loose:
                 lister.reject(f, "not in a class folder")
         elif loose:
-            labels = _flat_val_labels(root, [f for f, _ in loose]) if split == "val" else None
+            labels = _flat_val_labels(root, [f for f, _ in loose], find_devkit()) if split == "val" else None
             if labels is None:
                 del splits[split]
                 other = f" (and {len(own)} entries that are not regular files)" if own else ""
                 notes.append(f"{split}/ skipped: {len(loose)} files in a flat folder{other} with no labels "
-                             "(no LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt found)")
+                             "(no LOC_val_solution.csv, nor the devkit's ILSVRC2012_validation_ground_truth.txt "
+                             "and meta.mat, found)")
                 continue
             for f, nbytes in loose:
                 wnid = labels.get(f.stem)
@@ -394,4 +459,7 @@ def scan(src: str | os.PathLike) -> Source:
                 else:
                     add(split, f, nbytes, index[wnid])
         rejected.extend(own)
-    return Source(root, classes, _read_class_names(root, classes), splits, rejected, notes)
+        skipped[split] = lister.skipped[0]
+    names, names_from = _read_class_names(root, classes, find_devkit)
+    return Source(root, classes, names, splits, rejected, notes, names_from,
+                  {k: v for k, v in skipped.items() if v})

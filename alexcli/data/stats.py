@@ -1,4 +1,12 @@
-"""Mean image, RGB mean/std and RGB PCA over the training images as written to the shards.
+"""Mean image, RGB mean/std and RGB PCA over the training images prepare writes.
+
+Which pixels: by default those of each resized, cropped image just before it is encoded (one decode
+per source image); with `prepare --exact-stats`, those of the JPEG as written, decoded again (what
+the network will see, at the cost of a second decode). JPEG at quality 90 moves the RGB mean by
+about 1e-4 and the mean image by at most 0.005 (0..1 scale), turns the top eigenvector by under
+0.001 rad and shrinks the two small eigenvalues by about 5% (it removes chroma detail): nothing
+mean subtraction or the PCA colour noise can tell apart. stats.safetensors and dataset.json
+record which ("pixels": "before encoding" or "as written").
 
 Accumulation is exact. Per image we add the pixels (as float32) into an image sum and, for the
 3x3 Gram matrix sum_p x_p x_p^T, the six products r*r, g*g, b*b, r*g, g*b, r*b *per pixel
@@ -24,59 +32,56 @@ from fractions import Fraction
 import numpy as np
 
 STATS_FILE = "stats.safetensors"
+BEFORE_ENCODING = "before encoding"  # the resized, cropped pixels just before the JPEG encoder (default)
+AS_WRITTEN = "as written"  # the written JPEGs decoded again (prepare --exact-stats)
 FOLD = 256  # images per float32 accumulation: 256 * 255^2 < 2^24, so every partial sum is exact
 IMAGE_SUM_EXACT = (1 << 24) // 255  # float32 pixel sums are exact up to this many images
 
 
-def _divisor_near(n: int, target: int) -> int:
-    """The largest divisor of n that is at most `target`."""
-    return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
-
-
 class ImageSums:
-    """Per-worker accumulator over decoded size x size x 3 uint8 images (HWC, numpy or torch)."""
+    """Per-worker accumulator over size x size x 3 uint8 images (HWC: a numpy array, a PIL image or
+    a CPU torch tensor). numpy only: prepare's workers do not import torch for it."""
 
     def __init__(self, size: int):
-        import torch  # imported in workers only; the CLI stays light
-
-        self.torch = torch
         self.size = size
         n = size * size * 3
-        self.image = torch.zeros(n, dtype=torch.float32)  # pixel sums, exact below IMAGE_SUM_EXACT images
-        self._x = torch.empty(n, dtype=torch.float32)
-        self._sq = torch.zeros(n, dtype=torch.float32)  # r*r, g*g, b*b at each pixel
-        self._next = torch.zeros(n, dtype=torch.float32)  # r*g, g*b (and b * next pixel's r: unused)
-        self._next2 = torch.zeros(n, dtype=torch.float32)  # r*b (and two unused products)
-        x = self._x
-        # (accumulator, factor, factor) views made once: slicing per image costs more than it seems.
-        self._products = [(self._sq, x, x), (self._next[:-1], x[:-1], x[1:]), (self._next2[:-2], x[:-2], x[2:])]
+        self.image = np.zeros(n, np.float32)  # pixel sums, exact below IMAGE_SUM_EXACT images
+        self._x = np.empty(n, np.float32)
+        self._tmp = np.empty(n, np.float32)
+        self._sq = np.zeros(n, np.float32)  # r*r, g*g, b*b at each pixel
+        self._next = np.zeros(n, np.float32)  # r*g, g*b (and b * next pixel's r: unused)
+        self._next2 = np.zeros(n, np.float32)  # r*b (and two unused products)
+        x, t = self._x, self._tmp
+        # (accumulator, factor, factor, product buffer) views made once: slicing per image costs more
+        # than it seems.
+        self._products = [(self._sq, x, x, t), (self._next[:-1], x[:-1], x[1:], t[:-1]),
+                          (self._next2[:-2], x[:-2], x[2:], t[:-2])]
         self._gram = np.zeros((3, 3), np.int64)
         self._pending = 0  # images in the float32 product accumulators
         self.count = 0
-        self._rows = _divisor_near(size * size, 256)  # pixels summed per row in _lanes (speed only)
 
     def add(self, hwc) -> None:
-        t = self.torch
-        if isinstance(hwc, np.ndarray):
-            hwc = t.from_numpy(np.require(hwc, np.uint8, ["C", "W"]))
-        if tuple(hwc.shape) != (self.size, self.size, 3) or hwc.dtype != t.uint8:
-            raise ValueError(f"expected a {self.size}x{self.size}x3 uint8 image, got {tuple(hwc.shape)} {hwc.dtype}")
+        a = np.asarray(hwc)
+        if a.shape != (self.size, self.size, 3) or a.dtype != np.uint8:
+            raise ValueError(f"expected a {self.size}x{self.size}x3 uint8 image, got {a.shape} {a.dtype}")
         if self.count == IMAGE_SUM_EXACT:
             raise ValueError(f"take() the sums at least every {IMAGE_SUM_EXACT} images")
         x = self._x
-        x.copy_(hwc.reshape(-1))
-        self.image.add_(x)
-        for acc, a, b in self._products:
-            acc.addcmul_(a, b)
+        np.copyto(x, a.reshape(-1))
+        np.add(self.image, x, out=self.image)
+        for acc, f, g, t in self._products:
+            np.multiply(f, g, out=t)
+            np.add(acc, t, out=acc)
         self.count += 1
         self._pending += 1
         if self._pending == FOLD:
             self._fold()
 
-    def _lanes(self, acc) -> np.ndarray:
-        """Sum of a flat HWC accumulator over pixels, per channel lane, in float64 (exact)."""
-        wide = acc.to(self.torch.float64).view(-1, 3 * self._rows).sum(0)  # sums columns: vectorised
-        return wide.view(-1, 3).sum(0).numpy()
+    @staticmethod
+    def _lanes(acc: np.ndarray) -> np.ndarray:
+        """Sum of a flat HWC accumulator over pixels, per channel lane, in float64 (exact: integers
+        below 2^53)."""
+        return acc.reshape(-1, 3).sum(0, dtype=np.float64)
 
     def _fold(self) -> None:
         if self._pending:
@@ -84,7 +89,7 @@ class ImageSums:
             rg, gb, rb = nx[0], nx[1], nx2[0]
             self._gram += np.array([[sq[0], rg, rb], [rg, sq[1], gb], [rb, gb, sq[2]]], np.int64)
             for a in (self._sq, self._next, self._next2):
-                a.zero_()
+                a.fill(0)
             self._pending = 0
 
     def take(self) -> dict[str, np.ndarray]:
@@ -92,13 +97,13 @@ class ImageSums:
         and reset. Workers send these back for every chunk: uint16, exact up to 257 images, sends a
         quarter of what float64 would."""
         self._fold()
-        image = self.image.numpy().reshape(self.size, self.size, 3)
+        image = self.image.reshape(self.size, self.size, 3)
         out = {
             "image_sum": image.astype(np.uint16) if self.count <= 0xFFFF // 255 else image.copy(),
             "gram": self._gram.copy(),
             "count": np.array([self.count], dtype=np.int64),
         }
-        self.image.zero_()
+        self.image.fill(0)
         self._gram[:] = 0
         self.count = 0
         return out
@@ -145,11 +150,11 @@ def finalize(image_sum: np.ndarray, gram_sum, count: int) -> dict[str, np.ndarra
     }
 
 
-def save(path, stats: dict[str, np.ndarray], count: int) -> None:
+def save(path, stats: dict[str, np.ndarray], count: int, pixels: str = BEFORE_ENCODING) -> None:
     from alexcli.io import write_safetensors
 
     h, w = stats["mean_image"].shape[1:]
-    meta = {"scale": "0-1", "image_count": count, "pixel_count": count * h * w,
+    meta = {"scale": "0-1", "image_count": count, "pixel_count": count * h * w, "pixels": pixels,
             "covariance": "population, over all pixels of all training images"}
     # One metadata key: safetensors writes a header's metadata in hash-map order, so several keys
     # would make two identical runs' files differ in their bytes.

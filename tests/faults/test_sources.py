@@ -369,10 +369,8 @@ def test_float_tiff_with_nan_or_inf_is_rejected(bad):
 
 
 @posix_only
-@pytest.mark.skipif(not hasattr(__import__("alexcli.data.prepare").data.prepare, "read_source"),
-                    reason="prepare._process_chunk does not read through image.read_source yet "
-                           "(the FIFO would hang it)")
 def test_worker_rejects_a_fifo_that_appears_after_scan_and_a_file_over_the_limit(tree, tmp_path, monkeypatch):
+    from alexcli.data import image
     from alexcli.data import prepare as P
 
     real = P.scan
@@ -384,7 +382,7 @@ def test_worker_rejects_a_fifo_that_appears_after_scan_and_a_file_over_the_limit
         return s
 
     monkeypatch.setattr(P, "scan", scan_then_swap)
-    monkeypatch.setattr(P, "MAX_SOURCE_BYTES", 700)
+    monkeypatch.setattr(image, "MAX_SOURCE_BYTES", 700)  # the workers' reader takes the limit from here
     noise = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tree / "train" / "b" / "big.png")  # ~4.8 kB of noise
     summary = prepare_small(tree, tmp_path / "out")
