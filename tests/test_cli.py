@@ -3,7 +3,8 @@ import json
 import pytest
 
 from alexcli.cli import main
-from conftest import run_cli
+from conftest import run_cli, run_here
+from PIL import Image
 
 
 def test_help_of_every_command_has_an_example(capsys):
@@ -151,3 +152,34 @@ def test_doctor_reports_pil_and_devices(capsys):
     assert r["devices"]["cpu_cores"] >= 1 and r["packages"]["torch"]
     assert main(["doctor", "--brief"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_prepare_summary_says_what_it_did(tmp_path):
+    """The summary names where class names came from, how many images were enlarged, the RGB mean
+    and PCA eigenvalues, hidden files skipped, and warns of classes too small for --holdout."""
+    from alexcli.data import stats as S
+
+    src = tmp_path / "src"
+    for c, n in (("n01", 1), ("n02", 6)):
+        for i in range(n):
+            (src / "train" / c).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (24 + i, 20), (40 * i, 90, 200)).save(src / "train" / c / f"{c}_{i}.png")
+    (src / "train" / "n02" / ".DS_Store").write_bytes(b"\0")
+    (src / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\n")
+    r = run_here("prepare", src, "--out", tmp_path / "o", "--size", "32", "--holdout", "0.2", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    stats = S.load(tmp_path / "o" / "stats.safetensors")
+    text = " ".join(r.stdout.split())  # the console wraps long lines
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    assert "class names: LOC_synset_mapping.txt" in lines
+    assert "upscaled: 7 images were smaller than 32x32 and were enlarged" in lines  # 6 train + 1 val
+    mean = " ".join(f"{v:.4f}" for v in stats["rgb_mean"])
+    eig = " ".join(f"{v:.4g}" for v in stats["pca_eigval"])
+    assert f"statistics over the training pixels before encoding: RGB mean {mean}, PCA eigenvalues {eig} " in text
+    assert "7 found = 7 written + 0 rejected; 1 hidden files skipped (.DS_Store, ._* and the like)" in text
+    assert ("warning: --holdout 0.2: 1 of 2 classes have too few training files to hold any out (at most 1); "
+            "those classes are not in val") in text
+    js = json.loads(run_here("prepare", src, "--out", tmp_path / "o", "--size", "32", "--holdout", "0.2",
+                             "--json").stdout)
+    assert js["class_names_from"] == "LOC_synset_mapping.txt" and js["upscaled"] == 7 and js["skipped"] == 1
+    assert js["warnings"] and js["stats"]["pixels"] == "before encoding"

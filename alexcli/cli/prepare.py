@@ -28,7 +28,7 @@ def render_summary(s: dict) -> None:
         st = s["stats"]
         out.print(f"statistics over the training pixels {st['pixels']}: RGB mean "
                   + " ".join(f"{v:.4f}" for v in st["rgb_mean"]) + ", PCA eigenvalues "
-                  + " ".join(f"{v:.4f}" for v in st["pca_eigval"]))
+                  + " ".join(f"{v:.4g}" for v in st["pca_eigval"]))
     for note in s.get("notes", []):
         out.print(f"note: {note}")
     for warning in s.get("warnings", []):
