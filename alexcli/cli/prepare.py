@@ -42,8 +42,8 @@ def prepare_command(
     src: Path = typer.Argument(..., help="An image tree (SRC/train/<class>/<image>, optionally SRC/val and SRC/test), "
                                          "or the archives as downloaded: a folder holding ILSVRC2012_img_train.tar "
                                          "(+ _img_val.tar, _devkit_t12.tar.gz), the Kaggle tree or zip, "
-                                         "cifar-10-python.tar.gz / cifar-100-python.tar.gz / cifar-10-binary.tar.gz "
-                                         "(or the archive itself)."),
+                                         "CIFAR-10/100 as downloaded (cifar-10-python.tar.gz, cifar-100-python.tar.gz, "
+                                         "the -binary versions), or the archive itself."),
     out_dir: Path = typer.Option(None, "--out", help="Output folder (default: shards/<name of SRC>)."),
     size: int = typer.Option(P.size, min=8, max=MAX_SIZE, help="Side of the square images written (section 2: 256). A JPEG "
                                                  "that is already RGB and size x size is copied unchanged (CIFAR at "

@@ -81,6 +81,8 @@ def make_plan(source: Source, cfg: PrepareConfig) -> tuple[list[ShardPlan], str]
             random.Random(cfg.seed).shuffle(order)
         for it in order:
             digest.update(f"{split}\0{it.relpath}\0{it.label}\0{it.nbytes}\n".encode())
+            if it.where:  # an archive member: its place (CIFAR's: its pixels), so a new download is a new plan
+                digest.update(repr(it.where).encode())
         for i, start in enumerate(range(0, len(order), cfg.shard_size)):
             shards.append(ShardPlan(split, i, start, tuple(order[start:start + cfg.shard_size])))
     return shards, digest.hexdigest()
@@ -254,8 +256,11 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
     tasks = list(_tasks(shards))  # one list: handed to the pool and paired with its results
     if workers <= 1:
         _setup_worker(str(source.root), cfg.image_params(), cfg.exact_stats)
-        for t in tasks:
-            yield t[0], t[1], _process_chunk(t)
+        try:
+            for t in tasks:
+                yield t[0], t[1], _process_chunk(t)
+        finally:
+            _W["reader"].close()
         return
     # spawn, not fork: the parent may run threads (the progress display; torch's pools when called
     # from train or a test), whose locks a forked child would inherit held.
@@ -274,7 +279,7 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _KNOWN_NAMES = {"cifar-10-python": "cifar10", "cifar-10-binary": "cifar10", "cifar-10-batches-py": "cifar10",
                 "cifar-10-batches-bin": "cifar10", "cifar-100-python": "cifar100", "cifar-100-binary": "cifar100",
-                "imagenet-object-localization-challenge": "imagenet"}
+                "imagenet-object-localization-challenge": "imagenet", "ILSVRC2012_img_train": "imagenet"}
 
 
 def default_out(src: str | os.PathLike) -> Path:
