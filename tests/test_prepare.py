@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -381,3 +382,14 @@ def test_prepare_does_not_import_torch_unless_exact_stats_needs_it(exact, demo_s
             "print(rc, sorted(m for m in ('torch', 'torchvision') if m in sys.modules), file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.stderr.strip().splitlines()[-1] == ("0 ['torch']" if exact else "0 []")
+
+
+@pytest.mark.parametrize("src, out", [("/data/imagenet", "shards/imagenet"), ("/dl/cifar-10-python.tar.gz", "shards/cifar10"),
+                                      ("/dl/cifar-100-binary.tar.gz", "shards/cifar100"),
+                                      ("/dl/ILSVRC2012_img_train.tar", "shards/imagenet"),
+                                      ("/dl/imagenet-object-localization-challenge.zip", "shards/imagenet"),
+                                      ("/data/birds.zip", "shards/birds")])
+def test_default_out_is_named_after_the_data_set(src, out):
+    from alexcli.data.prepare import default_out
+
+    assert default_out(src) == Path(out)

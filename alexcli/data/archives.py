@@ -426,6 +426,8 @@ def _ilsvrc(src: Path, folder: Path, train: Path) -> Source:
     else:
         notes.append(f"no {VAL_TAR} beside {train_rel}: no val split")
     names, names_from = _read_class_names(folder, classes, lambda: kit)
+    if names_from == Source.names_from:
+        names_from = "the class tars' names (no devkit found)"
     return Source(src, classes, names, splits, rejected, notes, names_from,
                   {k: v for k, v in skipped.items() if v}, warnings)
 
