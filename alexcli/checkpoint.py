@@ -76,7 +76,9 @@ def training_meta(*, arch, variants: dict, augment: dict, split, manifest: dict,
     producer's own fields (epoch, metrics, config, ...)."""
     from alexcli.data.dataset import class_names
 
-    data = {"folder": str(Path(split.folder).resolve()), "size": split.size,
+    folder = split.folder  # a DataLocation: a local folder's resolved path, a URL as given
+    data = {"folder": folder.recorded() if hasattr(folder, "recorded") else str(Path(folder).resolve()),
+            "size": split.size,
             "train_images": split.samples if train_images is None else train_images}
     return {"arch": arch.to_dict(), "variants": {**variants, **{f"augment:{k}": v for k, v in augment.items()}},
             "augment": list(augment), "classes": list(split.classes), "class_names": class_names(manifest),

@@ -77,16 +77,18 @@ class Reporter:
             self.bar.update(self.task, advance=event.n, **fields)
 
 
-def data_folder(data: Optional[Path], ckpt: Path) -> Path:
-    """--data, or the folder the checkpoint was trained on when it still exists."""
+def data_folder(data: Optional[str], ckpt: Path) -> str:
+    """--data as given (a folder or a URL, kept a string: Path() would collapse a URL's //), or the
+    data set the checkpoint was trained on: its folder when it still exists, or the URL it recorded."""
     from alexcli.checkpoint import read_meta
+    from alexcli.data.remote import is_url
     from alexcli.errors import UsageError
 
     if data is not None:
         return data
     folder = read_meta(ckpt).get("data", {}).get("folder")
-    if folder and Path(folder).is_dir():
-        return Path(folder)
+    if folder and (is_url(folder) or Path(folder).is_dir()):
+        return folder
     raise UsageError(f"--data is needed: {ckpt} was trained on {folder or 'an unknown folder'}, which is not here")
 
 
@@ -100,7 +102,8 @@ def no_verify_option():
     """--no-verify of every command that reads shards."""
     return typer.Option(False, "--no-verify",
                         help="Do not check each shard's sha256 against dataset.json before first use (the "
-                             "check is paid once per shard and remembered; see `alexcli verify`).")
+                             "check is paid once per shard and remembered; for --data URL, every shard is "
+                             "hashed as it streams). Sizes and sample counts are still checked.")
 
 
 def device_option():
@@ -125,5 +128,10 @@ def ckpt_argument():
     return typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train or alexcli experiment.")
 
 
+DATA_HELP = ("a folder, or a URL of one: https://host/in1k, s3://bucket/in1k (any fsspec URL, with fsspec and "
+             "its backend installed), or pipe:CMD with {} for each file's name, e.g. "
+             "'pipe:aws s3 cp s3://bucket/in1k/{} -' (docs/cluster.md)")
+
+
 def data_option(default_help: str = "the one it was trained on"):
-    return typer.Option(None, "--data", help=f"Prepared data set (default: {default_help}).")
+    return typer.Option(None, "--data", help=f"Prepared data set: {DATA_HELP} (default: {default_help}).")

@@ -10,7 +10,7 @@ from alexcli.cli._ui import (Reporter, no_verify_option, amp_option, ckpt_argume
                              device_option, emit_json, json_option, out, workers_option)
 
 
-def _run(ckpts: list[Path], data: Optional[Path], split: str, crops: Crops, batch: int, workers: int, device: Device,
+def _run(ckpts: list[Path], data: Optional[str], split: str, crops: Crops, batch: int, workers: int, device: Device,
          amp: Amp, no_verify: bool) -> dict:
     import torch
 
@@ -69,7 +69,7 @@ def _show(result: dict, per_class: bool, as_json: bool) -> None:
 
 def eval_command(
     ckpt: Path = ckpt_argument(),
-    data: Optional[Path] = data_option(),
+    data: Optional[str] = data_option(),
     split: str = typer.Option("val", help="Split to score: val, test or train."),
     crops: Crops = crops_option(),
     batch: int = typer.Option(128, min=1, help="Images per batch (x10 patches with --crops ten)."),
@@ -84,16 +84,19 @@ def eval_command(
 
     The network is rebuilt from the checkpoint's metadata alone, with the mean image it was
     trained with. Each shard of the split is checked against its sha256 in dataset.json before
-    its first use (remembered afterwards; --no-verify skips the check).
+    its first use (remembered afterwards; --no-verify skips the check). With --data URL each shard
+    is streamed and checked as it arrives (docs/cluster.md).
 
-    Example: alexcli eval runs/alexnet/ckpt-e090.safetensors --data shards/imagenet --crops ten
+    Examples:
+      alexcli eval runs/alexnet/ckpt-e090.safetensors --data shards/imagenet --crops ten
+      alexcli eval runs/alexnet/ckpt-e090.safetensors --data https://data.example.org/imagenet
     """
     _show(_run([ckpt], data, split, crops, batch, workers, device, amp, no_verify), per_class, as_json)
 
 
 def ensemble_command(
     ckpts: List[Path] = typer.Argument(..., help="Checkpoints to average (their class lists must match)."),
-    data: Optional[Path] = data_option("the first one's"),
+    data: Optional[str] = data_option("the first one's"),
     split: str = typer.Option("val", help="Split to score."),
     crops: Crops = crops_option(),
     batch: int = typer.Option(128, min=1, help="Images per batch."),

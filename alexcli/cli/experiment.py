@@ -44,7 +44,9 @@ def render(r: dict) -> None:
 def experiment_command(
     name: Experiment = typer.Argument(..., metavar="NAME", help="relu-vs-tanh (Figure 1) or lrn (section 3.3: "
                                                                 "13% vs 11%)."),
-    data: Path = typer.Option(..., "--data", help="A prepared CIFAR-10 (alexcli prepare SRC --size 32 --holdout 0.1)."),
+    data: str = typer.Option(..., "--data", help="A prepared CIFAR-10 (alexcli prepare SRC --size 32 --holdout "
+                                                   "0.1): a folder or a URL of one (https://, s3://, pipe:CMD; "
+                                                   "docs/cluster.md)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: runs/experiments/NAME)."),
     epochs: int = typer.Option(C.epochs, min=1, help="Epochs of each final run."),
     seeds: int = typer.Option(C.seeds, min=1, help="Seeds per variant (0..N-1): mean and spread are reported."),

@@ -90,7 +90,7 @@ def kernels_command(
 def neighbors_command(
     ckpt: Path = ckpt_argument(),
     images: List[Path] = typer.Argument(..., help="Query image files in any format Pillow reads."),
-    data: Optional[Path] = data_option(),
+    data: Optional[str] = data_option(),
     fig: Optional[Path] = typer.Option(None, "--out", help="Draw each query and its neighbours (Figure 4, right) "
                                                            "into this PNG."),
     k: int = typer.Option(6, "--k", min=1, help="Neighbours per query."),

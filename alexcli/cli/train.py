@@ -13,7 +13,11 @@ from alexcli.train.config import TrainConfig as C
 
 def train_command(
     ctx: typer.Context,
-    data: Path = typer.Option(..., "--data", help="A prepared data set (alexcli prepare)."),
+    data: str = typer.Option(..., "--data", help="A prepared data set (alexcli prepare): a folder, or a URL of "
+                                                  "one: https://host/in1k, s3://bucket/in1k (any fsspec URL, "
+                                                  "with fsspec and its backend), or pipe:CMD with {} for each "
+                                                  "file's name, e.g. 'pipe:aws s3 cp s3://bucket/in1k/{} -'; "
+                                                  "shards are streamed and checked (docs/cluster.md)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<name of --data>)."),
     epochs: int = typer.Option(C.epochs, min=1, help="Epochs to train (section 5: about 90); with --resume, the "
                                                       "new total (default: the run's)."),
@@ -91,6 +95,7 @@ def train_command(
 
     Examples:
       alexcli train --data shards/imagenet --out runs/alexnet --gpus 2
+      alexcli train --data https://data.example.org/imagenet --out runs/alexnet --gpus 8
       alexcli train --data shards/imagenet --out runs/alexnet --resume
       alexcli train --data shards/imagenet --out runs/alexnet --resume --epochs 100
       alexcli train --data shards/demo --width 0.25 --crop 64 --init kaiming --layer norm=none
@@ -106,8 +111,10 @@ def train_command(
         steps = tuple(int(s) for s in lr_steps.split(",") if s.strip())
     except ValueError:
         raise UsageError(f"--lr-steps {lr_steps!r}: expected epochs like 30,60,80") from None
-    out_dir = out_dir or Path("runs") / Path(data).resolve().name
-    cfg = C(data=str(data), out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
+    from alexcli.data.remote import DataLocation
+
+    out_dir = out_dir or Path("runs") / DataLocation(data).name
+    cfg = C(data=data, out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
@@ -182,7 +189,7 @@ def _arch(name: str, init: Optional[str], *, conv6: bool, layer: list[str], **fi
     return with_layers(replace(arch, conv6=arch.conv6 or conv6), layer), init_from
 
 
-def _dry_run(arch, data: Path, as_json: bool) -> None:
+def _dry_run(arch, data: str, as_json: bool) -> None:
     from dataclasses import replace
 
     from alexcli.data.dataset import open_split

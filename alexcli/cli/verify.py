@@ -9,10 +9,14 @@ import typer
 from alexcli.cli._ui import Reporter, emit_json, json_option, out
 
 
-def _kind(path: Path) -> str:
+def _kind(where: str) -> str:
     from alexcli.data.dataset import MANIFEST
+    from alexcli.data.remote import is_url
     from alexcli.errors import DataError
 
+    if is_url(where):
+        return "data"
+    path = Path(where)
     if path.is_dir():
         if (path / MANIFEST).is_file():
             return "data"
@@ -42,8 +46,9 @@ def _render(result: dict) -> None:
 
 
 def verify_command(
-    path: Path = typer.Argument(..., help="A prepared data folder (with dataset.json) or a checkpoint "
-                                          "(.safetensors)."),
+    path: str = typer.Argument(..., help="A prepared data folder (with dataset.json), a URL of one (https://, "
+                                         "s3:// or any fsspec URL, pipe:CMD with {}), or a checkpoint "
+                                         "(.safetensors)."),
     workers: int = typer.Option(-1, min=-1, help="Processes reading and decoding shards (default -1: all cores "
                                                  "for a data set over 64 MB, at most one per shard; 0: in this "
                                                  "process)."),
@@ -51,7 +56,7 @@ def verify_command(
 ) -> None:
     """Check that a data set or a checkpoint is exactly what alexcli wrote; list every problem.
 
-    A data folder: every shard of every split exists with the size, sha256 and sample count
+    A data folder (or a URL of one: every shard is read once from there): every shard of every split exists with the size, sha256 and sample count
     dataset.json gives, and every sample's JPEG decodes to a size x size RGB image with a valid
     label; stats.safetensors has its tensors in their shapes; the class lists agree. Shards found
     good are remembered, so train and eval do not hash them again.
@@ -69,6 +74,8 @@ def verify_command(
       alexcli verify runs/alexnet/ckpt-e090.safetensors
 
       alexcli verify shards/cifar10 --json
+
+      alexcli verify https://data.example.org/imagenet
     """
     import time
 
@@ -84,7 +91,7 @@ def verify_command(
     else:
         from alexcli.checkpoint import verify_checkpoint
 
-        result = verify_checkpoint(path)
+        result = verify_checkpoint(Path(path))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if as_json:
         emit_json(result)

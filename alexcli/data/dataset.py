@@ -17,6 +17,14 @@ Hashing reads 1 MiB blocks in a few threads (hashlib releases the GIL).
 
 `check_data` is `alexcli verify`: every shard hashed and read, every JPEG decoded, the statistics
 and the class lists checked, all problems listed.
+
+A data set at a URL (`https://`, any fsspec URL such as `s3://`, or `pipe:CMD`) goes through the same
+functions by way of `alexcli.data.remote.DataLocation`: `open_split` reads dataset.json from it and
+checks each shard's size where the store tells it without a read (a HEAD request, a listing); each
+shard is then streamed into memory when the loader reaches it and checked against its manifest
+entry's bytes and (unless `verify=False`) sha256 before its first sample is used
+(`alexcli.data.remote.RemoteShard`). Nothing is remembered for a URL: its shards are hashed as they
+stream, every time (CPU, not an extra read).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alexcli.data.remote import DataLocation, RemoteShard, location
 from alexcli.data.stats import STATS_FILE
 from alexcli.data.tar import count_samples
 from alexcli.errors import DataError
@@ -46,7 +55,21 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def read_manifest(folder: str | os.PathLike) -> dict:
+def read_manifest(folder: str | os.PathLike | DataLocation) -> dict:
+    """dataset.json of the data set in FOLDER (a path, a URL or a DataLocation), as a dict."""
+    loc = location(folder)
+    if not loc.is_local:
+        url = loc.display(MANIFEST)
+        raw = loc.read_bytes(MANIFEST)  # a missing file or a failed read: one DataError naming the URL
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            raise DataError(f"{url}: unreadable ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise DataError(f"{url}: damaged (not a JSON object)")
+        return manifest
+    if isinstance(folder, DataLocation):
+        folder = loc.path
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise DataError(f"{folder}: no {MANIFEST} (prepare a data set with `alexcli prepare SRC --out {folder}`)")
@@ -97,18 +120,21 @@ def verify_shard(folder: Path, entry: dict, *, full: bool = False) -> None:
 class Split:
     """One split of a prepared data set, as dataset.json describes it."""
 
-    folder: Path
+    folder: DataLocation      # where the data set is: str() is the folder (or URL) as given
     name: str
     shards: list[dict]        # {"name", "samples", "bytes", "sha256"}
     classes: list[str]
     size: int                 # side of the stored images
+    verify: bool = True       # a remote shard's sha256 is checked as it streams (local ones: in open_split)
 
     @property
     def samples(self) -> int:
         return sum(s["samples"] for s in self.shards)
 
-    def path(self, entry: dict) -> Path:
-        return self.folder / entry["name"]
+    def path(self, entry: dict):
+        """What `read_samples` reads the shard ENTRY from: its local Path, or for a data set at a URL
+        a RemoteShard (str(): its URL), checked against ENTRY as it streams."""
+        return self.folder.shard(entry, self.verify, MANIFEST)
 
 
 def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
@@ -117,10 +143,11 @@ def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
     VERIFY, to have its sha256 (hashed once, then remembered: `verify_hashes`). PROGRESS gets a
     Begin("verify <split>", shards to hash, unit="shards") and an Advance per shard when any has to
     be hashed; nothing when all are remembered."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such data folder (prepare one with `alexcli prepare SRC --out {folder}`)")
-    manifest = read_manifest(folder)
+    loc = location(folder)
+    if loc.is_local and not loc.path.is_dir():
+        raise DataError(f"{loc}: no such data folder (prepare one with `alexcli prepare SRC --out {loc}`)")
+    folder = loc.path if loc.is_local else loc
+    manifest = read_manifest(loc)
     problems = _check_manifest(folder, manifest)[0]
     if problems:  # an edited or damaged manifest: one line here, every problem from `alexcli verify`
         raise DataError(f"{problems[0]}; run `alexcli verify {folder}`")
@@ -129,11 +156,28 @@ def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
         have = ", ".join(k for k, v in splits.items() if v.get("shards")) or "none"
         raise DataError(f"{folder}: no {split!r} split in {MANIFEST} (splits: {have})")
     entries = splits[split]["shards"]
-    for entry in entries:
-        verify_shard(folder, entry)
-    if verify:
-        verify_hashes(folder, entries, label=f"verify {split}", progress=progress)
-    return Split(folder, split, entries, list(manifest["classes"]), int(manifest["parameters"]["size"]))
+    if loc.is_local:
+        for entry in entries:
+            verify_shard(folder, entry)
+        if verify:
+            verify_hashes(folder, entries, label=f"verify {split}", progress=progress)
+    else:  # sizes where the store tells them; each shard's sha256 as it streams (RemoteShard)
+        check_remote_sizes(loc, entries)
+    return Split(loc, split, entries, list(manifest["classes"]), int(manifest["parameters"]["size"]), verify=verify)
+
+
+def check_remote_sizes(loc: DataLocation, entries: list[dict]) -> None:
+    """Each shard of a data set at a URL is there with its manifest size, where that is known
+    without reading it (http(s): a HEAD request each; fsspec: a listing; pipe: not known): the
+    stat check of a local folder. Reading checks the size again in any case."""
+    sizes = loc.sizes([e["name"] for e in entries])
+    for e in entries:
+        got = sizes.get(e["name"])
+        if got == -1:
+            raise DataError(f"{loc.display(e['name'])}: missing (listed in {MANIFEST})")
+        if got is not None and got != e["bytes"]:
+            raise DataError(f"{loc.display(e['name'])}: {got} bytes, but {MANIFEST} says {e['bytes']} "
+                            f"(truncated or replaced)")
 
 
 # ---------------------------------------------------------------- shards verified once, remembered
@@ -246,10 +290,18 @@ def _read_stats(path: Path) -> dict:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load(path).items()}
 
 
-def load_stats(folder: str | os.PathLike) -> dict:
+def _stats_from_bytes(raw: bytes) -> dict:
+    import numpy as np
+    import torch
+    from safetensors.numpy import load
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load(raw).items()}
+
+
+def load_stats(folder: str | os.PathLike | DataLocation) -> dict:
     """The data set's stats.safetensors as float64 torch tensors (mean image, RGB PCA, ...), checked:
     a missing, damaged or inconsistent file is one DataError naming it."""
-    stats, problems = _check_stats(Path(folder), None)
+    stats, problems = _check_stats(location(folder), None)
     if problems:
         raise DataError(problems[0])
     return stats
@@ -263,10 +315,11 @@ MAX_SAMPLE_PROBLEMS = 5  # per shard; the rest are counted
 POOL_BYTES = 64 << 20    # check_data's default: worker processes only for data sets larger than this
 
 
-def check_shard(path: str, entry: dict, size: int, num_classes: int) -> dict:
+def check_shard(path, entry: dict, size: int, num_classes: int) -> dict:
     """Everything about one shard (run in a worker process by `check_data`): it exists with its
     manifest size and sha256, holds its sample count, and every sample's JPEG decodes to a size x
-    size RGB image with a label below NUM_CLASSES. Returns {"problems", "samples", "bytes", "ok_hash"}."""
+    size RGB image with a label below NUM_CLASSES. PATH: a local path, or a RemoteShard (read once,
+    hashed as it streams). Returns {"problems", "samples", "bytes", "ok_hash"}."""
     import io
 
     import numpy as np
@@ -275,20 +328,33 @@ def check_shard(path: str, entry: dict, size: int, num_classes: int) -> dict:
     from alexcli.data.image import decode_rgb
     from alexcli.data.tar import read_samples
 
-    path = Path(path)
     problems, n, per_sample = [], 0, 0
     result = {"problems": problems, "samples": 0, "bytes": 0, "ok_hash": False}
-    if not path.is_file():
-        problems.append(f"{path}: missing (listed in {MANIFEST})")
-        return result
-    nbytes = path.stat().st_size
-    result["bytes"] = nbytes
-    if nbytes != entry["bytes"]:
-        problems.append(f"{path}: {nbytes} bytes, but {MANIFEST} says {entry['bytes']} (truncated or replaced)")
-    elif sha256_file(path) != entry["sha256"]:
-        problems.append(f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+    if isinstance(path, RemoteShard):  # a data set at a URL: one streamed read, hashed as it arrives
+        try:
+            data, digest = path.download(hash_it=True)
+        except DataError as exc:
+            problems.append(str(exc))
+            return result
+        result["bytes"] = len(data)
+        if digest != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+        else:
+            result["ok_hash"] = True
+        path = _Fetched(str(path), data)
     else:
-        result["ok_hash"] = True
+        path = Path(path)
+        if not path.is_file():
+            problems.append(f"{path}: missing (listed in {MANIFEST})")
+            return result
+        nbytes = path.stat().st_size
+        result["bytes"] = nbytes
+        if nbytes != entry["bytes"]:
+            problems.append(f"{path}: {nbytes} bytes, but {MANIFEST} says {entry['bytes']} (truncated or replaced)")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+        else:
+            result["ok_hash"] = True
 
     def sample_problem(text):
         nonlocal per_sample
@@ -325,6 +391,19 @@ def check_shard(path: str, entry: dict, size: int, num_classes: int) -> dict:
     return result
 
 
+class _Fetched:
+    """A remote shard's bytes, already read: what read_samples reads (str(): its URL)."""
+
+    def __init__(self, url: str, data):
+        self.url, self.data = url, data
+
+    def __str__(self) -> str:
+        return self.url
+
+    def read_bytes(self):
+        return self.data
+
+
 def _check_shard_task(task):
     return check_shard(*task)
 
@@ -354,14 +433,22 @@ def _check_manifest(folder: Path, manifest: dict) -> tuple[list[str], int | None
     return problems, size, classes
 
 
-def _check_stats(folder: Path, size: int | None) -> tuple[dict | None, list[str]]:
+def _check_stats(folder: Path | DataLocation, size: int | None) -> tuple[dict | None, list[str]]:
     """The data set's statistics (read once) and every problem with them; SIZE: the side the mean
     image must have (None: any square)."""
-    path = folder / STATS_FILE
-    if not path.is_file():
-        return None, [f"{path}: missing (run `alexcli prepare` again to write it)"]
+    loc = location(folder)
+    if loc.is_local:
+        path = loc.path / STATS_FILE
+        if not path.is_file():
+            return None, [f"{path}: missing (run `alexcli prepare` again to write it)"]
+    else:
+        path = loc.display(STATS_FILE)
+        try:
+            raw = loc.read_bytes(STATS_FILE)
+        except DataError as exc:
+            return None, [str(exc)]
     try:
-        stats = _read_stats(path)
+        stats = _read_stats(path) if loc.is_local else _stats_from_bytes(raw)
     except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None, [f"{path}: unreadable ({text})"]
@@ -386,8 +473,9 @@ def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progres
     than POOL_BYTES, else this one). Shards found good are remembered as
     verified (open_split then skips hashing them). Returns {"path", "kind": "data", "ok",
     "problems", "shards", "samples", "bytes", "splits"}."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
+    loc = location(folder)
+    folder = loc.path if loc.is_local else loc
+    manifest = read_manifest(loc)
     problems, size, classes = _check_manifest(folder, manifest)
     splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
     splits = {k: v["shards"] for k, v in splits.items()
@@ -398,17 +486,20 @@ def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progres
             problems.append(f"{folder}: {len(entries) - len(good)} {name} shard entries of {MANIFEST} lack a "
                             f"name, bytes, samples or sha256")
         splits[name] = good
-    tasks = [(str(folder / e["name"]), e, size or 0, len(classes)) for entries in splits.values() for e in entries]
+    tasks = [(str(folder / e["name"]) if loc.is_local else loc.shard(e, True, MANIFEST), e, size or 0, len(classes))
+             for entries in splits.values() for e in entries]
     stats_problems = _check_stats(folder, size)[1]
     progress(Begin("verify", len(tasks), unit="shards"))
-    cache = VerifiedShards(folder)
+    cache = VerifiedShards(folder) if loc.is_local else None  # (nothing is remembered for a URL)
     started = _now_ns()
-    stats = [os.stat(t[0]) if os.path.isfile(t[0]) else None for t in tasks]
+    stats = [os.stat(t[0]) if loc.is_local and os.path.isfile(t[0]) else None for t in tasks]
     results = []
     if workers < 0:
         from alexcli.env import cpu_cores
 
         workers = cpu_cores() if sum(int(t[1].get("bytes", 0)) for t in tasks) > POOL_BYTES else 0
+        if not loc.is_local:  # a remote read waits on the network: more processes than cores pay
+            workers = min(2 * workers, 16) if workers else 0
     if workers > 1 and len(tasks) > 1:
         import multiprocessing as mp
 
@@ -428,7 +519,8 @@ def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progres
             unchanged = False
         if r["ok_hash"] and unchanged:  # not changed while it was being checked
             cache.add(entry, st, started)
-    cache.save()
+    if cache is not None:
+        cache.save()
     problems += stats_problems
     per_split = {}
     it = iter(results)

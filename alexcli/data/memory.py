@@ -4,6 +4,7 @@ At 32x32 a JPEG decodes in about 20 us but a training step on 128 of them takes 
 decoding every epoch would cost little; what costs is the per-sample Python of a streaming
 loader. Held as one (N, 3, S, S) uint8 tensor on the training device (airbench's approach), an
 epoch is a permutation and one gather per batch: the loop is bound by the model's arithmetic.
+The split may be at a URL (`alexcli.data.remote`): its shards are streamed once, checked, decoded.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ same number of steps (no DDP hang at an epoch end), and a run resumed at an epoc
 exactly what the uninterrupted run read. A run resumed at step S of an epoch skips the first S
 batches without decoding them (`skip`): batch i of a rank comes from its loader worker i mod W. Evaluation reads each shard of a slot once, in order.
 Each shard's sample count is checked against dataset.json as it is read: a shard cut short is an
-error naming it, never a silent short epoch. An error in a loader process travels to the main
+error naming it, never a silent short epoch. A split at a URL (`--data https://...`, s3://,
+pipe:) reads the same way: each loader process streams its own shards (`Split.path` gives a
+`RemoteShard`), each checked against its bytes and sha256 before its first sample is used. An error in a loader process travels to the main
 process as a value and is raised there as one DataError, not a DataLoader traceback.
 """
 

@@ -132,12 +132,17 @@ def _plain_ustar(h: bytes) -> bool:
     return len(h) == 512 and h[257:262] == b"ustar" and h[156] in (0x30, 0)
 
 
-def _ustar_members(data: bytes, path: str) -> Iterator[dict]:
+def _ustar_members(data: bytes | bytearray, path: str) -> Iterator[dict]:
     """The members of a tar written by prepare (plain USTAR headers, regular files), as webdataset's
-    tar_file_iterator yields them. A shard that changes format midway is an error."""
+    tar_file_iterator yields them. A shard that changes format midway is an error. DATA may be a
+    bytearray (a shard streamed from a URL): each member's bytes are copied out as bytes."""
+    if isinstance(data, bytearray):
+        mv = memoryview(data)
+        yield from ({**m, "data": bytes(m["data"])} for m in _ustar_members(mv, path))
+        return
     off, n = 0, len(data)
     while off + 512 <= n:
-        h = data[off:off + 512]
+        h = bytes(data[off:off + 512])
         if not any(h):
             return  # end-of-archive blocks
         if not _plain_ustar(h):
@@ -155,12 +160,17 @@ def _ustar_members(data: bytes, path: str) -> Iterator[dict]:
         off += 512 + (size + 511) // 512 * 512
 
 
-def read_samples(path: Path, expected: int | None = None, manifest: str = "dataset.json") -> Iterator[Sample]:
+def read_samples(path, expected: int | None = None, manifest: str = "dataset.json") -> Iterator[Sample]:
     """Every sample of the shard at PATH in the order written; with EXPECTED, a different count is a
-    DataError naming the shard (raised after the last sample)."""
+    DataError naming the shard (raised after the last sample). PATH: a local path, or what
+    `Split.path` gives for a data set at a URL (an `alexcli.data.remote.RemoteShard`, whose bytes
+    are streamed into memory and checked against the manifest's size and sha256 before the first
+    sample is parsed), or a URL string (read unchecked)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    path = Path(path)
+    from alexcli.data.remote import shard_source
+
+    path = shard_source(path)
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -98,7 +98,7 @@ class Data:
     @property
     def identity(self) -> dict:
         """What says which data set a run trained on (compared on --resume)."""
-        return {"folder": str(Path(self.train.folder).resolve()), "fingerprint": self.manifest.get("fingerprint")}
+        return {"folder": self.train.folder.recorded(), "fingerprint": self.manifest.get("fingerprint")}
 
 
 def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arch, start: int,
@@ -242,8 +242,10 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
 
 def _stopped(signum: int, where: str, saved: Path, cfg: TrainConfig) -> Stopped:
     """The one line a stopped run ends with: what stopped it, what it saved, how to continue."""
+    import shlex
+
     return Stopped(f"stopped by {signal.Signals(signum).name} {where}; saved {saved}; continue with: "
-                   f"alexcli train --data {cfg.data} --out {cfg.out} --resume", signum)
+                   f"alexcli train --data {shlex.quote(cfg.data)} --out {cfg.out} --resume", signum)
 
 
 def signal_of(flag: torch.Tensor) -> int:
