@@ -31,6 +31,8 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +48,7 @@ from alexcli.data.image import Reject, convert_pixels
 from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.data.tar import ShardWriter, sample_key
 from alexcli.env import cpu_cores, pil_info
-from alexcli.errors import DataError, DiskFull, Interrupted, StrictRejectError, UsageError
+from alexcli.errors import AlexcliError, DataError, DiskFull, Interrupted, StrictRejectError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
 from alexcli.io import LOCK_NAME, TMP_SUFFIX, disk_full, locked_folder, size_text, write_json, write_safetensors
 
@@ -263,17 +265,24 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
             _W["reader"].close()
         return
     # spawn, not fork: the parent may run threads (the progress display; torch's pools when called
-    # from train or a test), whose locks a forked child would inherit held.
-    ctx = mp.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker,
-                    initargs=(str(source.root), cfg.image_params(), cfg.exact_stats))
+    # from train or a test), whose locks a forked child would inherit held. A process pool from
+    # concurrent.futures, not multiprocessing.Pool: when a worker dies (the kernel's OOM killer, a
+    # kill -9) the latter starts a new one and waits for the lost chunk for ever; this one breaks.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(str(source.root), cfg.image_params(), cfg.exact_stats))
     try:
-        for t, res in zip(tasks, pool.imap(_process_chunk, tasks, chunksize=1)):
+        for t, res in zip(tasks, pool.map(_process_chunk, tasks)):
             yield t[0], t[1], res
-        pool.close()
+    except BrokenProcessPool:
+        raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)") from None
     finally:
-        pool.terminate()
-        pool.join()
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop them now, not after their chunk
+            proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WorkerDied(AlexcliError):
+    """A worker process ended without a result; _prepare adds what is kept."""
 
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -360,12 +369,14 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
                 writer.publish()
                 records[sh.name] = {"entry": entry, "rejected": rejects, "sums": sums, "upscaled": upscaled}
                 writer = None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, WorkerDied) as exc:
         if writer is not None:
             writer.abort()
         kept = sum(r is not None for r in records.values())
-        raise Interrupted(f"interrupted: {kept} of {len(shards)} shards are complete in {out}; "
-                          "run the same command again to continue") from None
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise (Interrupted if isinstance(exc, KeyboardInterrupt) else AlexcliError)(
+            f"{what}: {kept} of {len(shards)} shards are complete in {out}; "
+            "run the same command again to continue") from None
     except BaseException as exc:
         if writer is not None:
             writer.abort()

@@ -204,3 +204,38 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_bytes(demo_src, prep
             assert (out / p.name).read_bytes() == p.read_bytes(), (attempt, p.name)
         assert not list(out.glob("*.tmp")) and not (out / ".partial").exists() and not (out / ".alexcli.lock").exists()
     assert killed_midway, "every kill came after prepare had finished: the test did not test resuming"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+def test_a_worker_killed_mid_run_ends_prepare_with_one_line_not_a_hang(tmp_path):
+    """The OOM killer (here kill -9) takes a worker: prepare must stop with one line and keep its
+    finished shards, not wait for ever for the chunk the worker held (multiprocessing.Pool's way)."""
+    src = tmp_path / "src"
+    make_demo(src, train_per_class=12, val_per_class=0, min_side=40, max_side=60, broken=False)
+    out = tmp_path / "out"
+    # --size 1024: every image is enlarged and encoded large, so the run lasts seconds
+    proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "1024",
+                             "--workers", "2", "--shard-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+    def workers():  # the pool's processes, not multiprocessing's resource tracker
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        except OSError:
+            return []
+
+    try:
+        wait_for(lambda: len(workers()) >= 2, proc, "the worker processes")
+        time.sleep(1.0)  # both are converting by now: each holds a chunk
+        os.kill(workers()[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, (stdout, stderr)
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: a prepare worker process died (killed by the system: out of memory?): ")
+    assert stderr.strip().endswith("shards are complete in " + str(out) + "; run the same command again to continue")
+    assert "Traceback" not in stderr
+    again = prepare(src, out, cfg(size=1024, workers=1, shard_size=8))
+    assert again["status"] == "resumed" and again["written"] == 96
