@@ -307,3 +307,22 @@ def test_undecodable_jpeg_names_its_shard_and_key(train_data, tmp_path):
     got = list(itertools.islice(stream.ShardStream(split, 4, train=True, buffer=1), 10))  # training, too
     assert isinstance(got[-1], stream._Failure)
     assert got[-1].message.startswith(f"{shard}: sample {key}: undecodable JPEG (")
+
+
+def test_default_loader_workers_share_one_machines_cores_among_its_own_ranks(monkeypatch):
+    """Under torchrun on several machines, a machine's cores go to the ranks on it (LOCAL_WORLD_SIZE),
+    not to the whole world: 2 nodes x 8 GPUs on 72 cores give each rank 8 loader processes."""
+    from types import SimpleNamespace
+
+    from alexcli.data import stream
+
+    monkeypatch.setattr(stream, "cpu_cores", lambda: 72)
+    split = SimpleNamespace(shards=[{}] * 1000)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert stream.loader_workers(split, 8, "cuda") == 8  # one machine, 8 ranks: 9 cores each, all but one
+    assert stream.loader_workers(split, 16, "cuda") == 3  # 16 ranks assumed on this machine: 4 cores each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert stream.loader_workers(split, 16, "cuda") == 8
+    assert stream.loader_workers(split, 16, "cpu") == 2  # a quarter of the 9 cores on the CPU
+    assert stream.loader_workers(SimpleNamespace(shards=[{}] * 40), 16, "cuda") == 2  # 40 shards for 16 ranks
+    assert stream.loader_workers(split, 16, "cuda", requested=5) == 5

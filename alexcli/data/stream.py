@@ -19,6 +19,7 @@ process as a value and is raised there as one DataError, not a DataLoader traceb
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 from typing import Iterator, NamedTuple
@@ -239,7 +240,10 @@ def loader_workers(split: Split, world: int, device_type: str, requested: int = 
     than there are shards per rank."""
     if requested >= 0:
         return requested
-    cores = max(1, cpu_cores() // world)
+    # The ranks on this machine share its cores: torchrun says how many there are (several
+    # machines); alexcli's own --gpus launcher runs them all here.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cores = max(1, cpu_cores() // max(1, min(local, world)))
     wanted = min(MAX_GPU_LOADER_WORKERS, cores - 1) if device_type == "cuda" else cores // 4
     return max(0, min(wanted, len(split.shards) // world))
 

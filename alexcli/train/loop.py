@@ -46,8 +46,11 @@ class Rank:
     def __init__(self, rank: int, world: int, local_rank: int, cfg: TrainConfig):
         self.rank, self.world, self.local_rank = rank, world, local_rank
         use_cuda = device_name(cfg.device) == "cuda"
-        if use_cuda and world > torch.cuda.device_count():
-            raise UsageError(f"--gpus {world}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        # The local rank picks the GPU: under torchrun on several machines the world is larger
+        # than one machine's GPUs.
+        if use_cuda and local_rank >= torch.cuda.device_count():
+            raise UsageError(f"--gpus {world}: rank {rank} needs CUDA device {local_rank}, but only "
+                             f"{torch.cuda.device_count()} are visible on this machine")
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
