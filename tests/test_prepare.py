@@ -181,7 +181,7 @@ def _numpy_sums(images):
     return x.sum(0), pixels.T @ pixels
 
 
-@pytest.mark.parametrize("n", [3, 300])  # 300: the float32 accumulators are folded after 256 images
+@pytest.mark.parametrize("n", [3, 300])  # 300: the uint16 image sum is folded into int64 after 257 images
 def test_image_sums_are_exact(n):
     rng = np.random.default_rng(n)
     size = 33  # odd: rows of pixels of any length, not only blocks of 256
@@ -193,21 +193,22 @@ def test_image_sums_are_exact(n):
         sums.add(img if k % 2 else __import__("torch").from_numpy(img))  # numpy or torch
     got = sums.take()
     image_sum, gram = _numpy_sums(images)
-    assert got["image_sum"].dtype == (np.uint16 if n <= 257 else np.float32)
+    assert got["image_sum"].dtype == (np.uint16 if n <= 257 else np.int64)
     assert np.array_equal(got["image_sum"], image_sum)
     assert np.array_equal(got["gram"], gram) and got["count"][0] == n
     assert sums.take()["count"][0] == 0  # take() resets
 
 
-def test_image_sums_of_white_images_stay_exact_past_float32():
-    # 257 white 256x256 images: each position's r*r sum is 257 * 255^2 > 2^24, the Gram total
-    # 257 * 65536 * 255^2 > 2^32; both must come out exact.
-    sums = S.ImageSums(256)
-    white = np.full((256, 256, 3), 255, np.uint8)
-    for _ in range(257):
+@pytest.mark.parametrize("size, n", [(256, 257), (300, 2), (600, 3)])
+def test_image_sums_of_white_images_stay_exact_past_float32(size, n):
+    # White images: a column's sum of r*r over more than 258 rows exceeds 2^24 (float32's exact
+    # integers), the Gram total 2^32; 257 images fill the uint16 image sum. All must come out exact.
+    sums = S.ImageSums(size)
+    white = np.full((size, size, 3), 255, np.uint8)
+    for _ in range(n):
         sums.add(white)
     got = sums.take()
-    assert (got["gram"] == 257 * 256 * 256 * 255 * 255).all() and (got["image_sum"] == 257 * 255).all()
+    assert (got["gram"] == n * size * size * 255 * 255).all() and (got["image_sum"] == n * 255).all()
     assert got["image_sum"].dtype == np.uint16  # 257 * 255 = 65535 still fits
 
 

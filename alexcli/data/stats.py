@@ -8,16 +8,11 @@ about 1e-4 and the mean image by at most 0.005 (0..1 scale), turns the top eigen
 mean subtraction or the PCA colour noise can tell apart. stats.safetensors and dataset.json
 record which ("pixels": "before encoding" or "as written").
 
-Accumulation is exact. Per image we add the pixels (as float32) into an image sum and, for the
-3x3 Gram matrix sum_p x_p x_p^T, the six products r*r, g*g, b*b, r*g, g*b, r*b *per pixel
-position* into float32 accumulators: three fused multiply-adds over the flat HWC array and its
-copies shifted by one and two values (which line up r with g, g with b and r with b). A product is
-at most 255^2, so a position's sum over 256 images stays below 2^24 and float32 holds it exactly;
-every 256 images (and when the sums are taken) the accumulators are summed over positions into
-float64, where the totals are exact integers too. Across chunks and shards the sums are integers
-held in float64 / int64 / Python ints, so the result does not depend on how the work was split
-across workers or resumed runs. The covariance is then formed from exact integers, avoiding the
-cancellation of E[xx] - E[x]^2.
+Accumulation is exact (ImageSums says how): the pixel sums and the 3x3 Gram matrix
+sum_p x_p x_p^T are integers throughout, held in uint16 / int64 / float64 only where those hold
+them exactly, and across chunks and shards in int64 / Python ints, so the result does not depend
+on how the work was split across workers or resumed runs. The covariance is then formed from exact
+integers, avoiding the cancellation of E[xx] - E[x]^2.
 
 Scale: statistics are saved on a 0..1 pixel scale (as the published ImageNet references are).
 Covariance is the population covariance over all pixels of all training images.
@@ -34,77 +29,82 @@ import numpy as np
 STATS_FILE = "stats.safetensors"
 BEFORE_ENCODING = "before encoding"  # the resized, cropped pixels just before the JPEG encoder (default)
 AS_WRITTEN = "as written"  # the written JPEGs decoded again (prepare --exact-stats)
-FOLD = 256  # images per float32 accumulation: 256 * 255^2 < 2^24, so every partial sum is exact
-IMAGE_SUM_EXACT = (1 << 24) // 255  # float32 pixel sums are exact up to this many images
 
 
 class ImageSums:
     """Per-worker accumulator over size x size x 3 uint8 images (HWC: a numpy array, a PIL image or
-    a CPU torch tensor). numpy only: prepare's workers do not import torch for it."""
+    a CPU torch tensor). numpy only: prepare's workers do not import torch for it.
+
+    Per image: the pixels go into a uint16 image sum (exact for 257 images, then folded into
+    int64); each of the three products (x * x, x * next value, x * the value after next, over the
+    flat HWC array) is formed once in float32 (exact: at most 255^2) and summed down its columns,
+    256 rows at a time (exact: 256 * 255^2 < 2^24), then over its lanes in float64 into the
+    integer Gram matrix. No per-pixel accumulator of products is kept: they would be written back
+    to memory for every image, which costs more than the arithmetic."""
+
+    ROWS = 256  # rows summed at once in float32: 256 * 255^2 < 2^24
 
     def __init__(self, size: int):
         self.size = size
         n = size * size * 3
-        self.image = np.zeros(n, np.float32)  # pixel sums, exact below IMAGE_SUM_EXACT images
+        self._image16 = np.zeros(n, np.uint16)  # pixel sums of up to FOLD16 images
+        self._image64 = None  # int64, once more than FOLD16 images were added
         self._x = np.empty(n, np.float32)
         self._tmp = np.empty(n, np.float32)
-        self._sq = np.zeros(n, np.float32)  # r*r, g*g, b*b at each pixel
-        self._next = np.zeros(n, np.float32)  # r*g, g*b (and b * next pixel's r: unused)
-        self._next2 = np.zeros(n, np.float32)  # r*b (and two unused products)
         x, t = self._x, self._tmp
-        # (accumulator, factor, factor, product buffer) views made once: slicing per image costs more
-        # than it seems.
-        self._products = [(self._sq, x, x, t), (self._next[:-1], x[:-1], x[1:], t[:-1]),
-                          (self._next2[:-2], x[:-2], x[2:], t[:-2])]
+        # (factor, factor, product buffer, lane -> Gram entries) views made once
+        self._products = [(x, x, t, ((0, 0), (1, 1), (2, 2))), (x[:-1], x[1:], t[:-1], ((0, 1), (1, 2))),
+                          (x[:-2], x[2:], t[:-2], ((0, 2),))]
         self._gram = np.zeros((3, 3), np.int64)
-        self._pending = 0  # images in the float32 product accumulators
+        self._pending = 0  # images in the uint16 sum
         self.count = 0
+
+    FOLD16 = 0xFFFF // 255  # 257 images of 255 fit a uint16
 
     def add(self, hwc) -> None:
         a = np.asarray(hwc)
         if a.shape != (self.size, self.size, 3) or a.dtype != np.uint8:
             raise ValueError(f"expected a {self.size}x{self.size}x3 uint8 image, got {a.shape} {a.dtype}")
-        if self.count == IMAGE_SUM_EXACT:
-            raise ValueError(f"take() the sums at least every {IMAGE_SUM_EXACT} images")
-        x = self._x
-        np.copyto(x, a.reshape(-1))
-        np.add(self.image, x, out=self.image)
-        for acc, f, g, t in self._products:
-            np.multiply(f, g, out=t)
-            np.add(acc, t, out=acc)
-        self.count += 1
-        self._pending += 1
-        if self._pending == FOLD:
+        flat = a.reshape(-1)
+        if self._pending == self.FOLD16:
             self._fold()
-
-    @staticmethod
-    def _lanes(acc: np.ndarray) -> np.ndarray:
-        """Sum of a flat HWC accumulator over pixels, per channel lane, in float64 (exact: integers
-        below 2^53)."""
-        return acc.reshape(-1, 3).sum(0, dtype=np.float64)
+        np.add(self._image16, flat, out=self._image16)
+        self._pending += 1
+        np.copyto(self._x, flat)
+        t, rows, width = self._tmp, self.size, self.size * 3
+        for f, g, out, entries in self._products:
+            np.multiply(f, g, out=out)
+            t[out.size:] = 0  # the shifted products are shorter: their last values are not products
+            grid = t.reshape(rows, width)
+            cols = sum((grid[r:r + self.ROWS].sum(0) for r in range(0, rows, self.ROWS)), np.zeros(width))
+            lanes = np.rint(cols.reshape(-1, 3).sum(0)).astype(np.int64)  # float64: exact integers
+            for lane, (i, j) in enumerate(entries):
+                self._gram[i, j] += lanes[lane]
+        self.count += 1
 
     def _fold(self) -> None:
-        if self._pending:
-            sq, nx, nx2 = (np.rint(self._lanes(a)).astype(np.int64) for a in (self._sq, self._next, self._next2))
-            rg, gb, rb = nx[0], nx[1], nx2[0]
-            self._gram += np.array([[sq[0], rg, rb], [rg, sq[1], gb], [rb, gb, sq[2]]], np.int64)
-            for a in (self._sq, self._next, self._next2):
-                a.fill(0)
-            self._pending = 0
+        if self._image64 is None:
+            self._image64 = np.zeros(self._image16.size, np.int64)
+        self._image64 += self._image16
+        self._image16.fill(0)
+        self._pending = 0
 
     def take(self) -> dict[str, np.ndarray]:
-        """The sums so far (image sum uint16 or float32, exact; Gram and count int64) as numpy arrays,
-        and reset. Workers send these back for every chunk: uint16, exact up to 257 images, sends a
-        quarter of what float64 would."""
-        self._fold()
-        image = self.image.reshape(self.size, self.size, 3)
-        out = {
-            "image_sum": image.astype(np.uint16) if self.count <= 0xFFFF // 255 else image.copy(),
-            "gram": self._gram.copy(),
-            "count": np.array([self.count], dtype=np.int64),
-        }
-        self.image.fill(0)
+        """The sums so far (image sum uint16, or int64 past 257 images; Gram and count int64) as
+        numpy arrays, and reset. Workers send these back for every chunk: uint16 sends a quarter of
+        what float64 would."""
+        if self._image64 is None:
+            image = self._image16.copy()
+        else:
+            self._fold()
+            image, self._image64 = self._image64, None
+        gram = self._gram.copy()
+        gram[1, 0], gram[2, 0], gram[2, 1] = gram[0, 1], gram[0, 2], gram[1, 2]
+        out = {"image_sum": image.reshape(self.size, self.size, 3), "gram": gram,
+               "count": np.array([self.count], dtype=np.int64)}
+        self._image16.fill(0)
         self._gram[:] = 0
+        self._pending = 0
         self.count = 0
         return out
 
