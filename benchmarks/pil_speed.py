@@ -10,7 +10,8 @@ $ALEXCLI_SAMPLE_TAR names.
 Two pipelines, one core, sources in memory, best of --repeat: "obvious" (open, convert, resize the
 shorter side to 256 with the default filter, centre crop, JPEG q90) and "decode+encode" (the
 floor: decode, encode a 256x256 crop). Needs nothing but PIL, so any environment can run it;
-benchmarks/prepare.py imports the same two functions.
+benchmarks/prepare.py imports the same two functions, and times `pil_speed.py --script SRC OUT`
+(the obvious loop as a whole program that writes the images) against `alexcli prepare`.
 """
 
 import argparse
@@ -49,7 +50,26 @@ def floor(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def obvious_script(src: Path, out: Path) -> int:
+    """The obvious whole program: walk SRC/train/<class>/*, obvious() each file, write
+    OUT/<class>/<stem>.JPEG; files PIL cannot read are skipped. Returns the images written."""
+    n = 0
+    for cls in sorted(p for p in (src / "train").iterdir() if p.is_dir()):
+        (out / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls.iterdir()):
+            try:
+                jpg = obvious(f.read_bytes())
+            except OSError:
+                continue
+            (out / cls.name / (f.stem + ".JPEG")).write_bytes(jpg)
+            n += 1
+    return n
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--script"]:  # benchmarks/prepare.py times this as a whole process
+        print(obvious_script(Path(sys.argv[2]), Path(sys.argv[3])))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path, nargs="?",
                     help=f"train/<class>/<image> photos: a folder or an archive [default: ${SAMPLE_ENV}]")

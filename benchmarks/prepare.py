@@ -1,89 +1,69 @@
-"""Benchmark: how fast is `alexcli prepare` per image, against what plain PIL code costs?
+"""Benchmark: is `alexcli prepare` as fast as the obvious PIL script, on the same photos?
 
-What it measures (images per second, one process, one core, the same real photos for all three):
+Three parts (images per second; the ratios are what matter, the absolute rates depend on the
+machine and the PIL, both printed):
 
-  alexcli   the real `alexcli.data.prepare.prepare()` call with workers=1, which runs everything in
-            this process: scanning the source tree, reading each file from disk, decoding (with
-            JPEG DCT scaling), exact centre crop + bicubic resize to 256x256, JPEG encoding at
-            quality 90, the training statistics (mean image, Gram matrix) over the written
-            JPEGs, tar writing with hashing and fsync, stats finalisation and the manifest.
-  obvious   what a user would write with the same PIL: open, .convert("RGB"), resize so the
-            shorter side is 256 with Image.resize's default filter, centre crop 256x256, save as
-            JPEG quality 90 into a BytesIO. No statistics, no tar. Sources are read from memory.
-  floor     only the unavoidable work: full decode (Image.open + .convert("RGB")) and encoding a
-            256x256 JPEG (the top-left 256x256, padded if the image is smaller; no resize) at
-            quality 90 into a BytesIO. Sources are read from memory.
-
-Each pipeline runs --repeat times (rounds interleave the pipelines, so slow drift of the machine
-hits all of them alike) and the best rate is reported. Absolute rates depend on the machine and
-on which PIL is installed (both are printed); the ratios are what matter:
-
-  alexcli / floor   >= 0.70   prepare's extra work (stats, tar, checks) costs little
-  alexcli / obvious >= 1.0    prepare is no slower than the naive loop, despite doing more
-
-With --breakdown (the default) it then times each step of prepare's per-image work on its own,
-in the order prepare runs them, over the training files (best of --repeat passes): reading the
-file, convert() (decode, crop + resize, encode), decoding the JPEG as written for the statistics
-(and, for comparison, the same decode through PIL), adding it to the statistics, and the tar
-member writing with its sha256. Each is shown in ms per image and as a share of the floor's time
-per image, which says where the time goes and what ratio the unavoidable steps allow.
-
-With --workers-scaling (the default) it also times prepare() with workers=1 and workers=2 (a
-spawn pool; this part uses two cores), on the data and on --copies times the data (symbolic links
-to the same photos under new names, so prepare sees N x copies files). A pool costs a few seconds
-to start, a large share of a 500-image run, so besides the whole call it reports the steady-state
-rate: images per second from the arrival of the first chunk of results (the pool is up) to the
-last, taken from prepare()'s own progress callback. The headline ratio uses the larger set:
-
-  2 workers / 1 worker >= 1.8 (steady state)
-
-For context it also runs the floor loop in two processes at once: what two cores of this machine
-give on pure decode/encode work (a shared or throttled vCPU shows up there, not in alexcli).
+1. Per-image work, one process, one core, the same photos from the page cache, rounds interleaved
+   (slow drift of the machine hits all pipelines alike), best of --repeat:
+     prepare   prepare's own worker code (alexcli.data.prepare._process_chunk on chunks of 32, as a
+               worker runs it): read the file, decode (JPEG DCT scaling), exact centre crop +
+               bicubic resize to 256x256, encode at quality 90, the training statistics over the
+               pixels before encoding, the sample's metadata
+     obvious   what a user would write with the same PIL: read, open, .convert("RGB"), resize so
+               the shorter side is 256 with Image.resize's default filter, centre crop, JPEG q90
+     floor     the least any pipeline must do: read, full decode, encode a 256x256 JPEG, no resize
+   Targets:  prepare / obvious >= 1.0,  prepare / floor >= 0.85.
+   For context, `prepare --exact-stats` (decoding the written JPEG again for the statistics).
+2. Where prepare's per-image time goes (--breakdown): each step timed on its own.
+3. Whole processes on --images photos (default 2,000: the photos linked under new names until
+   there are that many): `alexcli prepare SRC --workers 1` against `pil_speed.py --script SRC OUT`
+   (the obvious loop as a program that writes the images), both pinned to one core; then
+   `alexcli prepare --workers 2` against --workers 1 on two cores. Every start-up cost (Python,
+   imports, the worker pool, the listing, shards, statistics, manifest) is in these times.
+   Targets:  prepare / obvious script >= 0.9 (one core),  2 workers / 1 worker >= 1.8.
+   For context: two floor loops in two processes at once (what two cores of this machine give).
 
 Data, in order of preference: --data DIR (an extracted train/<class>/<image> tree), else --tar
 FILE or the archive $ALEXCLI_SAMPLE_TAR names (the ImageNet sample archive: 500 ImageNet photos,
 extracted to a temporary folder), else images generated by alexcli.data.demo.make_demo (said so
-in the output).
-Temporary folders (extracted data, prepare's output) go where Python's tempfile puts them
-(TMPDIR, else /tmp) and are removed at the end.
+in the output). Temporary folders go where Python's tempfile puts them and are removed at the end.
 
-Run from the repository root:
+Run from the repository root, on an otherwise idle machine:
 
-  ALEXCLI_SAMPLE_TAR=/path/to/imagenet-sample-dev.tar .venv/bin/python benchmarks/prepare.py   # best of 3
-  .venv/bin/python benchmarks/prepare.py --tar /path/to/imagenet-sample-dev.tar --repeat 5 --no-workers-scaling
-  .venv/bin/python benchmarks/prepare.py --data /path/to/extracted/tree
+  ALEXCLI_SAMPLE_TAR=/path/to/imagenet-sample-dev.tar .venv/bin/python benchmarks/prepare.py   # a few minutes
+  .venv/bin/python benchmarks/prepare.py --tar /path/to/imagenet-sample-dev.tar --repeat 5 --no-processes
 """
 
 from __future__ import annotations
 
 import os
 
-# One thread everywhere, set before numpy / torch are imported (they read these at import time).
+# One thread everywhere, set before numpy is imported (it reads these at import time).
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-
+from alexcli.data import prepare as P  # noqa: E402
 from alexcli.data import stats as S  # noqa: E402
-from alexcli.data.image import ImageParams, Reject, WrittenJpegDecoder, convert, decode_rgb  # noqa: E402
-from alexcli.data.prepare import CHUNK, PrepareConfig, prepare  # noqa: E402
+from alexcli.data.archives import ItemReader  # noqa: E402
+from alexcli.data.image import ImageParams, Reject, convert_pixels  # noqa: E402
 from alexcli.data.scan import scan  # noqa: E402
 from alexcli.data.tar import ShardWriter, sample_key  # noqa: E402
 from alexcli.env import pil_info  # noqa: E402
-from alexcli.events import Advance  # noqa: E402
 from _data import SAMPLE_ENV, cpu_model, source_tree  # noqa: E402  (benchmarks/_data.py)
 from pil_speed import floor, obvious  # noqa: E402  (beside this file: the same per-image code)
 
 SIZE = 256  # output side, as prepare's default
 QUALITY = 90  # JPEG quality, as prepare's default
+HERE = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------- machine and data
@@ -151,62 +131,26 @@ def link_tree(src: Path, dest: Path, copies: int) -> int:
     return n
 
 
-# ---------------------------------------------------------------- the three pipelines
-# Each returns the number of images it converted.
+# ---------------------------------------------------------------- 1. per-image work, one process
 
-class Clock:
-    """prepare()'s progress callback (an alexcli.events.Progress): notes when the first and the
-    last chunk of images arrive."""
-
-    def __init__(self):
-        self.first = self.last = None  # (time, images done so far)
-        self.done = 0
-
-    def __call__(self, event) -> None:
-        if isinstance(event, Advance) and event.n > 0:
-            self.done += event.n
-            now = time.perf_counter()
-            self.first = self.first or (now, self.done)
-            self.last = (now, self.done)
-
-    def steady_rate(self) -> float:
-        """Images/s from the first chunk's arrival (the pool is up) to the last one's."""
-        (t0, n0), (t1, n1) = self.first, self.last
-        return (n1 - n0) / (t1 - t0) if n1 > n0 else float("nan")  # nan: a single chunk
+def chunk_tasks(src: Path) -> list:
+    """prepare's worker tasks for the training files: (split, shard, [(index, item)]) of CHUNK items."""
+    items = scan(src).splits["train"]
+    return [("train", 0, [(k, it) for k, it in enumerate(items[i:i + P.CHUNK], start=i)])
+            for i in range(0, len(items), P.CHUNK)]
 
 
-def time_prepare(src: Path, tmp: Path, workers: int) -> tuple[int, float, float]:
-    """(images, seconds for the whole call, steady-state images/s) of one prepare() run."""
-    out = Path(tempfile.mkdtemp(prefix="out-", dir=tmp))
-    clock = Clock()
-    try:
-        t0 = time.perf_counter()
-        summary = prepare(src, out, PrepareConfig(size=SIZE, workers=workers), progress=clock)
-        return summary["written"], time.perf_counter() - t0, clock.steady_rate()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+def run_prepare(src: Path, tasks: list, exact: bool = False) -> int:
+    """prepare's per-image work as a worker does it (alexcli.data.prepare._process_chunk)."""
+    P._setup_worker(str(src), ImageParams(size=SIZE, quality=QUALITY), exact)
+    return sum(len(P._process_chunk(t)[0]) for t in tasks)
 
 
-def run_alexcli(src: Path, tmp: Path) -> int:
-    """The real prepare() with workers=1, into a fresh output folder removed afterwards."""
-    return time_prepare(src, tmp, workers=1)[0]
+def run_files(fn, files: list[Path]) -> int:
+    for f in files:
+        fn(f.read_bytes())
+    return len(files)
 
-
-def run_obvious(blobs: list[bytes]) -> int:
-    """The naive loop: full decode, resize (shorter side 256, default filter), centre crop, encode."""
-    for data in blobs:
-        obvious(data)
-    return len(blobs)
-
-
-def run_floor(blobs: list[bytes]) -> int:
-    """The least any pipeline must do: full decode, encode a 256x256 JPEG."""
-    for data in blobs:
-        floor(data)
-    return len(blobs)
-
-
-# ---------------------------------------------------------------- timing and reporting
 
 def timed(fn, *args) -> tuple[int, float]:
     t0 = time.perf_counter()
@@ -214,129 +158,143 @@ def timed(fn, *args) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def best_of(results: list[tuple[int, float]]) -> tuple[int, float]:
-    return min(results, key=lambda r: r[1])
-
-
-def single_core(src: Path, blobs: list[bytes], tmp: Path, repeat: int) -> dict[str, tuple[int, float]]:
-    """Best (images, seconds) of each pipeline over `repeat` interleaved rounds."""
-    runs: dict[str, list] = {"alexcli": [], "obvious": [], "floor": []}
+def per_image(src: Path, files: list[Path], repeat: int) -> dict[str, float]:
+    """Best images/s of each pipeline over `repeat` interleaved rounds."""
+    tasks = chunk_tasks(src)
+    train = [src / it.relpath for t in tasks for _, it in t[2]]
+    pipelines = {"prepare": lambda: run_prepare(src, tasks), "obvious": lambda: run_files(obvious, train),
+                 "floor": lambda: run_files(floor, train),
+                 "prepare --exact-stats": lambda: run_prepare(src, tasks, exact=True)}
+    pipelines["prepare --exact-stats"]()  # its first call imports torch: not timed
+    best: dict[str, float] = {}
     for r in range(repeat):
-        runs["alexcli"].append(timed(run_alexcli, src, tmp))
-        runs["obvious"].append(timed(run_obvious, blobs))
-        runs["floor"].append(timed(run_floor, blobs))
-        print(f"  round {r + 1}/{repeat}: " + ", ".join(
-            f"{k} {v[-1][1]:.2f} s" for k, v in runs.items()), flush=True)
-    return {k: best_of(v) for k, v in runs.items()}
+        line = []
+        for name, fn in pipelines.items():
+            n, s = timed(fn)
+            best[name] = max(best.get(name, 0.0), n / s)
+            line.append(f"{name} {s:.2f} s")
+        print(f"  round {r + 1}/{repeat}: " + ", ".join(line), flush=True)
+    return best
 
 
-def print_single(best: dict[str, tuple[int, float]]) -> None:
-    rate = {k: n / s for k, (n, s) in best.items()}
-    print()
-    print(f"{'pipeline':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'/ floor':>8}")
-    for k, (n, s) in best.items():
-        print(f"{k:<10} {n:>7} {s:>8.2f} {rate[k]:>9.1f} {rate[k] / rate['floor']:>8.2f}")
-    print()
-    print(f"alexcli / floor = {rate['alexcli'] / rate['floor']:.2f} (target >= 0.70)")
-    print(f"alexcli / obvious = {rate['alexcli'] / rate['obvious']:.2f} (target >= 1.0)")
+def print_per_image(rate: dict[str, float]) -> None:
+    print(f"\n{'pipeline':<22} {'images/s':>9} {'/ obvious':>10} {'/ floor':>8}")
+    for k, v in rate.items():
+        print(f"{k:<22} {v:>9.1f} {v / rate['obvious']:>10.2f} {v / rate['floor']:>8.2f}")
+    print(f"\nprepare / obvious = {rate['prepare'] / rate['obvious']:.2f} (target >= 1.0)")
+    print(f"prepare / floor = {rate['prepare'] / rate['floor']:.2f} (target >= 0.85)")
 
+
+# ---------------------------------------------------------------- 2. where the time goes
 
 def breakdown(src: Path, tmp: Path, repeat: int) -> dict[str, float]:
-    """Seconds per image of each step of prepare's per-image work (training images, as
-    _process_chunk and the shard writing run them), best of `repeat` passes per step."""
+    """Seconds per image of each step of prepare's per-image work (training images), best of
+    `repeat` passes per step."""
     import json
 
-    source = scan(src)
-    items = list(source.splits.get("train", ()))
+    items = list(scan(src).splits["train"])
     params = ImageParams(size=SIZE, quality=QUALITY)
-    decoder, sums = WrittenJpegDecoder(params), S.ImageSums(SIZE)
+    reader, sums = ItemReader(src), S.ImageSums(SIZE)
     best: dict[str, float] = {}
-    jpgs = []
+    steps = ("read", "decode + crop + resize + encode", "statistics (before encoding)", "metadata + tar + sha256")
     for _ in range(repeat):
-        took = dict.fromkeys(("read", "convert", "decode as written", "statistics", "tar + sha256"), 0.0)
-        jpgs.clear()
+        took = dict.fromkeys(steps, 0.0)
+        n = 0
         writer = ShardWriter(tmp / "breakdown.tar")
         try:
             for k, item in enumerate(items):
                 t0 = time.perf_counter()
-                data = (src / item.relpath).read_bytes()
+                data = reader.read(item)
                 t1 = time.perf_counter()
                 try:
-                    jpg, info = convert(data, params)
+                    done = convert_pixels(data, params)
                 except Reject:  # not counted, as in prepare's rate
                     continue
                 t2 = time.perf_counter()
-                pixels = decoder(jpg)
-                t3 = time.perf_counter()
-                sums.add(pixels)
-                if k % CHUNK == CHUNK - 1:
+                sums.add(done.image)
+                if k % P.CHUNK == P.CHUNK - 1:
                     sums.take()
-                t4 = time.perf_counter()
-                meta = {"path": item.relpath, "class": item.label, **info}
+                t3 = time.perf_counter()
+                meta = {"path": item.relpath, "class": item.label, **done.info}
                 writer.write(sample_key(k, item.relpath),
-                             {"jpg": jpg, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
-                t5 = time.perf_counter()
-                jpgs.append(jpg)
-                for key, dt in zip(took, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                             {"jpg": done.jpg, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
+                t4 = time.perf_counter()
+                n += 1
+                for key, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     took[key] += dt
         finally:
             writer.abort()
         for key, total in took.items():
-            best[key] = min(best.get(key, float("inf")), total / len(jpgs))
-    # The two decoders of the written JPEGs side by side, each in a loop of its own.
-    decoders = {"(decode as written: the fast path)": decoder._fast} if decoder.fast else {}
-    decoders["(decode as written: PIL)"] = decode_rgb
-    for key, fn in decoders.items():
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for jpg in jpgs:
-                fn(jpg)
-            best[key] = min(best.get(key, float("inf")), (time.perf_counter() - t0) / len(jpgs))
-    if not decoder.fast:
-        print("NOTE: the libjpeg-turbo decode path is off here (torchvision's op missing or not equal to PIL)")
+            best[key] = min(best.get(key, float("inf")), total / n)
     return best
 
 
-def print_breakdown(steps: dict[str, float], floor_s: float) -> None:
+def print_breakdown(steps: dict[str, float], floor_rate: float) -> None:
+    floor_s = 1 / floor_rate
     print(f"{'step':<36} {'ms/image':>9} {'x floor':>8}")
     for key, s in steps.items():
         print(f"{key:<36} {s * 1e3:>9.3f} {s / floor_s:>8.2f}")
-    work = sum(s for key, s in steps.items() if not key.startswith("("))
+    work = sum(steps.values())
     print(f"{'sum of the steps':<36} {work * 1e3:>9.3f} {work / floor_s:>8.2f}")
-    least = steps["convert"] + steps["decode as written"]
-    print(f"\nfloor / sum of the steps = {floor_s / work:.2f}")
-    print(f"floor / (convert + decode as written) = {floor_s / least:.2f}: the ceiling for a prepare that "
-          "converts and reads back what it wrote, with statistics, tar and file reading free")
 
 
-def workers_scaling(src: Path, tmp: Path, repeat: int, copies: int) -> dict[int, float]:
-    """prepare() with 1 and 2 workers on the data and on `copies` x its training files (links).
-    Reports the whole call and the steady state (first chunk in -> last chunk in, start-up
-    excluded); returns the best steady-state rate on the larger set per worker count."""
-    large = tmp / f"x{copies}"
-    link_tree(src, large, copies)
-    print(f"{'workers':>7} {'images':>7} {'seconds':>8} {'images/s':>9} {'steady/s':>9} {'start-up etc.':>14}")
-    steady = {}
-    for workers in (1, 2):
-        for tree in (src, large):
-            runs = [time_prepare(tree, tmp, workers) for _ in range(repeat)]
-            n, s, _ = min(runs, key=lambda r: r[1])
-            rate = max(r[2] for r in runs)
-            print(f"{workers:>7} {n:>7} {s:>8.2f} {n / s:>9.1f} {rate:>9.1f} {s - n / rate:>12.2f} s", flush=True)
-        steady[workers] = rate
-    if n < 1000:
-        print(f"NOTE: only {n} images in the larger set; the scaling figures are rough (raise --copies)")
-    return steady
+# ---------------------------------------------------------------- 3. whole processes
+
+def run_process(cmd: list[str], cpus: set[int] | None) -> float:
+    """Wall seconds of CMD as a process of its own, on CPUS."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+    took = time.perf_counter() - t0
+    if r.returncode:
+        sys.exit(f"error: {' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+    return took
+
+
+def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | None) -> dict[str, float]:
+    """Best wall seconds of each whole process on a tree of about IMAGES training files."""
+    n = len(scan(src).splits["train"])
+    copies = max(1, -(-images // n))
+    tree = tmp / f"x{copies}"
+    if copies > 1:
+        link_tree(src, tree, copies)
+    else:
+        tree = src
+    total = len(scan(tree).splits["train"])
+    one = {min(cpus)} if cpus else None
+    alexcli = [sys.executable, "-m", "alexcli", "prepare", str(tree), "--size", str(SIZE), "--quality", str(QUALITY)]
+    cmds = {
+        "obvious script, 1 core": ([sys.executable, str(HERE / "pil_speed.py"), "--script", str(tree), "OUT"], one),
+        "alexcli prepare --workers 1, 1 core": (alexcli + ["--workers", "1", "--out", "OUT"], one),
+        "alexcli prepare --workers 1, 2 cores": (alexcli + ["--workers", "1", "--out", "OUT"], cpus),
+        "alexcli prepare --workers 2, 2 cores": (alexcli + ["--workers", "2", "--out", "OUT"], cpus),
+    }
+    best: dict[str, float] = {}
+    print(f"  {total:,} training images ({n} photos x {copies} names)", flush=True)
+    for r in range(repeat):
+        for name, (cmd, on) in cmds.items():
+            out = Path(tempfile.mkdtemp(prefix="out-", dir=tmp))
+            try:
+                s = run_process([str(out / "o") if c == "OUT" else c for c in cmd], on)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            best[name] = min(best.get(name, float("inf")), s)
+        print(f"  round {r + 1}/{repeat}: " + ", ".join(f"{k} {v:.1f} s" for k, v in best.items()), flush=True)
+    best["images"] = total
+    return best
 
 
 def _floor_process(paths: list[Path], barrier, results) -> None:
     """One of two concurrent floor loops: warm up, wait for the other, time passes for >= 2 s."""
     blobs = read_all(paths)
-    run_floor(blobs)
+    for b in blobs:
+        floor(b)
     barrier.wait()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 2.0:
-        n += run_floor(blobs)
+        for b in blobs:
+            floor(b)
+        n += len(blobs)
     results.put(n / (time.perf_counter() - t0))
 
 
@@ -355,11 +313,18 @@ def machine_ceiling(files: list[Path]) -> float:
     return total
 
 
-def print_scaling(steady: dict[int, float], floor_1: float, floor_2: float | None) -> None:
-    print()
+def print_processes(best: dict[str, float], floor_1: float, floor_2: float | None) -> None:
+    n = best.pop("images")
+    print(f"\n{'process':<40} {'seconds':>8} {'images/s':>9}")
+    for k, s in best.items():
+        print(f"{k:<40} {s:>8.2f} {n / s:>9.1f}")
+    ob, one, two = (best[k] for k in ("obvious script, 1 core", "alexcli prepare --workers 1, 1 core",
+                                      "alexcli prepare --workers 2, 2 cores"))
+    one_on_2 = best["alexcli prepare --workers 1, 2 cores"]
+    print(f"\nalexcli prepare / obvious script = {ob / one:.2f} (one core; target >= 0.9)")
+    print(f"2 workers / 1 worker = {one_on_2 / two:.2f} (whole processes on two cores; target >= 1.8)")
     if floor_2 is not None:
         print(f"machine: 2 concurrent floor loops / 1 = {floor_2 / floor_1:.2f} (the hardware's own scaling)")
-    print(f"2 workers / 1 worker = {steady[2] / steady[1]:.2f} (target >= 1.8; steady state, larger set)")
 
 
 # ---------------------------------------------------------------- main
@@ -372,50 +337,48 @@ def parse_args(argv=None):
                                             f"no --data [default: ${SAMPLE_ENV}; neither: demo images]")
     p.add_argument("--demo", action="store_true", help="use generated demo images even if real data exists")
     p.add_argument("--demo-per-class", type=int, default=63, help="demo images per class (8 classes; default %(default)s)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per pipeline; the best counts (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds; the best counts (default %(default)s)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each step of prepare's per-image work (default on)")
-    p.add_argument("--workers-scaling", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time prepare() with 1 and 2 workers (default on)")
-    p.add_argument("--copies", type=int, default=4, help="the larger scaling set is this many x the training files "
-                                                         "(default %(default)s)")
+    p.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time whole processes: prepare against the obvious script, 1 and 2 workers (default on)")
+    p.add_argument("--images", type=int, default=2000, help="training images for the whole processes (the photos "
+                                                            "linked under new names; default %(default)s)")
     args = p.parse_args(argv)
-    if args.repeat < 1 or args.copies < 2:
-        p.error("--repeat must be >= 1 and --copies >= 2")
+    if args.repeat < 1 or args.images < 1:
+        p.error("--repeat and --images must be >= 1")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)
     cpus = available_cpus()
     tmp = Path(tempfile.mkdtemp(prefix="alexcli-bench-"))
     try:
         src, origin = find_data(args, tmp)
         files = source_files(src)
-        blobs = read_all(files)  # untimed warm-up read of every file; 2 and 3 use these bytes
+        blobs = read_all(files)  # untimed warm-up read: every pipeline reads from the page cache
         pin = pin_to_one_cpu(cpus)
         print(f"data:    {origin}: {len(files)} files, {sum(map(len, blobs)) / 1e6:.1f} MB")
         print(f"machine: {cpu_model()}, {len(cpus) if cpus else os.cpu_count()} CPUs available, "
               f"single-core part {pin}")
         print(f"PIL:     {pil_info()}")
-        print(f"python {platform.python_version()}, torch {torch.__version__} "
-              f"({torch.get_num_threads()} thread), output {SIZE}x{SIZE} JPEG q{QUALITY}, best of {args.repeat}")
-        print("\nsingle core:", flush=True)
-        best = single_core(src, blobs, tmp, args.repeat)
-        print_single(best)
+        print(f"python {platform.python_version()}, output {SIZE}x{SIZE} JPEG q{QUALITY}, best of {args.repeat}")
+        print("\n1. per-image work, one process, one core:", flush=True)
+        rate = per_image(src, files, args.repeat)
+        print_per_image(rate)
         if args.breakdown:
-            print(f"\nwhere prepare's per-image time goes (training images, one core, best of {args.repeat}):",
+            print(f"\n2. where prepare's per-image time goes (training images, one core, best of {args.repeat}):",
                   flush=True)
-            print_breakdown(breakdown(src, tmp, args.repeat), best["floor"][1] / best["floor"][0])
-        if args.workers_scaling:
+            print_breakdown(breakdown(src, tmp, args.repeat), rate["floor"])
+        if args.processes:
             if cpus:
-                os.sched_setaffinity(0, cpus)  # the pool's processes inherit this
+                os.sched_setaffinity(0, cpus)
+            print(f"\n3. whole processes, best of {args.repeat}:", flush=True)
+            best = processes(src, tmp, args.images, args.repeat, cpus)
             n_cpus = len(cpus) if cpus else os.cpu_count()
-            print(f"\nparallel scaling ({n_cpus} CPUs, spawn pool, best of {args.repeat}):", flush=True)
-            steady = workers_scaling(src, tmp, args.repeat, args.copies)
             floor_2 = machine_ceiling(files) if n_cpus >= 2 else None
-            print_scaling(steady, best["floor"][0] / best["floor"][1], floor_2)
+            print_processes(best, rate["floor"], floor_2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
