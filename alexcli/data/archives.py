@@ -432,8 +432,9 @@ def _ilsvrc(src: Path, folder: Path, train: Path) -> Source:
                   {k: v for k, v in skipped.items() if v}, warnings)
 
 
-def _add_members(sp: _Split, members: list[TarMember], prefix: str, archive: str, label: int) -> None:
-    """The regular members of one class tar as items of LABEL, in os.walk order; the rest rejected."""
+def _usable_members(sp: _Split, members: list[TarMember], prefix: str, archive: str) -> dict[tuple, TarMember]:
+    """The regular, complete members of a tar by their path parts; hidden ones counted, the rest
+    rejected into SP (display paths PREFIX/...)."""
     found: dict[tuple, TarMember] = {}
     for m in members:
         parts = _split_parts(m.name)
@@ -455,6 +456,12 @@ def _add_members(sp: _Split, members: list[TarMember], prefix: str, archive: str
             if parts in found:
                 sp.reject(path, "a later member of the same name replaces it (as extracting would)")
             found[parts] = m
+    return found
+
+
+def _add_members(sp: _Split, members: list[TarMember], prefix: str, archive: str, label: int) -> None:
+    """The regular members of one class tar as items of LABEL, in os.walk order; the rest rejected."""
+    found = _usable_members(sp, members, prefix, archive)
     flat = all(len(parts) == 1 for parts in found)  # as ILSVRC's class tars are: sort by name
     for parts in sorted(found) if flat else sorted(found, key=_walk_key):
         m = found[parts]
@@ -477,25 +484,7 @@ def _ilsvrc_val(val: Path, kit: Devkit | None, index: dict[str, int]) -> _Split 
         os.close(fd)
     if not members and damage:
         raise DataError(f"{val}: {damage}")
-    files: dict[str, TarMember] = {}
-    for m in members:
-        parts = _split_parts(m.name)
-        if not parts:
-            continue
-        if (h := _hidden_prefix(parts)) is not None:
-            vs.hidden.add(h)
-            continue
-        path = f"{val.name}/{'/'.join(parts)}"
-        if m.kind == "directory":
-            continue
-        if m.kind != "file":
-            vs.reject(path, f"not a regular file ({m.kind})")
-        elif not _utf8(m.name):
-            vs.reject(path, "file name is not valid UTF-8")
-        elif not m.complete:
-            vs.reject(path, f"truncated archive: its data runs past the end of {val.name}")
-        else:
-            files["/".join(parts)] = m
+    files = {"/".join(parts): m for parts, m in _usable_members(vs, members, val.name, val.name).items()}
     if damage:
         vs.reject(val.name, f"{damage}; {len(members)} members listed before it")
     names = sorted(files)
