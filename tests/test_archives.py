@@ -717,3 +717,38 @@ def _jpeg(colour) -> bytes:
     b = io.BytesIO()
     Image.new("RGB", (20, 20), colour).save(b, "JPEG")
     return b.getvalue()
+
+
+def test_an_archive_resumes_and_two_workers_write_the_same_bytes(ilsvrc, tmp_path, monkeypatch):
+    """Resume and the worker pool work on archive members as on files: Ctrl-C in the middle, then
+    the same command, and a run with 2 workers, both end with the uninterrupted run's data set."""
+    from alexcli.errors import Interrupted
+
+    _, arch, _, out_arch, _ = ilsvrc
+    out = tmp_path / "out"
+    real, calls = A.ItemReader.read, [0]
+
+    def read_then_stop(self, item):
+        calls[0] += 1
+        if calls[0] == 40:  # past the first shards (16 samples each)
+            raise KeyboardInterrupt
+        return real(self, item)
+
+    monkeypatch.setattr(A.ItemReader, "read", read_then_stop)
+    with pytest.raises(Interrupted, match=r"shards are complete in .*; run the same command again"):
+        prepare(arch, out, PrepareConfig(**CFG))
+    monkeypatch.setattr(A.ItemReader, "read", real)
+    again = prepare(arch, out, PrepareConfig(**CFG))
+    assert again["status"] == "resumed"
+    assert_same_data(out_arch, out)
+    two = tmp_path / "two"
+    prepare(arch, two, PrepareConfig(**{**CFG, "workers": 2}))
+    assert_same_data(out_arch, two)
+    for name in ("stats.safetensors", "rejected.json"):
+        assert (two / name).read_bytes() == (out_arch / name).read_bytes(), name
+
+    def manifest(out):  # the summary names its own folder
+        m = json.loads((out / "dataset.json").read_text())
+        return {**m, "summary": {k: v for k, v in m["summary"].items() if k not in ("out", "rejected_file")}}
+
+    assert manifest(two) == manifest(out_arch) == manifest(out)
