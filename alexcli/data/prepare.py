@@ -31,8 +31,6 @@ import shutil
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -264,21 +262,76 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
         finally:
             _W["reader"].close()
         return
-    # spawn, not fork: the parent may run threads (the progress display; torch's pools when called
-    # from train or a test), whose locks a forked child would inherit held. A process pool from
-    # concurrent.futures, not multiprocessing.Pool: when a worker dies (the kernel's OOM killer, a
-    # kill -9) the latter starts a new one and waits for the lost chunk for ever; this one breaks.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(str(source.root), cfg.image_params(), cfg.exact_stats))
+    results = _pool_results(tasks, workers, (str(source.root), cfg.image_params(), cfg.exact_stats))
     try:
-        for t, res in zip(tasks, pool.map(_process_chunk, tasks)):
+        for t, res in zip(tasks, results):
             yield t[0], t[1], res
-    except BrokenProcessPool:
-        raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)") from None
     finally:
-        for proc in list(getattr(pool, "_processes", {}).values()):  # stop them now, not after their chunk
-            proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+        results.close()
+
+
+def _pool_worker(tasks, results, root: str, params: ImageParams, exact: bool) -> None:
+    """A worker process: chunks from its own task pipe, results into its own result pipe."""
+    _init_worker(root, params, exact)
+    while (task := tasks.recv()) is not None:
+        results.send(_process_chunk(task))
+
+
+def _feed(conn, tasks: list) -> None:
+    """Send one worker its tasks in order (a thread: a full pipe blocks only this thread)."""
+    try:
+        for t in tasks:
+            conn.send(t)
+        conn.send(None)
+    except OSError:  # the worker is gone: the main thread finds out from its result pipe
+        pass
+
+
+def _pool_results(tasks: list, workers: int, args: tuple):
+    """Results of TASKS in order from WORKERS processes, chunk i done by worker i mod WORKERS.
+
+    Each worker has a pipe of its own for tasks and one for results, and nothing is shared, so a
+    worker that dies (the kernel's OOM killer, a kill -9) is an end of file on its result pipe and
+    the run stops with WorkerDied at once. (multiprocessing.Pool starts a new worker and waits for
+    the lost chunk for ever, and its terminate() can block on the queue lock the dead worker held;
+    concurrent.futures' pool was seen to hang in its clean-up too.) The fixed dealing costs nothing
+    in balance: the results are taken in plan order anyway, and chunks are alike in size.
+    spawn, not fork: the parent may run threads (the progress display; torch's pools when called
+    from train or a test), whose locks a forked child would inherit held."""
+    import threading
+
+    ctx = mp.get_context("spawn")
+    procs, feeders, inbox = [], [], []
+    try:
+        for w in range(workers):
+            task_r, task_w = ctx.Pipe(duplex=False)
+            res_r, res_w = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_pool_worker, args=(task_r, res_w, *args), daemon=True)
+            proc.start()
+            task_r.close()  # the child's ends: closed here, so a dead child is an EOF or EPIPE
+            res_w.close()
+            procs.append(proc)
+            inbox.append(res_r)
+            feeder = threading.Thread(target=_feed, args=(task_w, tasks[w::workers]), daemon=True)
+            feeder.start()
+            feeders.append((feeder, task_w))
+        for i in range(len(tasks)):
+            try:
+                res = inbox[i % workers].recv()
+            except (EOFError, OSError):
+                raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)") from None
+            yield res
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join()
+        for feeder, conn in feeders:
+            conn.close()
+            feeder.join(timeout=5)
+        for conn in inbox:
+            conn.close()
 
 
 class WorkerDied(AlexcliError):
