@@ -366,25 +366,11 @@ def _ilsvrc(src: Path, folder: Path, train: Path) -> Source:
         sp = _Split("train")
         warnings: list[str] = []
         class_tars: dict[str, TarMember] = {}
-        for m in outer:
-            parts = _split_parts(m.name)
-            if not parts:
-                continue
-            if (h := _hidden_prefix(parts)) is not None:
-                sp.hidden.add(h)
-                continue
-            path = f"{train_rel}/{'/'.join(parts)}"
-            if m.kind == "directory":
-                continue
-            if m.kind != "file":
-                sp.reject(path, f"not a regular file ({m.kind})")
-            elif not _utf8(m.name):
-                sp.reject(path, "file name is not valid UTF-8")
-            elif len(parts) != 1 or not parts[0].endswith(".tar") or parts[0] == ".tar":
-                sp.reject(path, "not a class tar (expected <wnid>.tar)")
+        # a cut class tar is listed as far as it goes (_list_class_tars), so it is not refused here
+        for parts, m in _usable_members(sp, outer, train_rel, train_rel, whole=False).items():
+            if len(parts) != 1 or not parts[0].endswith(".tar") or parts[0] == ".tar":
+                sp.reject(f"{train_rel}/{'/'.join(parts)}", "not a class tar (expected <wnid>.tar)")
             else:
-                if parts[0] in class_tars:
-                    sp.reject(path, "a later member of the same name replaces it (as extracting would)")
                 class_tars[parts[0]] = m
         if damage:
             last = outer[-1].name if outer else "its start"
@@ -432,9 +418,10 @@ def _ilsvrc(src: Path, folder: Path, train: Path) -> Source:
                   {k: v for k, v in skipped.items() if v}, warnings)
 
 
-def _usable_members(sp: _Split, members: list[TarMember], prefix: str, archive: str) -> dict[tuple, TarMember]:
-    """The regular, complete members of a tar by their path parts; hidden ones counted, the rest
-    rejected into SP (display paths PREFIX/...)."""
+def _usable_members(sp: _Split, members: list[TarMember], prefix: str, archive: str,
+                    whole: bool = True) -> dict[tuple, TarMember]:
+    """The regular (with WHOLE, complete) members of a tar by their path parts; hidden ones
+    counted, the rest rejected into SP (display paths PREFIX/...)."""
     found: dict[tuple, TarMember] = {}
     for m in members:
         parts = _split_parts(m.name)
@@ -450,7 +437,7 @@ def _usable_members(sp: _Split, members: list[TarMember], prefix: str, archive: 
             sp.reject(path, f"not a regular file ({m.kind})")
         elif not _utf8(m.name):
             sp.reject(path, "file name is not valid UTF-8")
-        elif not m.complete:
+        elif whole and not m.complete:
             sp.reject(path, f"truncated archive: its data runs past the end of {archive}")
         else:
             if parts in found:
