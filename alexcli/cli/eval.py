@@ -14,6 +14,7 @@ def _run(ckpts: list[Path], data: Optional[str], split: str, crops: Crops, batch
          amp: Amp, no_verify: bool) -> dict:
     import torch
 
+    from alexcli.checkpoint import read_meta
     from alexcli.data import stream
     from alexcli.data.dataset import open_split
     from alexcli.env import device_name
@@ -21,6 +22,8 @@ def _run(ckpts: list[Path], data: Optional[str], split: str, crops: Crops, batch
     from alexcli.train.step import autocast_for
 
     dev = torch.device(device_name(device))
+    for c in ckpts:  # a damaged checkpoint is one line before any shard is hashed (neighbors does the same)
+        read_meta(c)
     folder = data_folder(data, ckpts[0])
     with Reporter() as report:
         sp = open_split(folder, split, verify=not no_verify, progress=report)
