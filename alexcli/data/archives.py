@@ -67,7 +67,6 @@ file names).
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import pickle
@@ -83,7 +82,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from alexcli.data.scan import Item, Source, _find as _scan_find, _read_class_names, _record, _utf8, file_kind, hidden
+from alexcli.data.scan import (Item, Source, _find as _scan_find, _read_class_names, _record, _utf8, file_kind,
+                               hidden, name_classes, synset_mapping, val_solution)
 from alexcli.errors import DataError
 
 # What scan_archive reads, for messages.
@@ -680,13 +680,7 @@ def _kaggle(src: Path, folder: Path, zpath: Path, named: bool) -> Source | None:
     splits = {"train": tr.items}
     rejected = list(tr.rejected)
     skipped = {"train": len(tr.hidden)}
-    val_labels = None
-    if solution is not None:
-        val_labels = {}
-        for row in csv.DictReader(io.StringIO(solution)):
-            pred = (row.get("PredictionString") or "").split()
-            if row.get("ImageId") and pred:
-                val_labels[row["ImageId"]] = pred[0]
+    val_labels = val_solution(solution) if solution is not None else None
     for split in ("val", "test"):
         if split not in by_split:
             continue
@@ -730,17 +724,9 @@ def _kaggle(src: Path, folder: Path, zpath: Path, named: bool) -> Source | None:
         splits[split] = sp.items
         rejected += sp.rejected
         skipped[split] = len(sp.hidden)
-    names, names_from = list(order), Source.names_from
     if mapping is not None:
-        found = {}
-        for line in mapping.splitlines():
-            wnid, _, name = line.strip().partition(" ")
-            if wnid:
-                found[wnid] = name.strip()
-        if any(c in found for c in order):
-            names = [found.get(c, c) for c in order]
-            names_from = ("LOC_synset_mapping.txt in " + zrel if "LOC_synset_mapping.txt" in top
-                          else "LOC_synset_mapping.txt")
+        names, names_from = name_classes(order, synset_mapping(mapping), "LOC_synset_mapping.txt in " + zrel
+                                  if "LOC_synset_mapping.txt" in top else "LOC_synset_mapping.txt")
     else:
         names, names_from = _read_class_names(folder, order)
     return Source(src, order, names, splits, rejected, notes, names_from, {k: v for k, v in skipped.items() if v})

@@ -281,15 +281,6 @@ def verify_hashes(folder: Path, entries: list[dict], *, label: str = "verify", p
                         f"run `alexcli verify {folder}`")
 
 
-def _read_stats(path: Path) -> dict:
-    import numpy as np
-    import torch
-
-    from alexcli.data.stats import load
-
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in load(path).items()}
-
-
 def _stats_from_bytes(raw: bytes) -> dict:
     import numpy as np
     import torch
@@ -437,18 +428,15 @@ def _check_stats(folder: Path | DataLocation, size: int | None) -> tuple[dict | 
     """The data set's statistics (read once) and every problem with them; SIZE: the side the mean
     image must have (None: any square)."""
     loc = location(folder)
-    if loc.is_local:
-        path = loc.path / STATS_FILE
-        if not path.is_file():
-            return None, [f"{path}: missing (run `alexcli prepare` again to write it)"]
-    else:
-        path = loc.display(STATS_FILE)
-        try:
-            raw = loc.read_bytes(STATS_FILE)
-        except DataError as exc:
-            return None, [str(exc)]
+    path = loc.display(STATS_FILE)
+    if loc.is_local and not (loc.path / STATS_FILE).is_file():
+        return None, [f"{path}: missing (run `alexcli prepare` again to write it)"]
+    try:  # one read, local or remote (a local file that cannot be read: "PATH: unreadable (why)")
+        raw = loc.read_bytes(STATS_FILE)
+    except DataError as exc:
+        return None, [str(exc)]
     try:
-        stats = _read_stats(path) if loc.is_local else _stats_from_bytes(raw)
+        stats = _stats_from_bytes(raw)
     except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None, [f"{path}: unreadable ({text})"]

@@ -150,6 +150,11 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise Reject("not an image: no image format recognised") from None
     except Exception as exc:
         raise Reject(f"not an image: {type(exc).__name__}: {exc}") from None
+    return _check_size(im, max_pixels)
+
+
+def _check_size(im: Image.Image, max_pixels: int) -> Image.Image:
+    """IM, or Reject when it has more than MAX_PIXELS pixels or none."""
     w, h = im.size
     if w * h > max_pixels:
         raise Reject(f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
@@ -173,12 +178,7 @@ def convert(data: bytes | Image.Image, p: ImageParams) -> tuple[bytes, dict]:
 
 def convert_pixels(data: bytes | Image.Image, p: ImageParams) -> Converted:
     """convert(), also giving the pixels before encoding (prepare's statistics are over them)."""
-    if isinstance(data, Image.Image):
-        im = data
-        if im.width * im.height > p.max_pixels:
-            raise Reject(f"image too large: {im.width}x{im.height} exceeds the limit of {p.max_pixels} pixels")
-    else:
-        im = open_checked(data, p.max_pixels)
+    im = _check_size(data, p.max_pixels) if isinstance(data, Image.Image) else open_checked(data, p.max_pixels)
     w, h = im.size
     info = {"size": [w, h], "mode": im.mode, "format": im.format}
     if min(w, h) < p.size:

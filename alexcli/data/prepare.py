@@ -298,8 +298,6 @@ def _pool_results(tasks: list, workers: int, args: tuple):
     in balance: the results are taken in plan order anyway, and chunks are alike in size.
     spawn, not fork: the parent may run threads (the progress display; torch's pools when called
     from train or a test), whose locks a forked child would inherit held."""
-    import threading
-
     ctx = mp.get_context("spawn")
     procs, feeders, inbox = [], [], []
     try:
@@ -426,10 +424,9 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
         if writer is not None:
             writer.abort()
         kept = sum(r is not None for r in records.values())
-        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        raise (Interrupted if isinstance(exc, KeyboardInterrupt) else AlexcliError)(
-            f"{what}: {kept} of {len(shards)} shards are complete in {out}; "
-            "run the same command again to continue") from None
+        error, what = (Interrupted, "interrupted") if isinstance(exc, KeyboardInterrupt) else (AlexcliError, exc)
+        raise error(f"{what}: {kept} of {len(shards)} shards are complete in {out}; "
+                    "run the same command again to continue") from None
     except BaseException as exc:
         if writer is not None:
             writer.abort()

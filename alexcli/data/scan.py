@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import os
 import stat
 from dataclasses import dataclass, field, replace
@@ -217,18 +218,42 @@ class _Lister:
         return None
 
 
+def synset_mapping(text: str) -> dict[str, str]:
+    """wnid -> readable name from LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca" per line)."""
+    names = {}
+    for line in text.splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = name.strip()
+    return names
+
+
+def val_solution(text: str) -> dict[str, str]:
+    """image id -> wnid from LOC_val_solution.csv (the first word of each PredictionString)."""
+    labels = {}
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        pred = (row.get("PredictionString") or "").split()
+        if row.get("ImageId") and pred:
+            labels[row["ImageId"]] = pred[0]
+    return labels
+
+
+def name_classes(classes: list[str], names: dict[str, str], where: str) -> tuple[list[str], str]:
+    """(the names of CLASSES, WHERE) if NAMES knows any of them, else the ids and the default."""
+    if not any(c in names for c in classes):
+        return list(classes), Source.names_from  # the default: the class folders' names
+    return [names.get(c, c) for c in classes], where
+
+
 def _read_class_names(root: Path, classes: list[str], find_devkit=lambda: None) -> tuple[list[str], str]:
     """(readable names of CLASSES, where they came from in words): LOC_synset_mapping.txt (Kaggle),
     words.txt (the ILSVRC synset list), the devkit's meta.mat, else the class ids themselves."""
     names: dict[str, str] = {}
     mapping = root / "LOC_synset_mapping.txt"
     words = root / "words.txt"
+    where = Source.names_from
     if mapping.is_file():
-        for line in mapping.read_text(encoding="utf-8", errors="replace").splitlines():
-            wnid, _, name = line.strip().partition(" ")
-            if wnid:
-                names[wnid] = name.strip()
-        where = mapping.name
+        names, where = synset_mapping(mapping.read_text(encoding="utf-8", errors="replace")), mapping.name
     elif words.is_file():
         for line in words.read_text(encoding="utf-8", errors="replace").splitlines():
             wnid, _, name = line.partition("\t")
@@ -237,9 +262,7 @@ def _read_class_names(root: Path, classes: list[str], find_devkit=lambda: None) 
         where = words.name
     elif (kit := find_devkit()) is not None and kit.names:
         names, where = kit.names, kit.where
-    if not any(c in names for c in classes):
-        return list(classes), Source.names_from  # the default: the class folders' names
-    return [names.get(c, c) for c in classes], where
+    return name_classes(classes, names, where)
 
 
 def _find(root: Path, name: str, depth: int = 3) -> Path | None:
@@ -256,13 +279,8 @@ def _flat_val_labels(root: Path, files: list[Path], devkit) -> dict[str, str] | 
     """image stem -> wnid for ImageNet's flat validation folder, or None if no ground truth."""
     loc = _find(root, "LOC_val_solution.csv")
     if loc is not None:
-        labels = {}
         with open(loc, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                pred = (row.get("PredictionString") or "").split()
-                if row.get("ImageId") and pred:
-                    labels[row["ImageId"]] = pred[0]
-        return labels
+            return val_solution(f.read())
     if devkit is not None and devkit.val_wnids is not None:
         # The ground truth lists the 50,000 images in file-name order.
         names = sorted(p.stem for p in files)
