@@ -1,5 +1,7 @@
 """The 2012 network: parameter counts, every intermediate shape, variants, initialisation."""
 
+import math
+
 import pytest
 import torch
 
@@ -94,23 +96,101 @@ def test_bad_layer_spec_and_unknown_name():
         build_model(with_layers(Arch(), ["norm=nope"]))
 
 
-def test_paper_init():
-    torch.manual_seed(0)
-    model, _ = build_model(Arch())
-    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+# The presets' numbers at the paper's size, written out from their sources: section 5 of the paper,
+# cuda-convnet2's layers-imagenet-2gpu-model.cfg (initW, initB) and Caffe's bvlc_alexnet
+# train_val.prototxt (weight_filler std, bias_filler value).
+LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+PRESET_TABLE = {
+    "paper": {"conv1": (0.01, 0), "conv2": (0.01, 1), "conv3": (0.01, 0), "conv4": (0.01, 1), "conv5": (0.01, 1),
+              "fc6": (0.01, 1), "fc7": (0.01, 1), "fc8": (0.01, 0)},
+    "convnet2": {"conv1": (0.01, 0), "conv2": (0.01, 1), "conv3": (0.03, 0), "conv4": (0.03, 1), "conv5": (0.03, 1),
+                 "fc6": (0.01, 1), "fc7": (0.01, 1), "fc8": (0.01, 0)},
+    "caffe": {"conv1": (0.01, 0), "conv2": (0.01, 0.1), "conv3": (0.01, 0), "conv4": (0.01, 0.1),
+              "conv5": (0.01, 0.1), "fc6": (0.005, 0.1), "fc7": (0.005, 0.1), "fc8": (0.01, 0)},
+}
+
+
+def assert_drawn_with(model, stds: dict, biases: dict, seed: int) -> None:
+    """MODEL's weights are exactly N(0, stds[layer]) draws from SEED in layer order (replayed
+    here), and its biases exactly BIASES: the std each layer was drawn with, not a sample estimate."""
+    torch.manual_seed(seed)
+    for name in LAYER_NAMES:
         layer = getattr(model, name)
-        assert abs(layer.weight.std().item() - 0.01) < 0.0005, name
-        assert abs(layer.weight.mean().item()) < 0.001, name
-        want = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
-        assert torch.all(layer.bias == want), name
+        want = torch.empty_like(layer.weight).normal_(0.0, stds[name])
+        assert torch.equal(layer.weight, want), f"{name}: not drawn with std {stds[name]}"
+        assert torch.all(layer.bias == biases[name]), name
 
 
-def test_caffe_init():
-    torch.manual_seed(0)
-    model, _ = build_model(Arch(init="caffe"))
-    assert abs(model.fc6.weight.std().item() - 0.005) < 0.0003
-    assert abs(model.fc8.weight.std().item() - 0.01) < 0.0005
-    assert torch.all(model.conv2.bias == 0.1) and torch.all(model.conv3.bias == 0)
+def reinit(model, preset: str, seed: int = 7):
+    from alexcli.model.alexnet import init_weights
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        init_weights(model, preset)
+    return model
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_TABLE))
+def test_presets_at_the_papers_size_are_their_sources_numbers_exactly(preset):
+    model, _ = build_model(Arch(init=preset))
+    table = PRESET_TABLE[preset]
+    assert_drawn_with(reinit(model, preset), {n: sd for n, (sd, _) in table.items()},
+                      {n: b for n, (_, b) in table.items()}, seed=7)
+    assert abs(model.conv3.weight.std().item() - table["conv3"][0]) < 0.02 * table["conv3"][0]  # and they look it
+
+
+def test_kaiming_draws_each_layer_from_its_own_fan_in():
+    model, _ = build_model(Arch(num_classes=10, width=0.25, crop=64, init="kaiming"))
+    fan_in = {"conv1": 363, "conv2": 12 * 25, "conv3": 64 * 9, "conv4": 48 * 9, "conv5": 48 * 9, "fc6": 64,
+              "fc7": 1024, "fc8": 1024}  # width 0.25: 24-64-96-96-64 conv, fc 1024; pool5 1x1 at crop 64
+    assert_drawn_with(reinit(model, "kaiming"), {n: math.sqrt(2 / f) for n, f in fan_in.items()},
+                      dict.fromkeys(LAYER_NAMES, 0.0), seed=7)
+
+
+@pytest.mark.parametrize("fields, factor", [
+    # width 0.5: every fan-in but conv1's (3 x 11 x 11) halves, so those stds grow by sqrt(2)
+    ({"width": 0.5}, {n: math.sqrt(2) for n in LAYER_NAMES if n != "conv1"}),
+    # crop 64: pool5 is 1x1 instead of 6x6, so fc6 sees 256 inputs instead of 9,216
+    ({"crop": 64}, {"fc6": 6.0}),
+    # one column: conv2, conv4 and conv5 see both columns' maps, twice the fan-in
+    ({"groups": 1}, {n: 1 / math.sqrt(2) for n in ("conv2", "conv4", "conv5")}),
+])
+@pytest.mark.parametrize("preset", sorted(PRESET_TABLE))
+def test_presets_scale_with_the_fan_in(preset, fields, factor):
+    """Away from the paper's size each std is the preset's times sqrt(paper fan-in / fan-in)."""
+    model, _ = build_model(Arch(num_classes=10, **fields, init=preset))
+    table = PRESET_TABLE[preset]
+    assert_drawn_with(reinit(model, preset), {n: sd * factor.get(n, 1.0) for n, (sd, _) in table.items()},
+                      {n: b for n, (_, b) in table.items()}, seed=7)
+
+
+def activation_stds(width: float, preset: str, scale: float, seeds) -> dict[str, float]:
+    """Each layer's output std in the first forward pass (eval mode, the same input batch),
+    as the root mean square over initialisation SEEDS (one narrow net's draw varies by ~20%)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 128, 128, generator=g) - 0.5  # zero-mean pixels, as after the mean image
+    var = dict.fromkeys(LAYER_NAMES, 0.0)
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model, _ = build_model(Arch(num_classes=1000, width=width, crop=128, init=preset, input_scale=scale))
+        got = {}
+        hooks = [getattr(model, n).register_forward_hook(lambda _m, _i, y, n=n: got.__setitem__(n, y.var().item()))
+                 for n in LAYER_NAMES]
+        with torch.no_grad():
+            model.eval()(x)
+        for h in hooks:
+            h.remove()
+        for n in LAYER_NAMES:
+            var[n] += got[n] / len(seeds)
+    return {n: math.sqrt(v) for n, v in var.items()}
+
+
+@pytest.mark.parametrize("preset, scale", [("paper", 1.0), ("paper", 255.0), ("convnet2", 255.0), ("caffe", 1.0)])
+def test_quarter_width_starts_with_the_full_width_activation_statistics(preset, scale):
+    full = activation_stds(1.0, preset, scale, seeds=range(3))
+    quarter = activation_stds(0.25, preset, scale, seeds=range(10, 34))
+    ratio = {n: quarter[n] / full[n] for n in LAYER_NAMES}
+    assert all(0.9 <= r <= 1.1 for r in ratio.values()), ratio
 
 
 def test_input_scale_multiplies_the_input_before_conv1():

@@ -9,6 +9,8 @@ split in `alexcli.model.columns` computes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -18,7 +20,6 @@ from alexcli.model.registry import Arch, output_side
 # Section 3.5: kernels per layer; fc6/fc7 have 4096 units.
 CONV_CHANNELS = (96, 256, 384, 384, 256)
 FC_UNITS = 4096
-INITS = ("paper", "caffe", "kaiming")
 
 
 def conv_channels(arch: Arch) -> tuple[int, ...]:
@@ -33,6 +34,8 @@ def fc_units(arch: Arch) -> int:
 
 def conv1_padding(arch: Arch) -> int:
     return 0 if arch.crop % 2 == 1 else 2  # 227 (Caffe) -> 0; 224 (paper) -> 2 giving 55x55
+
+
 class PerColumn(nn.Module):
     """A channel-wise layer applied to each column's maps on their own (section 3.5)."""
 
@@ -111,28 +114,54 @@ class AlexNet(nn.Module):
         return self.fc8(self.drop7(self.features(x)))
 
 
-# Layers whose biases the paper sets to 1 (section 5); the rest start at 0.
-ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+# The initialisation presets: per layer (weight std, bias) at the paper's size (width 1, crop 224,
+# two columns); `kaiming` is computed from each layer's fan-in instead. docs/design.md gives the
+# measurements behind the default (Arch.init).
+_PAPER_BIAS = {"conv2": 1.0, "conv4": 1.0, "conv5": 1.0, "fc6": 1.0, "fc7": 1.0}  # section 5; the rest 0
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc6", "fc7", "fc8")
+PRESETS = {
+    # section 5: "zero-mean Gaussian distribution with standard deviation 0.01", biases 1 in
+    # conv2, conv4, conv5 and the hidden fully-connected layers, 0 elsewhere
+    "paper": {n: (0.01, _PAPER_BIAS.get(n, 0.0)) for n in LAYERS},
+    # Krizhevsky's own cuda-convnet2 layers-imagenet-2gpu-model.cfg (the two-column net): initW 0.03
+    # in conv3-5, else the paper's numbers. (Its one-GPU file's fc1000 initB=-7 is the same bias on
+    # every class, which softmax ignores, so it is left at 0.)
+    "convnet2": {n: (0.03 if n in ("conv3", "conv4", "conv5", "conv6") else 0.01, _PAPER_BIAS.get(n, 0.0))
+                 for n in LAYERS},
+    # Caffe's bvlc_alexnet: biases 0.1 where the paper has 1, fc6/fc7 weights N(0, 0.005)
+    "caffe": {n: (0.005 if n in ("fc6", "fc7") else 0.01, 0.1 if n in _PAPER_BIAS else 0.0) for n in LAYERS},
+}
+INITS = ("paper", "convnet2", "caffe", "kaiming")
+# Each layer's fan-in (inputs per output unit) in the paper's net, the size the presets' numbers
+# were given for: width 1, two columns (conv2/4/5 see one column's maps), pool5 6x6 at crop 224.
+PAPER_FAN_IN = {"conv1": 3 * 11 * 11, "conv2": 48 * 5 * 5, "conv3": 256 * 3 * 3, "conv4": 192 * 3 * 3,
+                "conv5": 192 * 3 * 3, "conv6": 128 * 3 * 3, "fc6": 256 * 6 * 6, "fc7": 4096, "fc8": 4096}
+
+
+def init_std(preset: str, name: str, fan_in: int) -> float:
+    """The weight std of layer NAME under PRESET when it has FAN_IN inputs per unit: the preset's
+    number times sqrt(paper fan-in / fan-in), so a layer narrowed by --width (or by a smaller
+    --crop, or --groups 1) starts with the pre-activation statistics of the paper's net. At the
+    paper's size the factor is 1: the preset's own numbers."""
+    return PRESETS[preset][name][0] * math.sqrt(PAPER_FAN_IN[name] / fan_in)
 
 
 def init_weights(model: AlexNet, preset: str) -> None:
-    """`paper`: weights N(0, 0.01), biases 1 in conv2/4/5 and fc6/7, else 0 (section 5). Known to
-    sit at loss ln(classes) for a long time in reproductions. `caffe`: bvlc_alexnet's fix, biases
-    0.1 where the paper has 1 and fc6/fc7 weights N(0, 0.005). `kaiming`: He-normal weights and
-    zero biases, which leaves the flat start at once (not in the paper; for small experiments)."""
+    """Initialise MODEL's layers with PRESET (see PRESETS): `paper`, `convnet2`, `caffe` (weights
+    N(0, init_std), the preset's biases), or `kaiming` (He-normal weights from each layer's own
+    fan-in, zero biases; not in the paper)."""
     if preset not in INITS:
         raise ValueError(f"unknown AlexNet init preset {preset!r}")
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+    for name in LAYERS:
+        module = getattr(model, name, None)
+        if module is None:  # conv6 only with --conv6
             continue
         if preset == "kaiming":
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             nn.init.zeros_(module.bias)
             continue
-        std = 0.005 if preset == "caffe" and name in ("fc6", "fc7") else 0.01
-        nn.init.normal_(module.weight, 0.0, std)
-        one = 1.0 if preset == "paper" else 0.1
-        nn.init.constant_(module.bias, one if name in ONE_BIAS else 0.0)
+        nn.init.normal_(module.weight, 0.0, init_std(preset, name, module.weight[0].numel()))
+        nn.init.constant_(module.bias, PRESETS[preset][name][1])
 
 
 def alexnet(arch: Arch, factories: dict) -> AlexNet:
