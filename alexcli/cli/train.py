@@ -79,11 +79,14 @@ def train_command(
                                                              "loses at most these (default: a quarter of an "
                                                              "ImageNet epoch at batch 128; 0: epoch ends only). "
                                                              "SIGTERM and Ctrl-C also save one before exiting."),
+    chance_steps: int = typer.Option(C.chance_steps, min=0, help="Steps after which a run whose training loss "
+                                                                 "is still ln(classes) is told so, with a hint "
+                                                                 "(0: never)."),
     no_verify: bool = no_verify_option(),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (from its last epoch or "
                                                         "snapshot) with the run's own settings; only --epochs, "
-                                                        "--keep, --loader-workers, --save-every, --no-verify and "
-                                                        "--device may differ."),
+                                                        "--keep, --loader-workers, --save-every, --no-verify, "
+                                                        "--device and --chance-steps may differ."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an --out that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the network's shapes and parameter count, then stop."),
     as_json: bool = json_option(),
@@ -118,7 +121,7 @@ def train_command(
             schedule=schedule, patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
-            save_every=save_every, verify=not no_verify)
+            save_every=save_every, verify=not no_verify, chance_steps=chance_steps)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,
                             input_scale=input_scale, conv6=conv6, layer=layer)
     cfg = replace(cfg, init_from=init_from)

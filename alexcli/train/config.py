@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, choice
 from alexcli.errors import UsageError
+from alexcli.train.chance import CHANCE_STEPS
 
 # Section 5's numbers (alexcli.train.optim implements the rule they go into).
 BASE_LR = 0.01        # "initialized the learning rate at 0.01"
@@ -22,7 +23,7 @@ DEFAULT_AUGMENT = ("mean", "crop", "flip", "pca")  # sections 2 and 4.1: mean im
 # job stopped by its scheduler loses at most that; an epoch shorter than this only saves at its end.
 SAVE_EVERY = 2500
 # What --resume may change: everything else is the run's and is refused if it differs.
-RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device")
+RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device", "chance_steps")
 
 # the choice fields and the option each comes from (values from a saved config are plain strings)
 _CHOICES = {"schedule": (ScheduleKind, "--schedule"), "device": (Device, "--device"), "parallel": (Parallel, "--parallel"),
@@ -56,6 +57,7 @@ class TrainConfig:
     decode: Decode = Decode.cpu              # cpu: PIL in the loader processes; device: nvJPEG on the GPU
     save_every: int = SAVE_EVERY             # steps between mid-epoch snapshots (0: at epoch ends only)
     verify: bool = True                      # check each shard's sha256 once before its first use
+    chance_steps: int = CHANCE_STEPS         # steps after which a run whose loss is still ln(classes) is told so (0: never)
 
     def __post_init__(self) -> None:
         for name, (kind, option) in _CHOICES.items():
@@ -64,7 +66,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Every option check, before the run folder is touched."""
         for name, low in (("epochs", 1), ("batch", 1), ("gpus", 1), ("patience", 1), ("keep", 0),
-                          ("steps_per_epoch", 0), ("loader_workers", -1), ("save_every", 0)):
+                          ("steps_per_epoch", 0), ("loader_workers", -1), ("save_every", 0),
+                          ("chance_steps", 0)):
             if getattr(self, name) < low:
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} must be at least {low}, not {getattr(self, name)}")

@@ -27,11 +27,12 @@ from alexcli.data.dataset import has_split, load_stats, open_split, read_manifes
 from alexcli.env import device_name, tune_cpu
 from alexcli.errors import DataError, Stopped, TrainingDiverged, UsageError
 from alexcli.evaluate import Tally, predict_probs
-from alexcli.events import Advance, Begin, Note, Progress, ignore
+from alexcli.events import Advance, Begin, Label, Note, Progress, ignore
 from alexcli.io import write_jsonl
 from alexcli.model.registry import Arch, build_model, count_parameters
 from alexcli.specs import AugmentContext
 from alexcli.train import preempt
+from alexcli.train.chance import ChanceWatch
 from alexcli.train.config import TrainConfig
 from alexcli.train.optim import PaperSGD, Schedule, set_lr
 from alexcli.train.step import LOG_EVERY, TrainStep, autocast_for, derive_seed, seed_epoch, train_epoch
@@ -142,11 +143,13 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
 
     # the schedule, the best epoch so far and the metric rows (restored on resume)
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.patience, cfg.lr_steps)
+    watch = ChanceWatch(arch.num_classes, cfg.chance_steps)
     best = {"epoch": None, "val_top1_error": math.inf}
     saved_rows = None
     if start or snap:
         state = snap.state if snap else ck.load_trainer_state(out, start)[1]
         schedule.load_state_dict(state["schedule"])
+        watch.load_state_dict(state.get("chance"))
         best = state.get("best", best) or best
         best["val_top1_error"] = math.inf if best.get("val_top1_error") is None else best["val_top1_error"]
         saved_rows = state.get("metrics")
@@ -166,7 +169,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         """What the trainer state of an epoch and a snapshot inside it both hold."""
         best_json = dict(best, val_top1_error=None if best["epoch"] is None else best["val_top1_error"])
         return {"config": cfg.to_dict(), "schedule": _json_safe(schedule.state_dict()), "best": best_json,
-                "data": data.identity, "metrics": rows,
+                "chance": watch.state_dict(), "data": data.identity, "metrics": rows,
                 "position": {"epoch": epoch, "steps_per_epoch": steps, "world": world,
                              "order": "data order, augmentation and dropout re-seeded from (seed, epoch, rank)"}}
 
@@ -177,19 +180,28 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         skip = mid if resumed else 0
         if resumed:
             preempt.set_random_state(resumed.random, gen, r.device)
-        emit(Begin(f"epoch {epoch}/{cfg.epochs}", steps, unit="steps"))
+        emit(Begin(f"epoch {epoch}/{cfg.epochs}" + (" (at chance)" if watch.at_chance else ""), steps, unit="steps"))
         if skip:
             emit(Advance(skip))
         t0 = time.perf_counter()
-        shown = {"steps": skip, "images": resumed.tally[3] if resumed else 0}
+        shown = {"steps": skip, "images": resumed.tally[3] if resumed else 0,
+                 "loss_sum": resumed.tally[1] if resumed else 0.0}
 
         def logged(n: int, mean_loss: float, seen: int, epoch=epoch) -> None:
             if not math.isfinite(mean_loss):
                 good = out / ck.ckpt_name(epoch - 1) if epoch > 1 else "none (first epoch)"
                 raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch} step {n} (lr {schedule.lr:g}); "
                                        f"stopped; last good checkpoint: {good}; try a lower --lr or --init caffe")
+            window = (mean_loss * seen - shown["loss_sum"]) / max(1, seen - shown["images"])
+            event = watch.update((epoch - 1) * steps + n, window)
+            if event == "stuck":
+                emit(Note(watch.message(arch.init)))
+                emit(Label(f"epoch {epoch}/{cfg.epochs} (at chance)"))
+            elif event == "left" and watch.warned:
+                emit(Note(f"the training loss left chance at step {watch.left_step:,}"))
+                emit(Label(f"epoch {epoch}/{cfg.epochs}"))
             emit(Advance(n - shown["steps"], images=(seen - shown["images"]) * world, loss=mean_loss))
-            shown.update(steps=n, images=seen)
+            shown.update(steps=n, images=seen, loss_sum=mean_loss * seen)
 
         def after_step(tally, epoch=epoch, gen=gen) -> None:
             signum = stop.signum
@@ -223,7 +235,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                    "val_top1_error": val["top1_error"] if val else None,
                    "val_top5_error": val["top5_error"] if val else None,
                    "val_loss": val["loss"] if val else None, "lr": lr_used,
-                   "images_per_s": float(totals[2]) / train_seconds, "seconds": time.perf_counter() - t0}
+                   "images_per_s": float(totals[2]) / train_seconds, "seconds": time.perf_counter() - t0,
+                   **watch.row()}
         if resumed:
             metrics["resumed_at_step"] = skip  # its speed and seconds cover only the steps after it
         if val and val["top1_error"] < best["val_top1_error"]:
@@ -281,7 +294,8 @@ def _epoch_line(m: dict) -> str:
     val = (f"val top-1 {m['val_top1_error']:.1%} top-5 {m['val_top5_error']:.1%}"
            if m["val_top1_error"] is not None else "no val split")
     return (f"epoch {m['epoch']:>3}  loss {m['train_loss']:.3f}  train err {m['train_top1_error']:.1%}  "
-            f"{val}  lr {m['lr']:g}  {m['images_per_s']:,.0f} img/s  {m['seconds']:.1f} s")
+            f"{val}  lr {m['lr']:g}  {m['images_per_s']:,.0f} img/s  {m['seconds']:.1f} s"
+            + ("  (at chance)" if m.get("at_chance") else ""))
 
 
 # ---------------------------------------------------------------------------------------------
