@@ -185,4 +185,4 @@ def test_fine_tuning_loads_what_fits_and_renews_the_classifier(two_models, demo_
 def test_init_that_is_neither_preset_nor_file(train_data, tmp_path):
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--init", "resnet")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: --init 'resnet': neither a preset of alexnet (paper, caffe, kaiming) nor a checkpoint file"
+    assert r.stderr.strip() == "error: --init 'resnet': neither a preset of alexnet (paper, convnet2, caffe, kaiming) nor a checkpoint file"
