@@ -112,7 +112,14 @@ class Network(Protocol):
 
 @runtime_checkable
 class ArchitectureFactory(Protocol):
-    """`alexcli.architectures`: `factory(arch, layers) -> Network`, with four declared attributes."""
+    """`alexcli.architectures`: `factory(arch, layers) -> Network`, with four declared attributes,
+    and two optional ones:
+
+    - `init_fields` ({preset: {field: value}}): Arch fields an --init preset sets unless the command
+      line gives them, e.g. the input scale the preset's source fed (AlexNet's `kaiming`: 1);
+    - `legacy` ({field: value}): the value a field had before it existed, for checkpoints written
+      then (AlexNet's input scale: 1, whatever the default is now).
+    """
 
     defaults: Mapping[str, Any]   # Arch fields this architecture sets otherwise than Arch does (crop, init, ...)
     inits: Sequence[str]          # the --init presets it accepts; its default is defaults["init"] or Arch's
@@ -168,6 +175,16 @@ def check(kind: str, obj) -> str | None:
         unknown = sorted(set(obj.defaults) - arch_fields())
         if unknown:
             return f"its 'defaults' name fields Arch does not have: {', '.join(unknown)}"
+        init_fields, legacy = getattr(obj, "init_fields", {}), getattr(obj, "legacy", {})
+        if not isinstance(init_fields, Mapping) or not isinstance(legacy, Mapping) or not all(
+                isinstance(v, Mapping) for v in init_fields.values()):
+            return "its 'init_fields' must map presets to {field: value} and its 'legacy' fields to values"
+        unknown = sorted(set(init_fields) - set(obj.inits))
+        if unknown:
+            return f"its 'init_fields' name presets it does not have: {', '.join(unknown)}"
+        unknown = sorted(set(legacy).union(*map(set, init_fields.values())) - arch_fields())
+        if unknown:
+            return f"its 'init_fields' or 'legacy' name fields Arch does not have: {', '.join(unknown)}"
     return None
 
 

@@ -138,7 +138,7 @@ def check_architecture(factory, name: str | None = None, **fields) -> None:
     """factory(arch, layers) -> a Network for every init it declares: logits (N, num_classes) and
     features (N, D), finite, gradients to every parameter; its stages are submodules; the same seed
     gives the same weights. FIELDS (e.g. width, crop) make the check's network small."""
-    from alexcli.model.registry import Arch, build_model, shapes
+    from alexcli.model.registry import build_model, make_arch, shapes
 
     _contract("architecture", factory)
     name = name or next((p.name for p in plugins.discover("architecture")
@@ -146,7 +146,7 @@ def check_architecture(factory, name: str | None = None, **fields) -> None:
     assert name is not None, "check_architecture needs the registered name of an unregistered factory"
     fields = {"num_classes": 5, **fields}
     for init in factory.inits:
-        arch = Arch(name=name, **{**dict(factory.defaults), "init": init, **fields})
+        arch = make_arch(name, **{"init": init, **fields})
         torch.manual_seed(0)
         model, used = build_model(arch)
         assert isinstance(model, nn.Module) and isinstance(model, Network), \

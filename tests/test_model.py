@@ -208,9 +208,23 @@ def test_input_scale_multiplies_the_input_before_conv1():
         build_model(Arch(input_scale=0.0))
 
 
+def test_each_preset_brings_the_input_scale_its_source_fed():
+    """AlexNet's default is convnet2 at the paper's 0..255 scale; the paper's and Caffe's presets
+    come at 255 too, He's at 1; --input-scale given explicitly wins."""
+    from alexcli.model.registry import make_arch
+
+    default = make_arch("alexnet")
+    assert (default.init, default.input_scale) == ("convnet2", 255.0)
+    assert {p: make_arch("alexnet", init=p).input_scale for p in ("paper", "convnet2", "caffe", "kaiming")} == {
+        "paper": 255.0, "convnet2": 255.0, "caffe": 255.0, "kaiming": 1.0}
+    assert make_arch("alexnet", init="kaiming", input_scale=255.0).input_scale == 255.0
+    assert make_arch("alexnet", init="paper", input_scale=None).input_scale == 255.0  # None: not given
+    assert make_arch("cifar-local", init="kaiming").input_scale == 255.0  # its own default; no init_fields
+
+
 def test_old_checkpoint_arch_takes_the_architecture_default_scale():
-    """Arch dicts written before input_scale existed: AlexNet's were trained at 1, the CIFAR net's
-    at cuda-convnet's 255, so each missing field takes its architecture's default."""
+    """Arch dicts written before input_scale existed: AlexNet's were trained at 1 (its default is
+    255 now), the CIFAR net's at cuda-convnet's 255, so a missing field takes the value it had."""
     old_alexnet = {k: v for k, v in Arch().to_dict().items() if k != "input_scale"}
     assert Arch.from_dict(old_alexnet).input_scale == 1.0
     old_cifar = {k: v for k, v in Arch(name="cifar-local", crop=24).to_dict().items() if k != "input_scale"}

@@ -197,6 +197,12 @@ def test_cli_plugins_with_a_broken_plugin_installed(tmp_path, demo_src):
                      "factory.stages = ()\nfactory.feature_layer = 'fc'\n", "'defaults' name fields Arch does not have: depth"),
     ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ()\n"
                      "factory.stages = ()\nfactory.feature_layer = 'fc'\n", "'inits' must name at least one --init preset"),
+    ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ('x',)\n"
+                     "factory.stages = ()\nfactory.feature_layer = 'fc'\nfactory.init_fields = {'y': {'crop': 9}}\n",
+     "'init_fields' name presets it does not have: y"),
+    ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ('x',)\n"
+                     "factory.stages = ()\nfactory.feature_layer = 'fc'\nfactory.legacy = {'depth': 1}\n",
+     "'init_fields' or 'legacy' name fields Arch does not have: depth"),
 ])
 def test_a_plugin_that_does_not_fit_its_contract_is_refused_naming_the_package(site, kind, source, problem,
                                                                               monkeypatch):

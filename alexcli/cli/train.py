@@ -41,20 +41,23 @@ def train_command(
     crop: Optional[int] = typer.Option(None, min=1, help="Input side; alexnet: 224 (default; paper, conv1 padding 2) "
                                                          "or 227 (Caffe, padding 0); cifar-local: 24 (default) up "
                                                          "to the prepared size."),
-    init: Optional[str] = typer.Option(None, help="Initialisation; alexnet: paper (default; N(0,0.01), biases 1), "
-                                                  "caffe (biases 0.1, fc6/7 std 0.005), kaiming (He normal; leaves "
-                                                  "the flat start at once); cifar-local: convnet (default; "
-                                                  "cuda-convnet's initW) or kaiming. Or a checkpoint to fine-tune "
-                                                  "from: its architecture and every layer whose shape fits are "
-                                                  "taken, a classifier for other classes is new."),
+    init: Optional[str] = typer.Option(None, help="Initialisation; alexnet: convnet2 (default; the paper's N(0, "
+                                                  "0.01) and biases of 1 with std 0.03 in conv3-5, as Krizhevsky's "
+                                                  "cuda-convnet2), paper (section 5 as written; stays at chance), "
+                                                  "caffe (bvlc_alexnet's), kaiming (He normal, input scale 1); "
+                                                  "stds scale with the layers' fan-in at other --width/--crop "
+                                                  "(docs/design.md). cifar-local: convnet (default; cuda-convnet's "
+                                                  "initW) or kaiming. Or a checkpoint to fine-tune from: its "
+                                                  "architecture and every layer whose shape fits are taken, a "
+                                                  "classifier for other classes is new."),
     conv6: bool = typer.Option(False, "--conv6", help="Add the sixth convolutional layer of the paper's "
                                                       "pre-trained models (section 6)."),
     dropout: Optional[float] = typer.Option(None, help="alexnet: dropout in fc6 and fc7, in [0, 1) (default 0.5, "
                                                        "section 4.2)."),
     input_scale: Optional[float] = typer.Option(None, "--input-scale", help="Multiply the input (0..1 pixels "
                                                 "minus the mean image) by this before conv1: 255 feeds the paper's "
-                                                "raw pixel values, the scale its LRN constants act at. alexnet: 1 "
-                                                "(default), cifar-local: 255 (default, as cuda-convnet)."),
+                                                "raw pixel values, the scale its LRN constants act at. Default: the "
+                                                "--init preset's (255; kaiming 1); cifar-local 255, as cuda-convnet."),
     seed: int = typer.Option(C.seed, help="Seed of initialisation, data order, augmentation and dropout."),
     device: Device = typer.Option(C.device, help="auto (CUDA when a GPU is visible), cpu or cuda."),
     gpus: int = typer.Option(C.gpus, min=1, help="Data-parallel processes (DistributedDataParallel; gloo on CPU)."),
@@ -94,14 +97,15 @@ def train_command(
     """Train the paper's network on a prepared data set; one checkpoint per epoch.
 
     Writes RUN/ckpt-eNNN.safetensors (weights + everything eval needs), the trainer state for
-    --resume, metrics.jsonl and curves.png. Every default is the paper's (section 5).
+    --resume, metrics.jsonl and curves.png. Every default is the paper's (section 5) but the
+    initialisation: convnet2, the paper's with Krizhevsky's own conv3-5 scales (docs/design.md).
 
     Examples:
       alexcli train --data shards/imagenet --out runs/alexnet --gpus 2
       alexcli train --data https://data.example.org/imagenet --out runs/alexnet --gpus 8
       alexcli train --data shards/imagenet --out runs/alexnet --resume
       alexcli train --data shards/imagenet --out runs/alexnet --resume --epochs 100
-      alexcli train --data shards/demo --width 0.25 --crop 64 --init kaiming --layer norm=none
+      alexcli train --data shards/demo --out runs/small --width 0.25 --crop 64 --batch 32 --epochs 30
       alexcli train --data shards/cifar10 --arch cifar-local --epochs 30 --lr 0.001 --weight-decay 0
       alexcli train --data shards/birds --init runs/alexnet/ckpt-e090.safetensors --conv6 --lr 0.001
     """

@@ -177,7 +177,16 @@ def describe(arch: Arch) -> str:
             f"{scale}")
 
 
-alexnet.defaults = {}
+# The default: the paper's network, pixel scale and biases with Krizhevsky's own cuda-convnet2
+# weight scales, the configuration closest to the paper that leaves chance (docs/design.md,
+# "Initialisation"; the literal paper is --init paper).
+alexnet.defaults = {"init": "convnet2", "input_scale": 255.0}
+# Each preset with the input scale its source fed: the paper, cuda-convnet2 and Caffe trained on
+# raw 0..255 pixels minus the mean; He's scales assume unit-sized inputs.
+alexnet.init_fields = {"paper": {"input_scale": 255.0}, "convnet2": {"input_scale": 255.0},
+                       "caffe": {"input_scale": 255.0}, "kaiming": {"input_scale": 1.0}}
+# Checkpoints written before Arch had input_scale were all trained on the 0..1 scale.
+alexnet.legacy = {"input_scale": 1.0}
 alexnet.inits = INITS
 alexnet.stages = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")
 alexnet.feature_layer = "fc7 (after its ReLU)"

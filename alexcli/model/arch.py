@@ -16,7 +16,9 @@ from alexcli.errors import PluginError, UsageError
 
 @dataclass(frozen=True)
 class Arch:
-    """The network's configuration; stored in every checkpoint. Defaults are the paper's AlexNet."""
+    """The network's configuration; stored in every checkpoint. The sizes' defaults are the paper's
+    AlexNet; build one with `alexcli.model.registry.make_arch`, which adds the architecture's and
+    its preset's defaults."""
 
     name: str = "alexnet"      # registry name: alexnet, cifar-local, or a plugin's
     num_classes: int = 1000
@@ -27,11 +29,14 @@ class Arch:
     norm: str = "lrn"
     pool: str = "overlap"
     dropout: float = 0.5       # section 4.2: fc6 and fc7
-    init: str = "paper"        # a preset of the architecture's `inits`
+    # A preset of the architecture's `inits`. The architecture's own default and the fields a
+    # preset sets come from its registry entry (`make_arch`): AlexNet's is `convnet2` at input scale
+    # 255 (alexcli.model.alexnet). These dataclass values are what a bare Arch() holds.
+    init: str = "paper"
     conv6: bool = False        # the sixth conv layer of the paper's pre-trained models (section 6)
     # Multiplies the network's input (0..1 pixels minus the mean image) before its first layer: 255
     # feeds the paper's "(centered) raw RGB values" (section 2), the scale its LRN constants were
-    # chosen for; 1 (AlexNet's default) leaves LRN a near-constant factor (docs/design.md).
+    # chosen for; at 1 LRN is a near-constant factor (docs/design.md).
     input_scale: float = 1.0
 
     def to_dict(self) -> dict:
@@ -42,7 +47,7 @@ class Arch:
         """The Arch a checkpoint stored. A field the dict lacks (written before the field existed)
         takes its architecture's default, so an old checkpoint rebuilds the network it trained."""
         try:
-            base = arch_defaults(d.get("name", "alexnet"))
+            base = {**arch_defaults(d.get("name", "alexnet")), **arch_legacy(d.get("name", "alexnet"))}
         except PluginError:  # the architecture's package is missing: build_model names it
             base = {}
         return cls(**{k: v for k, v in {**base, **d}.items() if k in arch_fields()})
@@ -69,3 +74,17 @@ def arch_defaults(name: str) -> dict:
     from alexcli import plugins
 
     return dict(plugins.get("architecture", name).defaults)
+
+
+def arch_legacy(name: str) -> dict:
+    """The values fields had before they existed, for architecture NAME's old checkpoints."""
+    from alexcli import plugins
+
+    return dict(getattr(plugins.get("architecture", name), "legacy", {}))
+
+
+def init_fields(name: str, init: str) -> dict:
+    """The Arch fields architecture NAME's preset INIT sets unless they are given."""
+    from alexcli import plugins
+
+    return dict(getattr(plugins.get("architecture", name), "init_fields", {}).get(init, {}))

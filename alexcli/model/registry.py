@@ -14,7 +14,7 @@ from torch import nn
 
 from alexcli import plugins
 from alexcli.errors import UsageError
-from alexcli.model.arch import Arch, arch_defaults
+from alexcli.model.arch import Arch, arch_defaults, init_fields
 from alexcli.specs import LAYER_KINDS, LayerFactories
 
 # `--layer KIND=NAME`: the kinds by name, and the short alias kept for `act`.
@@ -27,8 +27,12 @@ def architecture(name: str):
 
 
 def make_arch(name: str = "alexnet", **fields) -> Arch:
-    """An Arch for registry name NAME: its defaults, then FIELDS (those given as None are left out)."""
-    return Arch(name=name, **{**arch_defaults(name), **{k: v for k, v in fields.items() if v is not None}})
+    """An Arch for registry name NAME: its defaults, then what its --init preset sets (the input
+    scale the preset's source fed), then FIELDS (those given as None are left out)."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    defaults = arch_defaults(name)
+    init = given.get("init", defaults.get("init", Arch.init))
+    return Arch(name=name, **{**defaults, **init_fields(name, init), **given})
 
 
 def check_init(arch: Arch) -> None:

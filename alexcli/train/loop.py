@@ -191,7 +191,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             if not math.isfinite(mean_loss):
                 good = out / ck.ckpt_name(epoch - 1) if epoch > 1 else "none (first epoch)"
                 raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch} step {n} (lr {schedule.lr:g}); "
-                                       f"stopped; last good checkpoint: {good}; try a lower --lr or --init caffe")
+                                       f"stopped; last good checkpoint: {good}; try a lower --lr or another --init")
             window = (mean_loss * seen - shown["loss_sum"]) / max(1, seen - shown["images"])
             event = watch.update((epoch - 1) * steps + n, window)
             if event == "stuck":
