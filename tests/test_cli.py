@@ -136,13 +136,23 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_full_demo_learns_far_below_chance(tmp_path):
-    """The README's promise: the default demo ends with validation error far below chance (87.5%)."""
+    """The README's promise: the default demo ends with validation error far below chance (87.5%),
+    its two models trained with alexcli's default initialisation at a quarter width, each leaving
+    chance (training loss below 0.95 ln 8) within the first few of its 30 epochs (25 steps each)."""
+    from alexcli.cli.demo import demo_arch
+    from alexcli.model.registry import make_arch
+
+    assert (demo_arch(8).init, demo_arch(8).input_scale) == (make_arch("alexnet").init, make_arch("alexnet").input_scale)
     r = run_cli("demo", "--json", cwd=tmp_path, timeout=3600)  # about 2 minutes; far more on busy cores
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert [t["last"]["epoch"] for t in result["train"]] == [30, 30]
-    assert result["eval_ten"]["models"][0]["top1_error"] < 0.25, result["eval_ten"]
-    assert result["ensemble"]["ensemble"]["top1_error"] < 0.25, result["ensemble"]
+    assert all(t["last"]["left_chance_step"] is not None and t["last"]["left_chance_step"] <= 100
+               for t in result["train"]), [t["last"]["left_chance_step"] for t in result["train"]]
+    # measured: 28.5% with ten patches, 19.5% for the two averaged (README); kaiming, not the
+    # default, reaches about 6%, the paper-like presets learn more slowly (docs/results.md)
+    assert result["eval_ten"]["models"][0]["top1_error"] < 0.45, result["eval_ten"]
+    assert result["ensemble"]["ensemble"]["top1_error"] < 0.45, result["ensemble"]
 
 
 def test_doctor_reports_pil_and_devices(capsys):
