@@ -236,3 +236,39 @@ def test_interrupted_experiment_keeps_finished_runs_and_continues(cifar, tmp_pat
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("done before, read from fits/") >= kept
     assert (out / "results.json").is_file()
+
+
+def _speed_result(relu_epochs, tanh_epochs, seeds=1):
+    """A relu-vs-tanh summary as run_experiment returns it, each variant's epochs to 25% per seed."""
+    from alexcli.experiment.run import _spread
+
+    def spread(values):
+        return _spread(list(values))
+
+    pairs = list(zip(relu_epochs, tanh_epochs))
+    ratio = [t / r if r and t else None for r, t in pairs]
+    return {"experiment": "relu-vs-tanh", "train_images": 45000, "device": "cpu", "seconds": 60.0,
+            "config": {"epochs": 30, "seeds": seeds}, "learning_rates": {"relu": 0.01, "tanh": 0.01},
+            "target_error": 0.25, "paper_ratio": 6.0, "figure": "runs/x/figure1.png",
+            "reach": {"relu": {"epochs": spread(relu_epochs), "seconds": spread(e and e * 10 for e in relu_epochs)},
+                      "tanh": {"epochs": spread(tanh_epochs), "seconds": spread(e and e * 10 for e in tanh_epochs)}},
+            "ratio_epochs": spread(ratio), "ratio_seconds": spread(ratio),
+            "not_reached": {"relu": sum(e is None for e in relu_epochs), "tanh": sum(e is None for e in tanh_epochs)}}
+
+
+def test_summary_says_plainly_when_the_target_was_not_reached(capsys):
+    from alexcli.cli.experiment import render
+
+    render(_speed_result([5.0], [None]))
+    text = " ".join(capsys.readouterr().out.split())  # the console wraps at 80 columns when piped
+    assert "relu: 25% training error after 5.00 epochs, 50.00 s" in text
+    assert "tanh: did not reach 25% training error in 30 epochs" in text
+    assert "tanh / relu: no ratio, since no seed had both reach 25% in 30 epochs (paper: about 6x); try more " \
+           "--epochs" in text
+    assert "not reached" not in text and "not reachedx" not in text
+
+    render(_speed_result([5.0, 6.0, 4.0], [12.0, None, 10.0], seeds=3))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tanh: 25% training error after 11.00 ± 1.41 (n=2) epochs" in text
+    assert "1 of 3 seeds did not reach it in 30 epochs" in text
+    assert "tanh / relu: 2.45 ± 0.07 (n=2)x the epochs" in text

@@ -26,12 +26,22 @@ def render(r: dict) -> None:
               f"{cfg['seeds']} seed(s), {r['device']}; learning rates "
               + ", ".join(f"{k} {v:g}" for k, v in r["learning_rates"].items()))
     if r["experiment"] == "relu-vs-tanh":
-        t = r["target_error"]
+        t, epochs, seeds = r["target_error"], cfg["epochs"], cfg["seeds"]
         for label, reach in r["reach"].items():
+            missed = r["not_reached"][label]
+            if reach["epochs"]["mean"] is None:
+                out.print(f"  {label}: did not reach {t:.0%} training error in {epochs} epochs"
+                          + (f" (none of {seeds} seeds)" if seeds > 1 else ""))
+                continue
             out.print(f"  {label}: {t:.0%} training error after {_fmt(reach['epochs'])} epochs, "
-                      f"{_fmt(reach['seconds'], unit=' s')}")
-        out.print(f"  tanh / relu: {_fmt(r['ratio_epochs'])}x the epochs, {_fmt(r['ratio_seconds'])}x the time "
-                  f"(paper: about {r['paper_ratio']:g}x)")
+                      f"{_fmt(reach['seconds'], unit=' s')}"
+                      + (f"; {missed} of {seeds} seeds did not reach it in {epochs} epochs" if missed else ""))
+        if r["ratio_epochs"]["mean"] is None:
+            out.print(f"  tanh / relu: no ratio, since no seed had both reach {t:.0%} in {epochs} epochs "
+                      f"(paper: about {r['paper_ratio']:g}x); try more --epochs")
+        else:
+            out.print(f"  tanh / relu: {_fmt(r['ratio_epochs'])}x the epochs, {_fmt(r['ratio_seconds'])}x the time "
+                      f"(paper: about {r['paper_ratio']:g}x)")
     else:
         for label, s in r["test"].items():
             out.print(f"  {label}: test error {_fmt(s['test_error'], pct=True)} centre patch, "
