@@ -223,6 +223,24 @@ def test_missing_data_folder(tmp_path):
     assert r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such data folder (prepare one with `alexcli prepare SRC --out {tmp_path / 'nope'}`)"
 
 
+def test_photos_or_downloads_as_data_get_the_commands_that_prepare_them(demo_src, tmp_path):
+    """--data PHOTOS: prepare them (to shards/NAME), then train on that; never `prepare --out PHOTOS`."""
+    r = run_here("train", "--data", demo_src, "--out", tmp_path / "x")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: {demo_src}: photos or downloads, not a prepared data set: prepare it with "
+                                f"`alexcli prepare {demo_src}`, then use --data shards/{demo_src.name}")
+    download = tmp_path / "cifar-10-python.tar.gz"
+    download.write_bytes(b"\x1f\x8b")
+    r = run_here("train", "--data", download, "--out", tmp_path / "y")
+    assert r.stderr.strip() == (f"error: {download}: a file, not a prepared data set: prepare it with `alexcli prepare "
+                                f"{download}`, then use --data shards/cifar10")
+    (tmp_path / "empty").mkdir()
+    r = run_here("train", "--data", tmp_path / "empty", "--out", tmp_path / "z")
+    assert "no dataset.json, so not a prepared data set (`alexcli prepare SRC` writes one" in r.stderr
+    assert "--out " + str(tmp_path / "empty") not in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_torchrun_launch_on_cpu(train_data, tmp_path):
     import socket
 

@@ -72,7 +72,7 @@ def read_manifest(folder: str | os.PathLike | DataLocation) -> dict:
         folder = loc.path
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise DataError(f"{folder}: no {MANIFEST} (prepare a data set with `alexcli prepare SRC --out {folder}`)")
+        raise DataError(_not_prepared(Path(folder)))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -137,6 +137,25 @@ class Split:
         return self.folder.shard(entry, self.verify, MANIFEST)
 
 
+# What prepare reads, as a --data folder may hold it by mistake: an image tree or the downloads.
+_SOURCE_MARKS = ("train", "ILSVRC2012_img_train.tar", "ILSVRC", "imagenet-object-localization-challenge.zip",
+                 "cifar-10-python.tar.gz", "cifar-100-python.tar.gz", "cifar-10-binary.tar.gz",
+                 "cifar-100-binary.tar.gz", "cifar-10-batches-py", "cifar-100-python", "cifar-10-batches-bin")
+
+
+def _not_prepared(path: Path) -> str:
+    """The one line for a --data that exists but is not a prepared data set: photos or downloads
+    get the two commands that make one (never a prepare into the photos' own folder)."""
+    from alexcli.data.prepare import default_out
+
+    if path.is_file() or any((path / mark).exists() for mark in _SOURCE_MARKS):
+        what = "a file" if path.is_file() else "photos or downloads"
+        return (f"{path}: {what}, not a prepared data set: prepare it with `alexcli prepare {path}`, then use "
+                f"--data {default_out(path)}")
+    return (f"{path}: no {MANIFEST}, so not a prepared data set (`alexcli prepare SRC` writes one, to shards/NAME "
+            f"unless --out says otherwise)")
+
+
 def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
                progress: Progress = ignore) -> Split:
     """The split's shards, each checked to exist with the size dataset.json gives (a stat) and, with
@@ -145,7 +164,8 @@ def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
     be hashed; nothing when all are remembered."""
     loc = location(folder)
     if loc.is_local and not loc.path.is_dir():
-        raise DataError(f"{loc}: no such data folder (prepare one with `alexcli prepare SRC --out {loc}`)")
+        raise DataError(_not_prepared(loc.path) if loc.path.exists() else
+                        f"{loc}: no such data folder (prepare one with `alexcli prepare SRC --out {loc}`)")
     folder = loc.path if loc.is_local else loc
     manifest = read_manifest(loc)
     problems = _check_manifest(folder, manifest)[0]
