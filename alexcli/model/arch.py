@@ -45,9 +45,11 @@ class Arch:
     @classmethod
     def from_dict(cls, d: dict) -> "Arch":
         """The Arch a checkpoint stored. A field the dict lacks (written before the field existed)
-        takes its architecture's default, so an old checkpoint rebuilds the network it trained."""
+        takes the value it had then (the architecture's `legacy`), else the architecture's default,
+        so an old checkpoint rebuilds the network it trained."""
+        name = d.get("name", "alexnet")
         try:
-            base = {**arch_defaults(d.get("name", "alexnet")), **arch_legacy(d.get("name", "alexnet"))}
+            base = {**arch_defaults(name), **arch_legacy(name)}
         except PluginError:  # the architecture's package is missing: build_model names it
             base = {}
         return cls(**{k: v for k, v in {**base, **d}.items() if k in arch_fields()})
@@ -69,22 +71,23 @@ def arch_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(Arch)}
 
 
-def arch_defaults(name: str) -> dict:
-    """The Arch fields architecture NAME sets differently from AlexNet (e.g. the CIFAR net's crop 24)."""
+def _declared(name: str, attribute: str) -> dict:
+    """A copy of the dict architecture NAME's factory declares as ATTRIBUTE ({} when it has none)."""
     from alexcli import plugins
 
-    return dict(plugins.get("architecture", name).defaults)
+    return dict(getattr(plugins.get("architecture", name), attribute, {}))
+
+
+def arch_defaults(name: str) -> dict:
+    """The Arch fields architecture NAME sets differently from AlexNet (e.g. the CIFAR net's crop 24)."""
+    return _declared(name, "defaults")
 
 
 def arch_legacy(name: str) -> dict:
     """The values fields had before they existed, for architecture NAME's old checkpoints."""
-    from alexcli import plugins
-
-    return dict(getattr(plugins.get("architecture", name), "legacy", {}))
+    return _declared(name, "legacy")
 
 
 def init_fields(name: str, init: str) -> dict:
     """The Arch fields architecture NAME's preset INIT sets unless they are given."""
-    from alexcli import plugins
-
-    return dict(getattr(plugins.get("architecture", name), "init_fields", {}).get(init, {}))
+    return dict(_declared(name, "init_fields").get(init, {}))

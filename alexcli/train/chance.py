@@ -19,6 +19,7 @@ CHANCE_STEPS = 1000    # default --chance-steps: steps after which a run still a
 
 class ChanceWatch:
     def __init__(self, num_classes: int, after: int = CHANCE_STEPS, margin: float = MARGIN):
+        self.classes = num_classes
         self.chance = math.log(num_classes)
         self.threshold = (1 - margin) * self.chance
         self.after = after            # 0: never warn (left_chance_step is still recorded)
@@ -45,7 +46,7 @@ class ChanceWatch:
         return self.left_step is None and bool(self.after) and self.last_step >= self.after
 
     def message(self, init: str) -> str:
-        return (f"the training loss has not fallen below chance (ln {math.exp(self.chance):.0f} = {self.chance:.3f}) "
+        return (f"the training loss has not fallen below chance (ln {self.classes} = {self.chance:.3f}) "
                 f"in {self.last_step:,} steps: this run has not started to learn. Try another --init (it is "
                 f"{init}; kaiming leaves chance within the first steps) or a lower --lr")
 

@@ -173,6 +173,9 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                 "position": {"epoch": epoch, "steps_per_epoch": steps, "world": world,
                              "order": "data order, augmentation and dropout re-seeded from (seed, epoch, rank)"}}
 
+    def bar_label(epoch: int) -> str:
+        return f"epoch {epoch}/{cfg.epochs}" + (" (at chance)" if watch.at_chance else "")
+
     last = None
     for epoch in range(start + 1, cfg.epochs + 1):
         gen = seed_epoch(cfg.seed, epoch, rank)  # every random stream of this epoch: exact resume
@@ -180,7 +183,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         skip = mid if resumed else 0
         if resumed:
             preempt.set_random_state(resumed.random, gen, r.device)
-        emit(Begin(f"epoch {epoch}/{cfg.epochs}" + (" (at chance)" if watch.at_chance else ""), steps, unit="steps"))
+        emit(Begin(bar_label(epoch), steps, unit="steps"))
         if skip:
             emit(Advance(skip))
         t0 = time.perf_counter()
@@ -194,12 +197,10 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                                        f"stopped; last good checkpoint: {good}; try a lower --lr or another --init")
             window = (mean_loss * seen - shown["loss_sum"]) / max(1, seen - shown["images"])
             event = watch.update((epoch - 1) * steps + n, window)
-            if event == "stuck":
-                emit(Note(watch.message(arch.init)))
-                emit(Label(f"epoch {epoch}/{cfg.epochs} (at chance)"))
-            elif event == "left" and watch.warned:
-                emit(Note(f"the training loss left chance at step {watch.left_step:,}"))
-                emit(Label(f"epoch {epoch}/{cfg.epochs}"))
+            if event == "stuck" or (event == "left" and watch.warned):  # told, or told it is over
+                emit(Note(watch.message(arch.init) if event == "stuck" else
+                          f"the training loss left chance at step {watch.left_step:,}"))
+                emit(Label(bar_label(epoch)))
             emit(Advance(n - shown["steps"], images=(seen - shown["images"]) * world, loss=mean_loss))
             shown.update(steps=n, images=seen, loss_sum=mean_loss * seen)
 
