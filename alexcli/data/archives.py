@@ -1020,6 +1020,13 @@ def _scan_folder(root: Path) -> Source | None:
     return min(found, key=lambda f: f[1])[2]() if found else None
 
 
+def holds_downloads(root: Path) -> bool:
+    """Whether folder ROOT holds one of the downloads KNOWN lists, by name alone (nothing is read):
+    for the hint given when such a folder is passed where a prepared data set belongs."""
+    names = (TRAIN_TAR, KAGGLE_ZIP, KAGGLE_BASE.split("/")[0], *_CIFARS, *_CIFAR_FOLDERS)
+    return any((root / name).exists() for name in names)
+
+
 def scan_archive(root: Path) -> Source | None:
     """The Source of the archive at ROOT (a file), or of the downloads in ROOT (a folder without
     train/); None if ROOT is none of the layouts KNOWN lists."""

@@ -137,18 +137,13 @@ class Split:
         return self.folder.shard(entry, self.verify, MANIFEST)
 
 
-# What prepare reads, as a --data folder may hold it by mistake: an image tree or the downloads.
-_SOURCE_MARKS = ("train", "ILSVRC2012_img_train.tar", "ILSVRC", "imagenet-object-localization-challenge.zip",
-                 "cifar-10-python.tar.gz", "cifar-100-python.tar.gz", "cifar-10-binary.tar.gz",
-                 "cifar-100-binary.tar.gz", "cifar-10-batches-py", "cifar-100-python", "cifar-10-batches-bin")
-
-
 def _not_prepared(path: Path) -> str:
     """The one line for a --data that exists but is not a prepared data set: photos or downloads
     get the two commands that make one (never a prepare into the photos' own folder)."""
+    from alexcli.data.archives import holds_downloads
     from alexcli.data.prepare import default_out
 
-    if path.is_file() or any((path / mark).exists() for mark in _SOURCE_MARKS):
+    if path.is_file() or (path / "train").is_dir() or holds_downloads(path):
         what = "a file" if path.is_file() else "photos or downloads"
         return (f"{path}: {what}, not a prepared data set: prepare it with `alexcli prepare {path}`, then use "
                 f"--data {default_out(path)}")

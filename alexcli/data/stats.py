@@ -43,6 +43,7 @@ class ImageSums:
     to memory for every image, which costs more than the arithmetic."""
 
     ROWS = 256  # rows summed at once in float32: 256 * 255^2 < 2^24
+    FOLD16 = 0xFFFF // 255  # 257 images of 255 fit a uint16
 
     def __init__(self, size: int):
         self.size = size
@@ -58,8 +59,6 @@ class ImageSums:
         self._gram = np.zeros((3, 3), np.int64)
         self._pending = 0  # images in the uint16 sum
         self.count = 0
-
-    FOLD16 = 0xFFFF // 255  # 257 images of 255 fit a uint16
 
     def add(self, hwc) -> None:
         a = np.asarray(hwc)
