@@ -8,7 +8,9 @@ an exit code; the traceback only with `--debug` or ALEXCLI_DEBUG=1.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -40,6 +42,8 @@ app = typer.Typer(
 _debug = False  # set by main() from --debug or ALEXCLI_DEBUG
 _python_show_warning = warnings.showwarning
 INTERNAL_EXIT = 1
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a job stopped by Ctrl-C
+_interrupted_at: list = []  # where Ctrl-C arrived (a stack summary), for --debug
 
 
 def _version(value: bool) -> None:
@@ -79,13 +83,27 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
+def _on_ctrl_c(signum, frame) -> None:
+    """SIGINT while a command runs: Python's KeyboardInterrupt, noting where it arrived. Typer turns
+    an uncaught KeyboardInterrupt into a silent exit 130, so `main` says the line itself."""
+    _interrupted_at[:] = [traceback.extract_stack(frame)]
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Whatever goes wrong becomes one line on stderr."""
     global _debug
     _debug = os.environ.get("ALEXCLI_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
     warnings.showwarning = _show_warning
+    _interrupted_at.clear()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_ctrl_c) if on_main else None
     try:
         code = app(args=argv, prog_name="alexcli", standalone_mode=False)
+        if code == INTERRUPTED_EXIT and _interrupted_at:  # a KeyboardInterrupt no command turned into a line
+            if _debug:
+                traceback.print_list(_interrupted_at[0])
+            print("error: interrupted", file=sys.stderr)
         return code if isinstance(code, int) else 0
     except AlexcliError as exc:
         return _fail(str(exc), exc.exit_code)
@@ -99,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return _fail("aborted", 1)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", INTERRUPTED_EXIT)
     except OSError as exc:  # the machine: a full disk, a file that vanished, a permission
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         return _fail(f"{where}{exc.strerror or exc}", 1)
     except Exception as exc:  # a bug: still one line, with the way to the traceback
         return _fail(f"internal: {type(exc).__name__}: {exc} (run with --debug for the traceback)", INTERNAL_EXIT)
-
-
-def run() -> None:
-    sys.exit(main())
+    finally:
+        if on_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)

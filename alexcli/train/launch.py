@@ -19,13 +19,13 @@ import torch
 from alexcli import checkpoint as ck
 from alexcli.choices import Parallel
 from alexcli.data.dataset import open_split
-from alexcli.errors import AlexcliError, UsageError
+from alexcli.errors import AlexcliError, Interrupted, UsageError
 from alexcli.events import Progress, ignore
 from alexcli.model.registry import Arch, build_model
 from alexcli.io import TMP_SUFFIX, locked_folder
 from alexcli.train import preempt
 from alexcli.train.config import RESUME_MAY_CHANGE, TrainConfig
-from alexcli.train.loop import CURVES, METRICS, Data, run_rank
+from alexcli.train.loop import CURVES, METRICS, Data, resume_command, run_rank
 
 
 def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool = False,
@@ -43,12 +43,26 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
             build_model(arch)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _join_torchrun(cfg, arch, resume, overwrite, given, progress)
-    with run_folder(cfg, resume, progress) as folder:
-        cfg, arch, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
-        with preempt.StopSignals() as stop:
-            if cfg.gpus == 1:
-                return run_rank(0, 1, 0, cfg, arch, start, progress, mid=mid, stop=stop)
-            return _spawn(cfg, arch, start, mid, progress, stop)
+    try:
+        with run_folder(cfg, resume, progress) as folder:
+            cfg, arch, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
+            with preempt.StopSignals() as stop:
+                if cfg.gpus == 1:
+                    return run_rank(0, 1, 0, cfg, arch, start, progress, mid=mid, stop=stop)
+                return _spawn(cfg, arch, start, mid, progress, stop)
+    except KeyboardInterrupt:  # Ctrl-C before the run started, or a second one while it saved
+        raise interrupted(cfg) from None
+
+
+def interrupted(cfg: TrainConfig) -> Interrupted:
+    """The line for a run stopped at once by Ctrl-C: what its folder holds, and how to go on."""
+    out = Path(cfg.out)
+    done, mid = _position(out) if out.is_dir() else (None, 0)
+    if done is None and not mid:
+        return Interrupted(f"interrupted before the run's first checkpoint: nothing was saved in {out}; "
+                           "run the same command again to start")
+    saved = out / (preempt.names((done or 0) + 1, mid)[0] if mid else ck.ckpt_name(done))
+    return Interrupted(f"interrupted; the last saved position is {saved}; continue with: {resume_command(cfg)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,12 +257,17 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             "device": str(r.device), "world": world}
 
 
-def _stopped(signum: int, where: str, saved: Path, cfg: TrainConfig) -> Stopped:
-    """The one line a stopped run ends with: what stopped it, what it saved, how to continue."""
+def resume_command(cfg: TrainConfig) -> str:
+    """The command that continues the run in cfg.out."""
     import shlex
 
+    return f"alexcli train --data {shlex.quote(cfg.data)} --out {shlex.quote(str(cfg.out))} --resume"
+
+
+def _stopped(signum: int, where: str, saved: Path, cfg: TrainConfig) -> Stopped:
+    """The one line a stopped run ends with: what stopped it, what it saved, how to continue."""
     return Stopped(f"stopped by {signal.Signals(signum).name} {where}; saved {saved}; continue with: "
-                   f"alexcli train --data {shlex.quote(cfg.data)} --out {cfg.out} --resume", signum)
+                   f"{resume_command(cfg)}", signum)
 
 
 def signal_of(flag: torch.Tensor) -> int:

@@ -248,3 +248,69 @@ def test_out_that_is_a_file_is_one_line(train_data, tmp_path, cli):
     r = train_in(cli, train_data, out, "--epochs", "1")
     assert r.returncode == 2 and r.stderr.strip() == f"error: --out {out}: exists and is not a folder"
     assert out.read_text() == "x"
+
+
+# ---------------------------------------------------------------- Ctrl-C at any moment: one line, what was saved
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(train_data, tmp_path):
+    """Ctrl-C during the imports or the data checks (the first seconds) said nothing and exited 130:
+    Typer turns a KeyboardInterrupt into a silent exit. Wherever it lands now, it is one line."""
+    out = tmp_path / "early"
+    proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", EPOCHS), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(0.3)  # Python is up (its handler is in place), alexcli is still importing
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
+    err = proc.communicate(timeout=RUN_TIMEOUT)[1]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last in ("error: interrupted", f"error: interrupted before the run's first checkpoint: nothing was "
+                    f"saved in {out}; run the same command again to start") or last.startswith("error: stopped by SIGINT"), err
+    assert not out.exists() or any(out.iterdir()), "no empty --out left behind"
+
+
+def test_ctrl_c_before_the_first_step_says_nothing_was_saved(train_data, tmp_path, monkeypatch, cli):
+    from alexcli.train import launch
+
+    real = launch.Data
+
+    def interrupted_while_checking(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the shards are hashed
+        return real(*a, **k)
+
+    monkeypatch.setattr(launch, "Data", interrupted_while_checking)
+    out = tmp_path / "run"
+    r = train_in(cli, train_data, out, "--epochs", EPOCHS)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"error: interrupted before the run's first checkpoint: nothing was "
+                                                 f"saved in {out}; run the same command again to start")
+    assert not out.exists()
+
+
+def test_ctrl_c_twice_stops_at_once_naming_the_last_saved_position(reference, train_data, tmp_path, monkeypatch, cli):
+    """The first Ctrl-C asks the run to save and stop at the next step; a second one stops it at
+    once. The line names what the folder holds, and --resume from it ends as an uninterrupted run."""
+    from alexcli.train import step as step_mod
+
+    calls = {"n": 0}
+    real = step_mod.TrainStep.__call__
+
+    def call(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 6 + 3:  # epoch 2, step 3: Ctrl-C twice, fast
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a)
+
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", call)
+    out = tmp_path / "twice"
+    r = train_in(cli, train_data, out, "--epochs", EPOCHS, *SNAP)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted; the last saved position is {out / 'ckpt-e002-s000002.safetensors'}; continue with: "
+        f"alexcli train --data {train_data} --out {out} --resume")
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", real)
+    r = train_in(cli, train_data, out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(reference / LAST, out / LAST)
