@@ -113,12 +113,15 @@ class Network(Protocol):
 @runtime_checkable
 class ArchitectureFactory(Protocol):
     """`alexcli.architectures`: `factory(arch, layers) -> Network`, with four declared attributes,
-    and two optional ones:
+    and three optional ones:
 
     - `init_fields` ({preset: {field: value}}): Arch fields an --init preset sets unless the command
       line gives them, e.g. the input scale the preset's source fed (AlexNet's `kaiming`: 1);
     - `legacy` ({field: value}): the value a field had before it existed, for checkpoints written
-      then (AlexNet's input scale: 1, whatever the default is now).
+      then (AlexNet's input scale: 1, whatever the default is now);
+    - `fixed` ({field: value}): Arch fields the network does not read, each with the one value it
+      has (the CIFAR net: groups 1, dropout 0, no conv6); an Arch with another value is refused, so
+      `--groups 2` on such a net is an error, not a setting silently recorded and ignored.
     """
 
     defaults: Mapping[str, Any]   # Arch fields this architecture sets otherwise than Arch does (crop, init, ...)
@@ -185,6 +188,14 @@ def check(kind: str, obj) -> str | None:
         unknown = sorted(set(legacy).union(*map(set, init_fields.values())) - arch_fields())
         if unknown:
             return f"its 'init_fields' or 'legacy' name fields Arch does not have: {', '.join(unknown)}"
+        fixed = getattr(obj, "fixed", {})
+        if not isinstance(fixed, Mapping) or set(fixed) - arch_fields():
+            return "its 'fixed' must map Arch fields to the one value each has"
+        from alexcli.model.arch import Arch
+
+        clash = sorted(k for k, v in fixed.items() if obj.defaults.get(k, getattr(Arch, k)) != v)
+        if clash:
+            return f"its 'fixed' fields {', '.join(clash)} differ from its defaults"
     return None
 
 

@@ -72,7 +72,10 @@ def test_every_command_works_on_every_architecture(name, data_by_size, demo_src,
     assert sum(t["probability"] for t in row["top"]) <= 1 + 1e-6
 
     kern = run_json(capsys, "kernels", ckpts[1], "--out", tmp_path / "k.png")
-    assert kern["kernels"] >= 1 and (tmp_path / "k.png").is_file()
+    from alexcli.checkpoint import load_checkpoint
+
+    conv1 = next(v for k, v in load_checkpoint(ckpts[1]).model_state.items() if v.dim() == 4)
+    assert kern["kernels"] == conv1.shape[0] and (tmp_path / "k.png").is_file()  # every first-layer filter
 
     nb = run_json(capsys, "neighbors", ckpts[1], photo, "--data", data, "--k", "3", "--out", tmp_path / "n.png",
                   "--device", "cpu")
@@ -82,3 +85,35 @@ def test_every_command_works_on_every_architecture(name, data_by_size, demo_src,
     assert len(nb["queries"][0]["neighbors"]) == 3 and (tmp_path / "n.png").is_file()
     distances = [n["distance"] for n in nb["queries"][0]["neighbors"]]
     assert distances == sorted(distances)
+
+
+@pytest.mark.parametrize("name", plugins.names("architecture"))
+def test_a_setting_the_architecture_does_not_read_is_refused(name, data_by_size, tmp_path, capsys):
+    """The CIFAR net has one column, no dropout and no conv6: `--groups 2` on it was recorded in the
+    checkpoint and silently ignored (the same 806,536 parameters)."""
+    fixed = getattr(plugins.get("architecture", name), "fixed", {})
+    options, size = settings(name)
+    for field, value in fixed.items():
+        other = (not value) if isinstance(value, bool) else {"groups": 2, "dropout": 0.5}[field]
+        option = [f"--{field}"] if isinstance(value, bool) else [f"--{field}", str(other)]
+        out = tmp_path / field
+        code = main(["train", "--data", str(data_by_size(size)), "--out", str(out), "--arch", name, *options, *option,
+                     "--dry-run"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert err.startswith(f"error: {' '.join(option)}: {name} has no such setting (it is always ") and \
+            err.endswith("); leave the option out"), err
+        assert not out.exists()
+
+
+def test_cifar_local_declares_what_it_does_not_read():
+    assert plugins.get("architecture", "cifar-local").fixed == {"groups": 1, "dropout": 0.0, "conv6": False}
+
+
+def test_columns_are_refused_for_an_architecture_without_them(data_by_size, tmp_path, capsys):
+    code = main(["train", "--data", str(data_by_size(32)), "--out", str(tmp_path / "r"), "--arch", "cifar-local",
+                 "--parallel", "columns", "--device", "cpu"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("error: --parallel columns splits AlexNet's two columns; cifar-local "
+                                               "has none")
+    assert not (tmp_path / "r").exists()

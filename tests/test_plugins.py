@@ -203,6 +203,12 @@ def test_cli_plugins_with_a_broken_plugin_installed(tmp_path, demo_src):
     ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ('x',)\n"
                      "factory.stages = ()\nfactory.feature_layer = 'fc'\nfactory.legacy = {'depth': 1}\n",
      "'init_fields' or 'legacy' name fields Arch does not have: depth"),
+    ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ('x',)\n"
+                     "factory.stages = ()\nfactory.feature_layer = 'fc'\nfactory.fixed = {'groups': 1}\n",
+     "its 'fixed' fields groups differ from its defaults"),
+    ("architecture", "def factory(arch, layers):\n    pass\nfactory.defaults = {}\nfactory.inits = ('x',)\n"
+                     "factory.stages = ()\nfactory.feature_layer = 'fc'\nfactory.fixed = {'depth': 1}\n",
+     "its 'fixed' must map Arch fields to the one value each has"),
 ])
 def test_a_plugin_that_does_not_fit_its_contract_is_refused_naming_the_package(site, kind, source, problem,
                                                                               monkeypatch):

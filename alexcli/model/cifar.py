@@ -152,3 +152,5 @@ cifar_local.defaults = DEFAULTS
 cifar_local.inits = INITS
 cifar_local.stages = ("conv1", "pool1", "conv2", "pool2", "local3", "local4", "fc10")
 cifar_local.feature_layer = "local4 (after its activation)"
+# Arch fields this net has no use for: one column, no dropout, no conv6 (a different value is refused).
+cifar_local.fixed = {"groups": 1, "dropout": 0.0, "conv6": False}

@@ -36,9 +36,17 @@ def make_arch(name: str = "alexnet", **fields) -> Arch:
 
 
 def check_init(arch: Arch) -> None:
-    inits = architecture(arch.name).inits
-    if arch.init not in inits:
-        raise UsageError(f"--init for {arch.name} must be one of {', '.join(inits)}, not {arch.init!r}")
+    """ARCH's --init is one of its architecture's presets, and no field it does not read (its
+    `fixed` ones) is set to another value."""
+    factory = architecture(arch.name)
+    if arch.init not in factory.inits:
+        raise UsageError(f"--init for {arch.name} must be one of {', '.join(factory.inits)}, not {arch.init!r}")
+    for field, value in getattr(factory, "fixed", {}).items():
+        mine = getattr(arch, field)
+        if mine != value:
+            option = f"--{field.replace('_', '-')}" + ("" if isinstance(mine, bool) else f" {mine:g}")
+            always = ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
+            raise UsageError(f"{option}: {arch.name} has no such setting (it is always {always}); leave the option out")
 
 
 def with_layers(arch: Arch, specs: list[str]) -> Arch:
