@@ -109,6 +109,10 @@ class Network(Protocol):
         """The last hidden layer, (N, D): the codes `alexcli neighbors` compares (Figure 4, right)."""
         ...
 
+    # Optional: `decayed_parameters() -> (decayed, not decayed)` when weight decay should skip some
+    # parameters (the CIFAR net's conv layers); without it every parameter is decayed, as in the
+    # paper (`alexcli.train.optim.param_groups`).
+
 
 @runtime_checkable
 class ArchitectureFactory(Protocol):

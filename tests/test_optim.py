@@ -73,3 +73,39 @@ def test_bad_schedule_options():
         Schedule("steps")
     with pytest.raises(UsageError, match=r"^--schedule must be one of plateau, steps, not 'cosine'$"):
         Schedule("cosine")
+
+
+def test_param_groups_follow_the_network_and_train_and_experiment_use_them(train_data, tmp_path, monkeypatch):
+    """The CIFAR net leaves its conv layers undecayed (cuda-convnet's wc=0); `alexcli train --arch
+    cifar-local` decayed them (only the experiment honoured it). AlexNet decays everything."""
+    from alexcli.model.registry import build_model, make_arch
+    from alexcli.train import loop
+    from alexcli.train.launch import train
+    from alexcli.train.config import TrainConfig
+    from alexcli.train.optim import param_groups
+
+    net, _ = build_model(make_arch("cifar-local", width=0.25))
+    groups = param_groups(net, 0.004)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert [g["weight_decay"] for g in groups] == [0.004, 0.0]
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == ["conv1.bias", "conv1.weight", "conv2.bias",
+                                                                 "conv2.weight"]
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(net.parameters()))
+    alex, _ = build_model(make_arch("alexnet", width=0.125, crop=64))
+    (only,) = param_groups(alex, 0.0005)
+    assert only["weight_decay"] == 0.0005 and len(only["params"]) == len(list(alex.parameters()))
+
+    made = []
+
+    class Recording(loop.PaperSGD):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(loop, "PaperSGD", Recording)
+    cfg = TrainConfig(data=str(train_data), out=str(tmp_path / "run"), epochs=1, batch=8, loader_workers=0,
+                      schedule="steps", lr_steps=(2,), steps_per_epoch=1, weight_decay=0.004, device="cpu")
+    train(cfg, make_arch("cifar-local", width=0.25, crop=64))
+    (opt,) = made
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.004, 0.0]
+    assert len(opt.param_groups[1]["params"]) == 4

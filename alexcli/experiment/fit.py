@@ -15,7 +15,7 @@ from alexcli.evaluate import model_probs
 from alexcli.experiment.plans import Plan
 from alexcli.model.registry import build_model
 from alexcli.specs import AugmentContext
-from alexcli.train.optim import PaperSGD, set_lr
+from alexcli.train.optim import PaperSGD, param_groups, set_lr
 from alexcli.train.step import TrainStep, derive_seed, seed_epoch, train_epoch
 
 SCORE_BATCH = 1000  # images per forward pass when scoring the in-memory test split
@@ -31,12 +31,8 @@ class Fit:
         torch.manual_seed(derive_seed(seed, "init"))
         self.net, self.variants = build_model(arch)
         self.net.to(device)
-        decayed, plain = (self.net.decayed_parameters() if hasattr(self.net, "decayed_parameters")
-                          else (list(self.net.parameters()), []))
-        groups = [{"params": decayed, "weight_decay": plan.weight_decay}]
-        if plain:
-            groups.append({"params": plain, "weight_decay": 0.0})
-        self.opt = PaperSGD(groups, lr=lr, momentum=momentum, weight_decay=plan.weight_decay)
+        self.opt = PaperSGD(param_groups(self.net, plan.weight_decay), lr=lr, momentum=momentum,
+                            weight_decay=plan.weight_decay)
         ctx = AugmentContext.from_stats(stats, arch.crop, device)
         self.mean_image = ctx.mean_image
         pipeline, self.augment_used = transforms.build(list(plan.augment), ctx)

@@ -34,7 +34,7 @@ from alexcli.specs import AugmentContext
 from alexcli.train import preempt
 from alexcli.train.chance import ChanceWatch
 from alexcli.train.config import TrainConfig
-from alexcli.train.optim import PaperSGD, Schedule, set_lr
+from alexcli.train.optim import PaperSGD, Schedule, param_groups, set_lr
 from alexcli.train.step import LOG_EVERY, TrainStep, autocast_for, derive_seed, seed_epoch, train_epoch
 
 METRICS = "metrics.jsonl"
@@ -334,7 +334,7 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int, snap=None):
         net = net.to(r.device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    opt = PaperSGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = PaperSGD(param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if velocity is not None:
         _load_velocity(opt, net, velocity)
     runner = net

@@ -47,6 +47,18 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
+def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups for NET: every parameter decayed (section 5), unless the
+    network declares `decayed_parameters() -> (decayed, not decayed)`, as the CIFAR net does
+    (cuda-convnet's layer files leave its conv layers undecayed). train and experiment both call this."""
+    own = getattr(net, "decayed_parameters", None)
+    decayed, plain = own() if own is not None else (list(net.parameters()), [])
+    groups = [{"params": list(decayed), "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": list(plain), "weight_decay": 0.0})
+    return groups
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
