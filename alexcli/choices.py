@@ -66,6 +66,14 @@ class Decode(Choice):
     device = "device"
 
 
+class Split(Choice):
+    """A prepared data set's splits."""
+
+    train = "train"
+    val = "val"
+    test = "test"
+
+
 class Resample(Choice):
     """prepare's resize filter."""
 

@@ -27,15 +27,15 @@ def device_name(name: str) -> str:
     """--device auto|cpu|cuda as a torch device name ("cuda" or "cpu"), or a one-line error."""
     import torch
 
+    from alexcli.choices import Device, choice
     from alexcli.errors import UsageError
 
-    if name == "auto":
+    name = choice(Device, name, "--device")
+    if name == Device.auto:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == Device.cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return name
+    return name.value
 
 
 def pil_info() -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alexcli import defaults
 from alexcli.choices import Crops, choice
 from alexcli.data import stream
 from alexcli.events import Advance, Begin, Progress, ignore
@@ -124,7 +125,7 @@ def check_compatible(scored: list[Scored], split) -> None:
                             f"{split.size}x{split.size}")
 
 
-def score(paths: list, split, *, crops: str = "center", batch: int = 128, workers: int = 0, device="cpu",
+def score(paths: list, split, *, crops: str = "center", batch: int = defaults.BATCH, workers: int = 0, device="cpu",
           autocast=None, channels_last: bool = False, progress: Progress = ignore) -> dict:
     """Top-1/top-5 error of each checkpoint (a path, or a Scored already loaded) and of their
     averaged softmax (the paper's Table 2).

@@ -193,3 +193,28 @@ def test_prepare_summary_says_what_it_did(tmp_path):
                              "--json").stdout)
     assert js["class_names_from"] == "LOC_synset_mapping.txt" and js["upscaled"] == 7 and js["skipped"] == 1
     assert js["warnings"] and js["stats"]["pixels"] == "before encoding"
+
+
+def test_command_defaults_are_the_library_defaults():
+    """eval, ensemble, predict and neighbors have no config dataclass: their options and the library
+    functions they call read one set of defaults (alexcli.defaults), so the two cannot drift."""
+    import inspect
+
+    import typer.main
+
+    from alexcli.cli import app
+    from alexcli.evaluate import score
+    from alexcli.figures.neighbors import neighbors
+    from alexcli.figures.predict import predict
+
+    commands = typer.main.get_command(app).commands
+
+    def option(command, name):
+        return str(next(p for p in commands[command].params if p.name == name).default)
+
+    for command, name, function in [("eval", "batch", score), ("ensemble", "batch", score),
+                                    ("predict", "top", predict), ("neighbors", "k", neighbors),
+                                    ("neighbors", "split", neighbors), ("neighbors", "batch", neighbors),
+                                    ("neighbors", "workers", neighbors)]:
+        assert option(command, name) == str(inspect.signature(function).parameters[name].default), (command, name)
+    assert option("eval", "split") == option("ensemble", "split") == "val"

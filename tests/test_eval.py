@@ -105,6 +105,8 @@ def test_bad_eval_input(two_models, train_data, tmp_path):
     assert r.returncode == 2 and "no such checkpoint" in r.stderr
     r = run_here("eval", two_models[0], "--data", train_data, "--crops", "five")
     assert r.returncode == 2 and "'--crops': Value error, 'five' is not one of 'center', 'ten'" in r.stderr
+    r = run_here("eval", two_models[0], "--data", train_data, "--split", "vali")
+    assert r.returncode == 2 and "'--split': Value error, 'vali' is not one of 'train', 'val', 'test'" in r.stderr
     from alexcli.errors import UsageError
     from alexcli.evaluate import score
 

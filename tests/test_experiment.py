@@ -159,6 +159,12 @@ def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
                                 "--holdout 0.1 (CIFAR-10's training folder) or from a source with val/")
     r = run_here("experiment", "lrn", "--data", tmp_path / "missing")
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a width the net cannot have is refused before the data is read (it printed "32 training images" and a bar)
+    r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--width", "0", "--out", tmp_path / "w")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --width must be in (0, 4], not 0.0"
+    assert not (tmp_path / "w").exists()
+    r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--target", "1.5")
+    assert r.returncode == 2 and "Invalid value for '--target': Input should be less than or equal to 1" in r.stderr
 
 
 def test_one_learning_rate_per_variant_skips_the_sweep(cifar, tmp_path):

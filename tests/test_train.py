@@ -209,7 +209,10 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--batch", "7", "--gpus", "2"], "--batch 7 does not split evenly over --gpus 2"),
     (["--schedule", "cosine"], "'--schedule': Value error, 'cosine' is not one of 'plateau', 'steps'"),
     (["--crop", "40"], "--crop 40 is too small"),
-    (["--input-scale", "-1"], "--input-scale must be in (0, 10000], not -1.0"),
+    (["--input-scale", "0"], "--input-scale must be in (0, 10000], not 0.0"),
+    (["--input-scale", "-1"], "Invalid value for '--input-scale': Input should be greater than or equal to 0"),
+    (["--width", "5"], "Invalid value for '--width': Input should be less than or equal to 4"),
+    (["--lr", "-0.1"], "Invalid value for '--lr': Input should be greater than or equal to 0"),
 ])
 def test_bad_options(train_data, tmp_path, args, message):
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from alexcli.choices import Amp, Crops, Device
+from alexcli import defaults
+from alexcli.choices import Amp, Crops, Device, Split
 from alexcli.events import Advance, Begin, Event, Label, Note
 
 # Data goes to stdout; progress and diagnostics to stderr.
@@ -120,8 +121,16 @@ def crops_option():
 
 
 def workers_option():
-    return typer.Option(-1, min=-1, help="Decoding processes (default -1: on the CPU a quarter of the cores, on a "
-                                         "GPU all but one up to 8; at most one per shard).")
+    return typer.Option(defaults.AUTO_WORKERS, min=-1, help=f"Decoding processes ({WORKERS_RULE}).")
+
+
+# The rule alexcli.data.stream.loader_workers applies to -1, said once for every command's --help.
+WORKERS_RULE = ("default -1: on a GPU all cores but one per rank up to 8, on the CPU a quarter of them; at most "
+                "one per shard")
+
+
+def split_option(default: str, what: str):
+    return typer.Option(Split(default), help=what)
 
 
 def ckpt_argument():

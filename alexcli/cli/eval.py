@@ -5,12 +5,13 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.choices import Amp, Crops, Device
+from alexcli import defaults
+from alexcli.choices import Amp, Crops, Device, Split
 from alexcli.cli._ui import (Reporter, no_verify_option, amp_option, ckpt_argument, crops_option, data_folder, data_option,
-                             device_option, emit_json, json_option, out, workers_option)
+                             device_option, emit_json, json_option, out, split_option, workers_option)
 
 
-def _run(ckpts: list[Path], data: Optional[str], split: str, crops: Crops, batch: int, workers: int, device: Device,
+def _run(ckpts: list[Path], data: Optional[str], split: Split, crops: Crops, batch: int, workers: int, device: Device,
          amp: Amp, no_verify: bool) -> dict:
     import torch
 
@@ -73,9 +74,9 @@ def _show(result: dict, per_class: bool, as_json: bool) -> None:
 def eval_command(
     ckpt: Path = ckpt_argument(),
     data: Optional[str] = data_option(),
-    split: str = typer.Option("val", help="Split to score: val, test or train."),
+    split: Split = split_option(defaults.EVAL_SPLIT, "The split to score."),
     crops: Crops = crops_option(),
-    batch: int = typer.Option(128, min=1, help="Images per batch (x10 patches with --crops ten)."),
+    batch: int = typer.Option(defaults.BATCH, min=1, help="Images per batch (x10 patches with --crops ten)."),
     workers: int = workers_option(),
     device: Device = device_option(),
     amp: Amp = amp_option(),
@@ -100,9 +101,9 @@ def eval_command(
 def ensemble_command(
     ckpts: List[Path] = typer.Argument(..., help="Checkpoints to average (their class lists must match)."),
     data: Optional[str] = data_option("the first one's"),
-    split: str = typer.Option("val", help="Split to score."),
+    split: Split = split_option(defaults.EVAL_SPLIT, "The split to score."),
     crops: Crops = crops_option(),
-    batch: int = typer.Option(128, min=1, help="Images per batch."),
+    batch: int = typer.Option(defaults.BATCH, min=1, help="Images per batch (x10 patches with --crops ten)."),
     workers: int = workers_option(),
     device: Device = device_option(),
     amp: Amp = amp_option(),

@@ -75,9 +75,9 @@ def experiment_command(
                                                  "crops, for lrn)."),
     norm: str = typer.Option(C.norm, help="lrn: the normalisation compared with none (lrn, lrn-convnet or a "
                                           "plugin's)."),
-    target: float = typer.Option(C.target, help="relu-vs-tanh: the training error to reach, in (0, 1) (Figure 1: "
+    target: float = typer.Option(C.target, min=0.0, max=1.0, help="relu-vs-tanh: the training error to reach, in (0, 1) (Figure 1: "
                                                 "25%)."),
-    width: float = typer.Option(C.width, help="Channel multiplier of the net, in (0, 4]."),
+    width: float = typer.Option(C.width, min=0.0, max=4.0, help="Channel multiplier of the net, in (0, 4]."),
     device: Device = device_option(),
     no_verify: bool = no_verify_option(),
     as_json: bool = json_option(),

@@ -7,16 +7,17 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.choices import Crops, Device
+from alexcli import defaults
+from alexcli.choices import Crops, Device, Split
 from alexcli.cli._ui import (Reporter, no_verify_option, ckpt_argument, crops_option, data_folder, data_option, device_option, emit_json,
-                             err, json_option, out, workers_option)
+                             err, json_option, out, split_option, workers_option)
 
 
 def predict_command(
     ckpt: Path = ckpt_argument(),
     images: List[Path] = typer.Argument(..., help="Image files in any format Pillow reads."),
     crops: Crops = crops_option(),
-    top: int = typer.Option(5, min=1, help="How many of the most probable classes to show."),
+    top: int = typer.Option(defaults.PREDICT_TOP, min=1, help="How many of the most probable classes to show."),
     fig: Optional[Path] = typer.Option(None, "--out", help="Also draw the images with their top probabilities "
                                                            "as bars (Figure 4, left) into this PNG."),
     device: Device = device_option(),
@@ -93,11 +94,11 @@ def neighbors_command(
     data: Optional[str] = data_option(),
     fig: Optional[Path] = typer.Option(None, "--out", help="Draw each query and its neighbours (Figure 4, right) "
                                                            "into this PNG."),
-    k: int = typer.Option(6, "--k", min=1, help="Neighbours per query."),
-    split: str = typer.Option("train", help="The split to search."),
+    k: int = typer.Option(defaults.NEIGHBORS_K, "--k", min=1, help="Neighbours per query."),
+    split: Split = split_option(defaults.NEIGHBORS_SPLIT, "The split to search."),
     cache: Optional[Path] = typer.Option(None, help="Where the split's codes are cached "
                                                     "(default: features-<checkpoint>-<split>.safetensors beside it)."),
-    batch: int = typer.Option(128, min=1, help="Images per batch while computing the codes."),
+    batch: int = typer.Option(defaults.BATCH, min=1, help="Images per batch while computing the codes."),
     workers: int = workers_option(),
     device: Device = device_option(),
     no_verify: bool = no_verify_option(),

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind
-from alexcli.cli._ui import Reporter, emit_json, json_option, no_verify_option, out
+from alexcli.cli._ui import WORKERS_RULE, Reporter, emit_json, json_option, no_verify_option, out
 from alexcli.model.arch import Arch as A
 from alexcli.train.config import TrainConfig as C
 
@@ -22,7 +22,7 @@ def train_command(
     epochs: int = typer.Option(C.epochs, min=1, help="Epochs to train (section 5: about 90); with --resume, the "
                                                       "new total (default: the run's)."),
     batch: int = typer.Option(C.batch, min=1, help="Images per SGD step over all GPUs (section 5: 128)."),
-    lr: float = typer.Option(C.lr, help="Initial learning rate (section 5: 0.01)."),
+    lr: float = typer.Option(C.lr, min=0.0, help="Initial learning rate (section 5: 0.01)."),
     weight_decay: float = typer.Option(C.weight_decay, min=0.0, help="Weight decay (section 5: 0.0005)."),
     schedule: ScheduleKind = typer.Option(C.schedule, help="plateau: lr/10 when val error stops improving, at "
                                                            "most 3 times (the paper); steps: lr/10 at --lr-steps."),
@@ -37,7 +37,7 @@ def train_command(
                                                          "and section 3.3), or a plugin's (alexcli plugins)."),
     groups: Optional[int] = typer.Option(None, min=1, max=2, help="alexnet: 2 (default) the paper's two columns "
                                                                   "(groups on conv2/4/5); 1: one column."),
-    width: float = typer.Option(A.width, help="Channel multiplier for small experiments, in (0, 4] (structure kept)."),
+    width: float = typer.Option(A.width, min=0.0, max=4.0, help="Channel multiplier for small experiments, in (0, 4] (structure kept)."),
     crop: Optional[int] = typer.Option(None, min=1, help="Input side; alexnet: 224 (default; paper, conv1 padding 2) "
                                                          "or 227 (Caffe, padding 0); cifar-local: 24 (default) up "
                                                          "to the prepared size."),
@@ -52,9 +52,9 @@ def train_command(
                                                   "classifier for other classes is new."),
     conv6: bool = typer.Option(False, "--conv6", help="Add the sixth convolutional layer of the paper's "
                                                       "pre-trained models (section 6)."),
-    dropout: Optional[float] = typer.Option(None, help="alexnet: dropout in fc6 and fc7, in [0, 1) (default 0.5, "
+    dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="alexnet: dropout in fc6 and fc7, in [0, 1) (default 0.5, "
                                                        "section 4.2)."),
-    input_scale: Optional[float] = typer.Option(None, "--input-scale", help="Multiply the input (0..1 pixels "
+    input_scale: Optional[float] = typer.Option(None, "--input-scale", min=0.0, max=1e4, help="Multiply the input (0..1 pixels "
                                                 "minus the mean image) by this before conv1: 255 feeds the paper's "
                                                 "raw pixel values, the scale its LRN constants act at. Default: the "
                                                 "--init preset's (255; kaiming 1); cifar-local 255, as cuda-convnet."),
@@ -67,10 +67,7 @@ def train_command(
     channels_last: bool = typer.Option(C.channels_last, "--channels-last", help="Channels-last memory format "
                                                                                 "(faster on GPUs)."),
     compile_: bool = typer.Option(C.compile, "--compile", help="torch.compile the model."),
-    loader_workers: int = typer.Option(C.loader_workers, min=-1, help="Decoding processes per rank (default -1: on "
-                                                                      "a GPU all cores but one per rank up to 8, on "
-                                                                      "the CPU a quarter of them; at most one per "
-                                                                      "shard)."),
+    loader_workers: int = typer.Option(C.loader_workers, min=-1, help=f"Decoding processes per rank ({WORKERS_RULE})."),
     decode: Decode = typer.Option(C.decode, help="Where training JPEGs are decoded: cpu (pillow-simd in the loader "
                                                  "processes, the pixels prepare's statistics used) or device (nvJPEG "
                                                  "on the GPU; the loader only reads, for machines with few or slow "
@@ -167,9 +164,11 @@ def _given(ctx: typer.Context, cfg, arch, layer: list[str]) -> dict:
         given[field] = getattr(cfg, field) if hasattr(cfg, field) else getattr(arch, field)
     if ctx.get_parameter_source("init").name not in ("DEFAULT", "DEFAULT_MAP"):
         given.update({"init_from": cfg.init_from} if cfg.init_from else {"init": arch.init})
+    from alexcli.model.registry import LAYER_ALIASES
+
     for spec in layer:
         kind = spec.partition("=")[0].strip()
-        kind = "activation" if kind == "act" else kind
+        kind = LAYER_ALIASES.get(kind, kind)
         if hasattr(arch, kind):
             given[kind] = getattr(arch, kind)
     return given

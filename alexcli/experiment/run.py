@@ -64,14 +64,16 @@ def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
             given = ",".join(f"{k}={v:g}" for k, v in cfg.fixed_lrs.items())
             raise UsageError(f"--lrs {given}: give one rate for each of {', '.join(labels)} (or a list to sweep)")
     test_split = _test_split(cfg.data, manifest) if any(p.test for p in the_plans) else None
+    train_split = open_split(cfg.data, "train", verify=False)  # what the saved checkpoints say they were trained on
+    archs = {p.label: make_arch("cifar-local", num_classes=len(train_split.classes), width=cfg.width, **p.arch_fields)
+             for p in the_plans}
+    for arch in archs.values():  # a bad --width or --norm is refused before the data is read
+        arch.validate()
     train = load_split(cfg.data, "train", limit=cfg.subset, progress=progress, verify=cfg.verify).to(device)
     test = load_split(cfg.data, test_split, verify=cfg.verify).to(device) if test_split else None
     stats = load_stats(cfg.data)
-    train_split = open_split(cfg.data, "train", verify=False)  # (verified just above) what the saved checkpoints say they were trained on
     out = Path(cfg.out)
     (out / "fits").mkdir(parents=True, exist_ok=True)
-    archs = {p.label: make_arch("cifar-local", num_classes=len(train.classes), width=cfg.width, **p.arch_fields)
-             for p in the_plans}
     steps = -(-len(train) // cfg.batch)
 
     def fit(plan: Plan, lr: float, epochs: int, seed: int, save: Path | None = None) -> dict:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from alexcli import defaults
 from alexcli.errors import DataError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
 from alexcli.figures.plot import check_png, pyplot, save_figure, short
@@ -186,8 +187,9 @@ def _fetch(split, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], np.ndar
     return got
 
 
-def neighbors(ckpt_path, images: Sequence, data, *, split: str = "train", k: int = 6, device="cpu",
-              batch: int = 128, workers: int = -1, cache=None, verify: bool = True, progress: Progress = ignore
+def neighbors(ckpt_path, images: Sequence, data, *, split: str = defaults.NEIGHBORS_SPLIT,
+              k: int = defaults.NEIGHBORS_K, device="cpu", batch: int = defaults.BATCH,
+              workers: int = defaults.AUTO_WORKERS, cache=None, verify: bool = True, progress: Progress = ignore
               ) -> tuple[dict, torch.Tensor, dict]:
     """The K training images nearest to each query image in the last hidden layer's codes (the
     split's shards checked against their sha256 first, unless VERIFY is false).

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from alexcli import defaults
 from alexcli.choices import Crops, choice
 from alexcli.errors import DataError, UsageError
 from alexcli.figures.plot import check_png, percent, pyplot, save_figure, short
@@ -72,7 +73,7 @@ def true_label(path, classes: list[str]) -> int | None:
     return classes.index(parent) if parent in classes else None
 
 
-def predict(ckpt_path, images: Sequence, *, crops: str = "center", top: int = 5,
+def predict(ckpt_path, images: Sequence, *, crops: str = "center", top: int = defaults.PREDICT_TOP,
             device="cpu") -> tuple[dict, torch.Tensor]:
     """The TOP most probable classes of each image. Returns (result, uint8 images (N, 3, S, S))."""
     from alexcli.checkpoint import read_meta
