@@ -126,8 +126,9 @@ def test_alexnet_with_batchnorm_names_the_package_and_trains(registry):
 
 def test_building_alexnet_leaves_batchnorm_statistics_fresh(registry):
     model, _ = build_model(Arch(num_classes=10, crop=64, width=0.25, norm="batchnorm"))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert int(m.num_batches_tracked) == 0
-            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
-            assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 4  # norm1 and norm2, one per column each
+    for m in bns:
+        assert int(m.num_batches_tracked) == 0
+        assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+        assert torch.equal(m.running_var, torch.ones_like(m.running_var))
