@@ -38,6 +38,16 @@ def device_name(name: str) -> str:
     return name.value
 
 
+def autocast_for(amp: str, device):
+    """A context factory for --amp on the torch DEVICE (None for fp32): training, eval and the
+    benchmarks all run under it."""
+    if amp == "bf16":
+        import torch
+
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return None
+
+
 def pil_info() -> dict:
     """pillow-simd and Pillow both install the `PIL` package; report whose files are in use."""
     import PIL

@@ -18,9 +18,8 @@ def _run(ckpts: list[Path], data: Optional[str], split: Split, crops: Crops, bat
     from alexcli.checkpoint import read_meta
     from alexcli.data import stream
     from alexcli.data.dataset import open_split
-    from alexcli.env import device_name
+    from alexcli.env import autocast_for, device_name
     from alexcli.evaluate import score
-    from alexcli.train.step import autocast_for
 
     dev = torch.device(device_name(device))
     for c in ckpts:  # a damaged checkpoint is one line before any shard is hashed (neighbors does the same)

@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from alexcli.data.scan import (Item, Source, _find as _scan_find, _read_class_names, _record, _utf8, file_kind,
-                               hidden, name_classes, synset_mapping, val_solution)
+                               hidden, name_classes, synset_mapping, val_label, val_solution)
 from alexcli.errors import DataError
 
 # What scan_archive reads, for messages.
@@ -320,15 +320,12 @@ def _split_parts(name: str) -> tuple[str, ...]:
 
 
 def _open_fd(path: Path) -> int:
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    from alexcli.data.image import Reject, open_regular
+
     try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise DataError(f"{path}: not a regular file")
-    return fd
+        return open_regular(path)[0]
+    except Reject as why:
+        raise DataError(f"{path}: {why}") from None
 
 
 # ---------------------------------------------------------------- ILSVRC-2012 tars
@@ -486,12 +483,11 @@ def _ilsvrc_val(val: Path, kit: Devkit | None, index: dict[str, int]) -> _Split 
         raise DataError(f"{kit.where}: has {len(wnids)} validation labels but {val.name} has {len(names)} files")
     for n, wnid in zip(names, labels):
         path = f"{val.name}/{n}"
-        if wnid is None:
-            vs.reject(path, "no label in the ground truth")
-        elif wnid not in index:
-            vs.reject(path, f"label {wnid!r} is not a training class")
+        label, why = val_label(wnid, index)
+        if why:
+            vs.reject(path, why)
         else:
-            vs.items.append(Item(path, index[wnid], files[n].size, ("tar", val.name, files[n].offset)))
+            vs.items.append(Item(path, label, files[n].size, ("tar", val.name, files[n].offset)))
     return vs
 
 
@@ -1059,18 +1055,14 @@ class ItemReader:
         self._fds: dict[str, int] = {}
 
     def _fd(self, archive: str) -> int:
-        from alexcli.data.image import Reject
+        from alexcli.data.image import Reject, open_regular
 
         fd = self._fds.get(archive)
         if fd is None:
-            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
             try:
-                fd = os.open(self.base / archive, flags)
-            except OSError as exc:
-                raise Reject(f"unreadable archive {archive}: {exc.strerror or exc}") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise Reject(f"unreadable archive {archive}: not a regular file")
+                fd = open_regular(self.base / archive)[0]
+            except Reject as why:
+                raise Reject(f"archive {archive}: {why}") from None
             self._fds[archive] = fd
         return fd
 

@@ -41,20 +41,28 @@ class Reject(Exception):
 MAX_SOURCE_BYTES = 512 * 2**20
 
 
-def read_source(path: Path, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
-    """The bytes of one source file, or Reject. Only a regular file is read, and at most max_bytes
-    of it: scan has already rejected FIFOs and devices, but the tree may change between scan and
-    read, so the opened file itself is checked (O_NONBLOCK: opening a FIFO does not wait for a
-    writer)."""
+def open_regular(path) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of PATH and its stat, or Reject with the reason ("unreadable: ...",
+    "not a regular file (FIFO)"). The opened file itself is checked, as the tree may change after a
+    scan stat-ed it (O_NONBLOCK: opening a FIFO does not wait for a writer). Every source file and
+    archive alexcli reads is opened here."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         raise Reject(f"unreadable: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Reject(f"not a regular file ({file_kind(st.st_mode)})")
+    return fd, st
+
+
+def read_source(path: Path, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """The bytes of one source file, or Reject. Only a regular file is read (`open_regular`), and
+    at most max_bytes of it."""
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Reject(f"not a regular file ({file_kind(st.st_mode)})")
         if st.st_size > max_bytes:
             raise Reject(f"file too large: {st.st_size} bytes exceeds the limit of {max_bytes}")
         chunks, n = [], 0

@@ -275,6 +275,16 @@ def _find(root: Path, name: str, depth: int = 3) -> Path | None:
     return None
 
 
+def val_label(wnid: str | None, index: dict[str, int]) -> tuple[int | None, str | None]:
+    """A flat validation image's class from its ground-truth label WNID: (class, None), or (None,
+    the reason it is a reject). Folders and archives label their val images through this."""
+    if wnid is None:
+        return None, "no label in the ground truth"
+    if wnid not in index:
+        return None, f"label {wnid!r} is not a training class"
+    return index[wnid], None
+
+
 def _flat_val_labels(root: Path, files: list[Path], devkit) -> dict[str, str] | None:
     """image stem -> wnid for ImageNet's flat validation folder, or None if no ground truth."""
     loc = _find(root, "LOC_val_solution.csv")
@@ -469,13 +479,11 @@ def _scan_tree(root: Path, base: Path) -> Source:
                              "and meta.mat, found)")
                 continue
             for f, nbytes in loose:
-                wnid = labels.get(f.stem)
-                if wnid is None:
-                    lister.reject(f, "no label in the ground truth")
-                elif wnid not in index:
-                    lister.reject(f, f"label {wnid!r} is not a training class")
+                label, why = val_label(labels.get(f.stem), index)
+                if why:
+                    lister.reject(f, why)
                 else:
-                    add(split, f, nbytes, index[wnid])
+                    add(split, f, nbytes, label)
         rejected.extend(own)
         skipped[split] = lister.skipped[0]
     names, names_from = _read_class_names(root, classes, find_devkit)

@@ -24,7 +24,7 @@ from alexcli import transforms
 from alexcli.choices import Parallel
 from alexcli.data import stream
 from alexcli.data.dataset import has_split, load_stats, open_split, read_manifest
-from alexcli.env import device_name, tune_cpu
+from alexcli.env import autocast_for, device_name, tune_cpu
 from alexcli.errors import DataError, Stopped, TrainingDiverged, UsageError
 from alexcli.evaluate import Tally, predict_probs
 from alexcli.events import Advance, Begin, Label, Note, Progress, ignore
@@ -35,7 +35,7 @@ from alexcli.train import preempt
 from alexcli.train.chance import ChanceWatch
 from alexcli.train.config import TrainConfig
 from alexcli.train.optim import PaperSGD, Schedule, param_groups, set_lr
-from alexcli.train.step import LOG_EVERY, TrainStep, autocast_for, derive_seed, seed_epoch, train_epoch
+from alexcli.train.step import LOG_EVERY, TrainStep, derive_seed, seed_epoch, train_epoch
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"

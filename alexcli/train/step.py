@@ -35,13 +35,6 @@ def seed_epoch(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts, "augment"))
 
 
-def autocast_for(amp: str, device: torch.device) -> Callable | None:
-    """A context factory for --amp on DEVICE (None for fp32)."""
-    if amp == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return None
-
-
 class TrainStep:
     """`step(images, labels, gen) -> (loss, logits)`, both detached, on the model's device."""
 
