@@ -1,5 +1,7 @@
-"""What the benchmarks share: finding and unpacking the sample photos, naming the CPU (run as
-scripts, they import this from their own folder).
+"""What the benchmarks share: finding and unpacking the sample photos, naming the CPU, turning
+--device into a torch.device (run as scripts, they import this from their own folder). The core
+count is alexcli.env.cpu_cores, as for the package. Only the standard library is imported at the
+top: pil_speed.py imports this without torch.
 
 Where the photos come from, in order: the script's own option (a folder or an archive, e.g.
 --source, --data, --tar), else the archive an environment variable names:
@@ -65,6 +67,23 @@ def source_tree(given: Path | None, env: str, option: str, tmp: Path) -> tuple[P
     if not (root / "train").is_dir():
         sys.exit(f"error: {origin}: expected train/<class>/<image> in it")
     return root, origin
+
+
+def torch_device(name: str):
+    """--device auto|cpu|cuda as a torch.device, by alexcli.env.device_name (the rule `alexcli`
+    applies): CUDA with the current device's index, so memory and name queries name one GPU. CUDA
+    asked for but not visible is a one-line exit that says which torch this is."""
+    import torch
+
+    from alexcli.env import device_name
+    from alexcli.errors import UsageError
+
+    try:
+        name = device_name(name)
+    except UsageError as e:
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        sys.exit(f"error: {e} (torch {torch.__version__}, {built}); use --device cpu or auto")
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
 def cpu_model() -> str:

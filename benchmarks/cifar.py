@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _data import CIFAR_ENV, cpu_model, source_tree  # noqa: E402  (benchmarks/_data.py)
+from _data import CIFAR_ENV, cpu_model, source_tree, torch_device  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alexcli.data import dataset, stream  # noqa: E402
+from alexcli.env import cpu_cores  # noqa: E402
 from alexcli.data.memory import load_split  # noqa: E402
 from alexcli.experiment.fit import Fit  # noqa: E402
 from alexcli.experiment.plans import ExperimentConfig, plans  # noqa: E402
@@ -106,12 +106,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0, help="streaming loader's decode processes")
     ap.add_argument("--repeat", type=int, default=2, help="timed rounds (best of)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--cpu-tuning", choices=("tuned", "default"), default="tuned",
                     help="tuned: alexcli.env.tune_cpu() as `alexcli experiment` does on the CPU")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = torch_device(args.device)
     if args.cpu_tuning == "tuned":
         from alexcli.env import tune_cpu
 
@@ -166,8 +166,8 @@ def main() -> None:
     outside = 1 - best["model only"] / best["in-memory epoch"]
     ratio = best["streaming epoch"] / best["in-memory epoch"]
     result = {"variant": args.variant, "crop": arch.crop, "images_timed": len(train), "train_images": full,
-              "batch": args.batch, "device": str(device),
-              "machine": f"{cpu_model()}, {os.cpu_count()} cores" + (
+              "batch": args.batch, "device": device.type,
+              "machine": f"{cpu_model()}, {cpu_cores()} cores" + (
                   f", {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""),
               "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
               "cpu_tuning": args.cpu_tuning,

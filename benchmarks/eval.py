@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _data import SAMPLE_ENV, source_tree  # noqa: E402  (benchmarks/_data.py)
+from _data import SAMPLE_ENV, source_tree, torch_device  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alexcli import __version__  # noqa: E402
-from alexcli.env import pil_info  # noqa: E402
+from alexcli.env import autocast_for, cpu_cores, pil_info  # noqa: E402
 from alexcli.evaluate import load_scored, score  # noqa: E402
 from alexcli import checkpoint as ck  # noqa: E402
 from alexcli.data import dataset  # noqa: E402
@@ -103,11 +102,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.shards is not None and not (args.shards / "dataset.json").is_file():
         ap.error(f"--shards {args.shards}: not a prepared data set (no dataset.json)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dev = torch_device(args.device)
+    device = dev.type  # "cuda" or "cpu", as score() and the JSON take it
     width = args.width if args.width is not None else (1.0 if device == "cuda" else 0.25)
-    autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if args.amp == "bf16" else None
+    autocast = autocast_for(args.amp, dev)
     if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() // 2))
+        torch.set_num_threads(max(1, cpu_cores() // 2))
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
@@ -131,7 +131,7 @@ def main() -> None:
 
     n = split.samples
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    result = {"machine": f"{platform.processor() or platform.machine()}, {cpu_cores()} cores"
                          + (f", {gpu}" if gpu else ""),
               "device": device, "torch": torch.__version__, "pil": pil_info(), "alexcli": __version__,
               "data": origin, "images": n, "split": name, "size": split.size, "crop": crop, "width": width, "batch": args.batch,

@@ -57,7 +57,7 @@ from alexcli.data.archives import ItemReader  # noqa: E402
 from alexcli.data.image import ImageParams, Reject, convert_pixels  # noqa: E402
 from alexcli.data.scan import scan  # noqa: E402
 from alexcli.data.tar import ShardWriter, sample_key  # noqa: E402
-from alexcli.env import pil_info  # noqa: E402
+from alexcli.env import cpu_cores, pil_info  # noqa: E402
 from _data import SAMPLE_ENV, cpu_model, source_tree  # noqa: E402  (benchmarks/_data.py)
 from pil_speed import floor, obvious  # noqa: E402  (beside this file: the same per-image code)
 
@@ -69,7 +69,14 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------- machine and data
 
 def available_cpus() -> set[int] | None:
+    """The CPUs this process may run on, to pin to (None without sched_setaffinity); how many there
+    are is alexcli.env.cpu_cores(), read before any pinning."""
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def two_cpus(cpus: set[int] | None) -> set[int] | None:
+    """Two of CPUS (the lowest two) for the rows labelled "2 cores"; all of them when fewer."""
+    return set(sorted(cpus)[:2]) if cpus else None
 
 
 def pin_to_one_cpu(cpus: set[int] | None) -> str:
@@ -261,13 +268,13 @@ def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | N
     else:
         tree = src
     total = len(scan(tree).splits["train"])
-    one = {min(cpus)} if cpus else None
+    one, two = ({min(cpus)}, two_cpus(cpus)) if cpus else (None, None)
     alexcli = [sys.executable, "-m", "alexcli", "prepare", str(tree), "--size", str(SIZE), "--quality", str(QUALITY)]
     cmds = {
         "obvious script, 1 core": ([sys.executable, str(HERE / "pil_speed.py"), "--script", str(tree), "OUT"], one),
         "alexcli prepare --workers 1, 1 core": (alexcli + ["--workers", "1", "--out", "OUT"], one),
-        "alexcli prepare --workers 1, 2 cores": (alexcli + ["--workers", "1", "--out", "OUT"], cpus),
-        "alexcli prepare --workers 2, 2 cores": (alexcli + ["--workers", "2", "--out", "OUT"], cpus),
+        "alexcli prepare --workers 1, 2 cores": (alexcli + ["--workers", "1", "--out", "OUT"], two),
+        "alexcli prepare --workers 2, 2 cores": (alexcli + ["--workers", "2", "--out", "OUT"], two),
     }
     best: dict[str, float] = {}
     print(f"  {total:,} training images ({n} photos x {copies} names)", flush=True)
@@ -284,8 +291,10 @@ def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | N
     return best
 
 
-def _floor_process(paths: list[Path], barrier, results) -> None:
-    """One of two concurrent floor loops: warm up, wait for the other, time passes for >= 2 s."""
+def _floor_process(paths: list[Path], cpus: set[int] | None, barrier, results) -> None:
+    """One of two concurrent floor loops, on CPUS: warm up, wait for the other, time passes for >= 2 s."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     blobs = read_all(paths)
     for b in blobs:
         floor(b)
@@ -298,13 +307,15 @@ def _floor_process(paths: list[Path], barrier, results) -> None:
     results.put(n / (time.perf_counter() - t0))
 
 
-def machine_ceiling(files: list[Path]) -> float:
-    """Images/s of two floor loops running at once in two processes (what 2 cores can give)."""
+def machine_ceiling(files: list[Path], cpus: set[int] | None) -> float:
+    """Images/s of two floor loops running at once in two processes on two of CPUS (what 2 cores
+    can give)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_floor_process, args=(files, barrier, results)) for _ in range(2)]
+    two = two_cpus(cpus)
+    procs = [ctx.Process(target=_floor_process, args=(files, two, barrier, results)) for _ in range(2)]
     for p in procs:
         p.start()
     total = results.get(timeout=600) + results.get(timeout=600)
@@ -352,7 +363,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cpus = available_cpus()
+    cpus, cores = available_cpus(), cpu_cores()  # before pin_to_one_cpu narrows this process
     tmp = Path(tempfile.mkdtemp(prefix="alexcli-bench-"))
     try:
         src, origin = find_data(args, tmp)
@@ -360,8 +371,7 @@ def main(argv=None) -> None:
         blobs = read_all(files)  # untimed warm-up read: every pipeline reads from the page cache
         pin = pin_to_one_cpu(cpus)
         print(f"data:    {origin}: {len(files)} files, {sum(map(len, blobs)) / 1e6:.1f} MB")
-        print(f"machine: {cpu_model()}, {len(cpus) if cpus else os.cpu_count()} CPUs available, "
-              f"single-core part {pin}")
+        print(f"machine: {cpu_model()}, {cores} CPUs available, single-core part {pin}")
         print(f"PIL:     {pil_info()}")
         print(f"python {platform.python_version()}, output {SIZE}x{SIZE} JPEG q{QUALITY}, best of {args.repeat}")
         print("\n1. per-image work, one process, one core:", flush=True)
@@ -376,8 +386,7 @@ def main(argv=None) -> None:
                 os.sched_setaffinity(0, cpus)
             print(f"\n3. whole processes, best of {args.repeat}:", flush=True)
             best = processes(src, tmp, args.images, args.repeat, cpus)
-            n_cpus = len(cpus) if cpus else os.cpu_count()
-            floor_2 = machine_ceiling(files) if n_cpus >= 2 else None
+            floor_2 = machine_ceiling(files, cpus) if cores >= 2 else None
             print_processes(best, rate["floor"], floor_2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

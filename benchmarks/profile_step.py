@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from alexcli.model.registry import Arch, build_model  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
+from _data import torch_device  # noqa: E402  (benchmarks/_data.py)
 from train import make_step, without_tf32  # noqa: E402  (benchmarks/train.py: the same step, timed there)
 
 CONFIGS = {  # name: (Arch changes, bf16 autocast + channels-last, TF32 allowed)
@@ -139,8 +140,7 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch_device(args.device)
     if device.type != "cuda":
         names = [n for n in names if n != "fp32-strict"]  # TF32 is a CUDA setting
     torch.backends.cudnn.benchmark = True  # as the trainer sets it

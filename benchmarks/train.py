@@ -52,7 +52,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import platform
 import shutil
 import statistics
@@ -61,7 +60,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import SAMPLE_ENV, cpu_model, source_tree  # noqa: E402  (benchmarks/_data.py)
+from _data import SAMPLE_ENV, cpu_model, source_tree, torch_device  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 
@@ -70,12 +69,12 @@ sys.path.insert(0, str(REPO))
 
 from alexcli import __version__  # noqa: E402
 from alexcli import transforms as aug  # noqa: E402
-from alexcli.env import pil_info  # noqa: E402
+from alexcli.env import autocast_for, cpu_cores, pil_info  # noqa: E402
 from alexcli.data import dataset, stream, tar  # noqa: E402
 from alexcli.model.registry import Arch, build_model  # noqa: E402
 from alexcli.specs import AugmentContext  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
-from alexcli.train.step import TrainStep, autocast_for  # noqa: E402
+from alexcli.train.step import TrainStep  # noqa: E402
 
 SIZE, CROP = 256, 224                 # stored side, network input (sections 2 and 4.1)
 AUGMENT = "mean,crop,flip,pca"        # the trainer's default --augment
@@ -92,10 +91,6 @@ def say(*parts) -> None:
 
 # ---------------------------------------------------------------- machine
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def machine(device: torch.device) -> dict:
     import PIL.features
     import torchvision
@@ -105,7 +100,7 @@ def machine(device: torch.device) -> dict:
         wds = getattr(webdataset, "__version__", "installed")
     except ImportError:
         wds = None
-    info = {"cpu": cpu_model(), "cores": cpu_count(), "python": platform.python_version(),
+    info = {"cpu": cpu_model(), "cores": cpu_cores(), "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "webdataset": wds,
             "alexcli": __version__, "pil": pil_info(),
             "libjpeg_turbo": PIL.features.version("jpg") if PIL.features.check_feature("libjpeg_turbo") else None,
@@ -133,16 +128,6 @@ def header(m: dict) -> str:
         lines.append(f"cuda settings: cudnn.benchmark={m['cudnn_benchmark']}, TF32 matmul={m['tf32']['matmul']}, "
                      f"TF32 cudnn={m['tf32']['cudnn']} (as the trainer sets them)")
     return "\n".join(lines)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        sys.exit(f"error: --device cuda: no CUDA device is visible (torch {torch.__version__}, {built}); "
-                 f"use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
 def sync(device: torch.device) -> None:
@@ -668,9 +653,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.json:
         OUT = sys.stderr
-    device = resolve_device(args.device)
+    device = torch_device(args.device)
     cuda = device.type == "cuda"
-    cores = cpu_count()
+    cores = cpu_cores()
     args.batch = args.batch or (128 if cuda else 16)
     args.steps = args.steps or (50 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
