@@ -46,10 +46,13 @@ class Crops(Choice):
 
 
 class ScheduleKind(Choice):
-    """plateau: lr/10 when val error stops improving, at most 3 times (section 5); steps: lr/10 at given epochs."""
+    """plateau: lr/10 when val error stops improving, at most 3 times (section 5); steps: lr/10 at
+    given epochs; constant; cosine: half a cosine from lr down to 0 over the run."""
 
     plateau = "plateau"
     steps = "steps"
+    constant = "constant"
+    cosine = "cosine"
 
 
 class Parallel(Choice):
@@ -72,6 +75,14 @@ class Split(Choice):
     train = "train"
     val = "val"
     test = "test"
+
+
+class ValSplit(Choice):
+    """The split a training run validates on after each epoch (none: it does not validate)."""
+
+    val = "val"
+    test = "test"
+    none = "none"
 
 
 class Resample(Choice):

@@ -71,8 +71,57 @@ def test_steps_schedule():
 def test_bad_schedule_options():
     with pytest.raises(UsageError, match="--lr-steps"):
         Schedule("steps")
-    with pytest.raises(UsageError, match=r"^--schedule must be one of plateau, steps, not 'cosine'$"):
-        Schedule("cosine")
+    with pytest.raises(UsageError, match=r"^--schedule must be one of plateau, steps, constant, cosine, not 'linear'$"):
+        Schedule("linear")
+    with pytest.raises(UsageError, match=r"^--warmup 5 leaves no epoch of the 5 after it; use fewer$"):
+        Schedule("cosine", warmup=5, epochs=5)
+
+
+def rates(s: Schedule, epochs: int, errors=None) -> list[float]:
+    """The rate each epoch 1..EPOCHS trains at."""
+    out = [s.lr]
+    for epoch in range(1, epochs):
+        s.end_epoch(epoch, errors[epoch - 1] if errors else None)
+        out.append(s.lr)
+    return out
+
+
+def test_cosine_and_constant_with_warmup_follow_their_formulas():
+    import math
+
+    base, epochs, warmup = 0.02, 10, 2
+    expected = [base * e / (warmup + 1) for e in (1, 2)] + [
+        base * 0.5 * (1 + math.cos(math.pi * t / (epochs - warmup))) for t in range(epochs - warmup)]
+    assert rates(Schedule("cosine", base, warmup=warmup, epochs=epochs), epochs) == pytest.approx(expected, abs=1e-15)
+    assert rates(Schedule("constant", base, epochs=epochs), epochs) == [base] * epochs
+    assert rates(Schedule("constant", base, warmup=3, epochs=epochs), 5) == pytest.approx(
+        [0.005, 0.01, 0.015, 0.02, 0.02])
+
+
+def test_steps_default_to_a_third_and_two_thirds_of_the_epochs():
+    s = Schedule("steps", 0.01, epochs=90)
+    assert s.steps == (30, 60)
+    lrs = rates(s, 90)
+    assert lrs[29] == 0.01 and lrs[30] == pytest.approx(0.001) and lrs[60] == pytest.approx(0.0001)
+
+
+def test_plateau_does_not_count_warmup_epochs():
+    errors = [0.9, 0.9, 0.9, 0.8, 0.8, 0.8]
+    warm = rates(Schedule("plateau", 0.01, patience=2, warmup=3, epochs=10), 7, errors)
+    assert warm[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # the flat warm-up epochs are not a plateau
+    assert warm[4:] == pytest.approx([0.01, 0.01, 0.001])
+
+
+def test_warmup_and_cosine_state_round_trip():
+    s = Schedule("cosine", 0.01, warmup=2, epochs=8)
+    for epoch in (1, 2, 3):
+        s.end_epoch(epoch, None)
+    t = Schedule("cosine", 0.01, warmup=2, epochs=8)
+    t.load_state_dict(s.state_dict())
+    assert t.lr == s.lr
+    for epoch in (4, 5, 6):
+        s.end_epoch(epoch, None), t.end_epoch(epoch, None)
+        assert t.lr == s.lr
 
 
 def test_param_groups_follow_the_network_and_train_and_experiment_use_them(train_data, tmp_path, monkeypatch):

@@ -35,12 +35,24 @@ def test_train_classes_sorted_and_labelled(tree):
 def test_val_and_test_class_folders(tree):
     jpeg(tree / "val" / "n02" / "a.JPEG")
     jpeg(tree / "test" / "n01" / "b.JPEG")
-    jpeg(tree / "val" / "n99" / "c.JPEG")  # not a training class
     src = scan(tree)
     assert [(i.relpath, i.label) for i in src.splits["val"]] == [("val/n02/a.JPEG", 1)]
     assert [(i.relpath, i.label) for i in src.splits["test"]] == [("test/n01/b.JPEG", 0)]
-    assert src.rejected == [{"path": "val/n99/c.JPEG", "split": "val",
-                             "reason": "class folder 'n99' is not a training class"}]
+    assert src.rejected == []
+
+
+def test_a_val_class_that_train_does_not_have_is_an_error(tree):
+    """It was a reject per image and exit 0: a val/ of other classes (another data set's) gave a
+    data set whose val split was empty or partial without a word."""
+    from alexcli.errors import DataError
+
+    jpeg(tree / "val" / "n02" / "a.JPEG")
+    jpeg(tree / "val" / "n99" / "c.JPEG")
+    jpeg(tree / "val" / "cat" / "d.JPEG")
+    with pytest.raises(DataError) as e:
+        scan(tree)
+    assert str(e.value) == (f"{tree}: val/ has class folder(s) that train/ does not have: 'cat', 'n99'; a val "
+                            "split's folders must be training classes (rename or remove them)")
 
 
 def test_flat_val_with_loc_solution(tree):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from alexcli.data.prepare import PrepareConfig, prepare
 from conftest import TINY_TRAIN, assert_same_weights, run_here, weights
 
 
@@ -207,7 +208,10 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--layer", "norm"], "--layer 'norm': expected KIND=NAME"),
     (["--augment", "mean,sharpen"], "unknown augmentation 'sharpen'"),
     (["--batch", "7", "--gpus", "2"], "--batch 7 does not split evenly over --gpus 2"),
-    (["--schedule", "cosine"], "'--schedule': Value error, 'cosine' is not one of 'plateau', 'steps'"),
+    (["--schedule", "linear"], "'--schedule': Value error, 'linear' is not one of 'plateau', 'steps', 'constant', 'cosine'"),
+    (["--warmup", "1"], "--warmup 1 leaves no epoch of the 1 after it; use fewer"),
+    (["--schedule", "steps"], "--schedule steps over 1 epoch(s) has no epoch to divide lr after; give --lr-steps"),
+    (["--val-split", "test"], "has no test split"),
     (["--crop", "40"], "--crop 40 is too small"),
     (["--input-scale", "0"], "--input-scale must be in (0, 10000], not 0.0"),
     (["--input-scale", "-1"], "Invalid value for '--input-scale': Input should be greater than or equal to 0"),
@@ -308,3 +312,48 @@ def test_lrn_divisor_script_measures_what_lrn_does(run3, train_data, capsys):
     for layer in result["layers"].values():
         assert list(layer["k_beta"]) == [2.0, 0.75] and layer["values"] > 0
         assert 1.0 - 1e-9 <= layer["median"] <= layer["p99"] <= layer["max"] < 1.01
+
+
+@pytest.fixture(scope="module")
+def train_test_data(demo_src, tmp_path_factory):
+    """A data set with train and test splits and no val (as CIFAR-10's download gives)."""
+    import shutil
+
+    src = tmp_path_factory.mktemp("no-val-src")
+    shutil.copytree(demo_src / "train", src / "train")
+    shutil.copytree(demo_src / "val", src / "test")
+    out = tmp_path_factory.mktemp("no-val") / "data"
+    prepare(src, out, PrepareConfig(size=72, shard_size=12, workers=1, seed=0))
+    return out
+
+
+def test_without_a_val_split_the_message_offers_test_and_other_schedules(train_test_data, tmp_path):
+    out = tmp_path / "plateau"
+    r = run_here("train", "--data", train_test_data, "--out", out, *TINY_TRAIN[:-4], "--epochs", "2")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: {train_test_data}: no val split, so the plateau schedule cannot see the "
+                                "error stop improving; use --val-split test (this data set has a test split) or "
+                                "--schedule cosine, constant or steps to train without validation")
+    assert not out.exists()
+
+
+def test_validate_on_test_or_train_without_validation(train_test_data, tmp_path):
+    import math
+
+    base = TINY_TRAIN[:-4]  # without its --schedule steps --lr-steps 2
+    r = run_here("train", "--data", train_test_data, "--out", tmp_path / "on-test", *base, "--epochs", "2",
+                 "--val-split", "test", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["last"]["val_top1_error"] is not None
+    rows = [json.loads(x) for x in (tmp_path / "on-test" / "metrics.jsonl").read_text().splitlines()]
+    r = run_here("eval", tmp_path / "on-test" / "ckpt-e002.safetensors", "--split", "test", "--json")
+    assert json.loads(r.stdout)["models"][0]["top1_error"] == pytest.approx(rows[-1]["val_top1_error"], abs=1e-12)
+
+    out = tmp_path / "cosine"
+    r = run_here("train", "--data", train_test_data, "--out", out, *base, "--epochs", "4", "--schedule", "cosine",
+                 "--warmup", "1", "--val-split", "none", "--lr", "0.02", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_top1_error"] for m in rows] == [None] * 4
+    assert [m["lr"] for m in rows] == pytest.approx([0.01] + [0.02 * 0.5 * (1 + math.cos(math.pi * t / 3))
+                                                              for t in range(3)])

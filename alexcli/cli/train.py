@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind
+from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, ValSplit
 from alexcli.cli._ui import WORKERS_RULE, Reporter, emit_json, json_option, no_verify_option, out
 from alexcli.model.arch import Arch as A
 from alexcli.train.config import TrainConfig as C
@@ -25,10 +25,17 @@ def train_command(
     lr: float = typer.Option(C.lr, min=0.0, help="Initial learning rate (section 5: 0.01)."),
     weight_decay: float = typer.Option(C.weight_decay, min=0.0, help="Weight decay (section 5: 0.0005)."),
     schedule: ScheduleKind = typer.Option(C.schedule, help="plateau: lr/10 when val error stops improving, at "
-                                                           "most 3 times (the paper); steps: lr/10 at --lr-steps."),
+                                                           "most 3 times (the paper); steps: lr/10 after each of "
+                                                           "--lr-steps; constant; cosine: from --lr towards 0 over "
+                                                           "the run. All but plateau train without a val split."),
+    warmup: int = typer.Option(C.warmup, min=0, help="Epochs of linear warm-up first: epoch e of W trains at "
+                                                     "lr x e/(W+1)."),
+    val_split: ValSplit = typer.Option(C.val_split, help="The split scored after each epoch (the plateau schedule "
+                                                         "watches it); none: do not validate."),
     patience: int = typer.Option(C.patience, min=1, help="Epochs without val improvement before the plateau "
                                                          "schedule divides lr."),
-    lr_steps: str = typer.Option("", help="Epochs after which lr is divided by 10 with --schedule steps, e.g. 30,60,80."),
+    lr_steps: str = typer.Option("", help="Epochs after which --schedule steps divides lr by 10, e.g. 30,60,80 "
+                                          "(default: after a third and two thirds of --epochs)."),
     augment: str = typer.Option(",".join(C.augment), help="Augmentations in order, by registry name (alexcli plugins)."),
     layer: List[str] = typer.Option([], "--layer", help="Layer variant KIND=NAME (activation or act, norm, pool), "
                                                        "repeatable: --layer norm=none --layer activation=tanh."),
@@ -119,7 +126,7 @@ def train_command(
 
     out_dir = out_dir or Path("runs") / DataLocation(data).name
     cfg = C(data=data, out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
-            schedule=schedule, patience=patience, lr_steps=steps, augment=tuple(parse_augment(augment)), seed=seed,
+            schedule=schedule, patience=patience, lr_steps=steps, warmup=warmup, val_split=val_split, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
             save_every=save_every, verify=not no_verify, chance_steps=chance_steps)

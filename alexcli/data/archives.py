@@ -83,7 +83,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from alexcli.data.scan import (Item, Source, _find as _scan_find, _read_class_names, _record, _utf8, file_kind,
-                               hidden, name_classes, synset_mapping, val_label, val_solution)
+                               hidden, name_classes, not_training_classes, synset_mapping, val_label,
+                               val_solution)
 from alexcli.errors import DataError
 
 # What scan_archive reads, for messages.
@@ -692,12 +693,11 @@ def _kaggle(src: Path, folder: Path, zpath: Path, named: bool) -> Source | None:
             else:
                 sub.append((parts, info))
         if sub:
+            unknown = [parts[0] for parts, _ in sub if parts[0] not in index]
+            if unknown:
+                raise not_training_classes(zpath, split, unknown)
             for parts, info in sorted(sub, key=lambda e: _walk_key(e[0])):
-                if parts[0] in index:
-                    item(sp, split, parts, info, index[parts[0]])
-                else:
-                    sp.reject(prefix + split + "/" + "/".join(parts),
-                              f"class folder {parts[0]!r} is not a training class")
+                item(sp, split, parts, info, index[parts[0]])
             for parts, _ in loose:
                 sp.reject(prefix + split + "/" + parts[0], "not in a class folder")
         elif loose:

@@ -275,6 +275,15 @@ def _find(root: Path, name: str, depth: int = 3) -> Path | None:
     return None
 
 
+def not_training_classes(where, split: str, names) -> DataError:
+    """A val/ or test/ whose class folders train/ does not have: the split cannot be scored against
+    the classes the network learns, so it is an error (not a reject per image)."""
+    names = sorted(set(names))
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return DataError(f"{where}: {split}/ has class folder(s) that train/ does not have: {shown}; a {split} split's "
+                     "folders must be training classes (rename or remove them)")
+
+
 def val_label(wnid: str | None, index: dict[str, int]) -> tuple[int | None, str | None]:
     """A flat validation image's class from its ground-truth label WNID: (class, None), or (None,
     the reason it is a reject). Folders and archives label their val images through this."""
@@ -461,12 +470,12 @@ def _scan_tree(root: Path, base: Path) -> Source:
             continue
         subdirs, loose = top
         if subdirs:
+            unknown = [d.name for d, _ in subdirs if d.name not in index]
+            if unknown:
+                raise not_training_classes(root, split, unknown)
             for d, dst in subdirs:
                 for f, nbytes in lister.files(d, dst):
-                    if d.name in index:
-                        add(split, f, nbytes, index[d.name])
-                    else:
-                        lister.reject(f, f"class folder {d.name!r} is not a training class")
+                    add(split, f, nbytes, index[d.name])
             for f, _ in loose:
                 lister.reject(f, "not in a class folder")
         elif loose:

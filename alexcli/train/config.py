@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, choice
+from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, ValSplit, choice
 from alexcli.errors import UsageError
 from alexcli.train.chance import CHANCE_STEPS
 
@@ -25,9 +25,17 @@ SAVE_EVERY = 2500
 # What --resume may change: everything else is the run's and is refused if it differs.
 RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device", "chance_steps")
 
+
+
+def default_steps(epochs: int) -> tuple[int, ...]:
+    """--schedule steps without --lr-steps: lr/10 after a third and after two thirds of EPOCHS (as
+    torchvision's reference recipe divides after 30 and 60 of 90)."""
+    return tuple(sorted({e for e in (epochs // 3, 2 * epochs // 3) if 1 <= e < epochs}))
+
+
 # the choice fields and the option each comes from (values from a saved config are plain strings)
 _CHOICES = {"schedule": (ScheduleKind, "--schedule"), "device": (Device, "--device"), "parallel": (Parallel, "--parallel"),
-            "amp": (Amp, "--amp"), "decode": (Decode, "--decode")}
+            "amp": (Amp, "--amp"), "decode": (Decode, "--decode"), "val_split": (ValSplit, "--val-split")}
 
 
 @dataclass
@@ -39,9 +47,11 @@ class TrainConfig:
     lr: float = BASE_LR                      # section 5: 0.01
     momentum: float = MOMENTUM               # section 5: 0.9
     weight_decay: float = WEIGHT_DECAY       # section 5: 0.0005
-    schedule: ScheduleKind = ScheduleKind.plateau  # plateau (the paper's) | steps
+    schedule: ScheduleKind = ScheduleKind.plateau  # plateau (the paper's) | steps | constant | cosine
     patience: int = 3                        # epochs without val improvement before lr /= 10 (not given in the paper)
-    lr_steps: tuple[int, ...] = ()           # epochs after which lr /= 10 with schedule=steps
+    lr_steps: tuple[int, ...] = ()           # epochs after which lr /= 10 with schedule=steps (): a third and two thirds of epochs
+    warmup: int = 0                          # epochs of linear warm-up before the schedule (not in the paper)
+    val_split: ValSplit = ValSplit.val       # the split validated on after each epoch; none: no validation
     augment: tuple[str, ...] = DEFAULT_AUGMENT  # registry names, applied in order on the device
     seed: int = 0                            # data order, init, augmentation and dropout all follow it
     device: Device = Device.auto             # auto (cuda when present) | cpu | cuda
@@ -67,7 +77,7 @@ class TrainConfig:
         """Every option check, before the run folder is touched."""
         for name, low in (("epochs", 1), ("batch", 1), ("gpus", 1), ("patience", 1), ("keep", 0),
                           ("steps_per_epoch", 0), ("loader_workers", -1), ("save_every", 0),
-                          ("chance_steps", 0)):
+                          ("chance_steps", 0), ("warmup", 0)):
             if getattr(self, name) < low:
                 option = "--" + name.replace("_", "-")
                 raise UsageError(f"{option} must be at least {low}, not {getattr(self, name)}")
@@ -79,6 +89,11 @@ class TrainConfig:
             raise UsageError(f"momentum must be in [0, 1), not {self.momentum}")
         if any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])) or any(e < 1 for e in self.lr_steps):
             raise UsageError(f"--lr-steps must be increasing epochs of 1 or more, not {','.join(map(str, self.lr_steps))}")
+        if self.schedule == ScheduleKind.steps and not (self.lr_steps or default_steps(self.epochs)):
+            raise UsageError(f"--schedule steps over {self.epochs} epoch(s) has no epoch to divide lr after; give "
+                             "--lr-steps or use --schedule constant")
+        if self.warmup and self.warmup >= self.epochs:
+            raise UsageError(f"--warmup {self.warmup} leaves no epoch of the {self.epochs} after it; use fewer")
         if self.batch % self.gpus:
             raise UsageError(f"--batch {self.batch} does not split evenly over --gpus {self.gpus}")
         if self.parallel == Parallel.columns and self.gpus != 1:

@@ -85,13 +85,20 @@ class Data:
     run folder is touched."""
 
     def __init__(self, cfg: TrainConfig, progress: Progress = ignore):
-        self.train = open_split(cfg.data, "train", verify=cfg.verify, progress=progress)
+        open_split(cfg.data, "train", verify=False)  # a missing or damaged data set says so first
         self.manifest = read_manifest(cfg.data)
-        self.val = (open_split(cfg.data, "val", verify=cfg.verify, progress=progress)
-                    if has_split(self.manifest, "val") else None)
-        if self.val is None and cfg.schedule == "plateau":
-            raise UsageError(f"{cfg.data}: no val split, so the plateau schedule cannot see the error stop "
-                             f"improving; use --schedule steps --lr-steps ...")
+        want = cfg.val_split.value  # which split validates is settled before any shard is hashed
+        if want != "none" and not has_split(self.manifest, want) and want != "val":
+            raise UsageError(f"--val-split {want}: {cfg.data} has no {want} split")
+        validates = want != "none" and has_split(self.manifest, want)
+        if not validates and cfg.schedule == "plateau":
+            test = " --val-split test (this data set has a test split) or" if (
+                want != "test" and has_split(self.manifest, "test")) else ""
+            why = "--val-split none" if want == "none" else f"{cfg.data}: no val split"
+            raise UsageError(f"{why}, so the plateau schedule cannot see the error stop improving; use{test} "
+                             f"--schedule cosine, constant or steps to train without validation")
+        self.train = open_split(cfg.data, "train", verify=cfg.verify, progress=progress)
+        self.val = open_split(cfg.data, want, verify=cfg.verify, progress=progress) if validates else None
         if self.val is not None and self.val.classes != self.train.classes:
             raise UsageError(f"{cfg.data}: val and train splits list different classes")
         if cfg.batch > self.train.samples:
@@ -142,7 +149,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
     eval_mean = ctx.mean_image if "mean" in cfg.augment else None
 
     # the schedule, the best epoch so far and the metric rows (restored on resume)
-    schedule = Schedule(cfg.schedule, cfg.lr, cfg.patience, cfg.lr_steps)
+    schedule = Schedule(cfg.schedule, cfg.lr, cfg.patience, cfg.lr_steps, warmup=cfg.warmup, epochs=cfg.epochs)
     watch = ChanceWatch(arch.num_classes, cfg.chance_steps)
     best = {"epoch": None, "val_top1_error": math.inf}
     saved_rows = None

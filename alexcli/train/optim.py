@@ -10,11 +10,13 @@ lr. Here lr enters v when the gradient does, as in the paper (and cuda-convnet).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alexcli.choices import ScheduleKind, choice
 from alexcli.errors import UsageError
-from alexcli.train.config import BASE_LR, LR_DROP, MAX_DROPS, MOMENTUM, WEIGHT_DECAY
+from alexcli.train.config import BASE_LR, LR_DROP, MAX_DROPS, MOMENTUM, WEIGHT_DECAY, default_steps
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -68,44 +70,68 @@ class Schedule:
     """The learning rate per epoch.
 
     `plateau` (the paper's): divide by 10 when the validation error has not improved for
-    PATIENCE epochs, at most 3 times. `steps`: divide by 10 at the given epochs (e.g. 30,60,80).
-    State is a small dict, saved with the trainer state so a resumed run continues exactly."""
+    PATIENCE epochs, at most 3 times. `steps`: divide by 10 after the given epochs (e.g. 30,60,80;
+    by default after a third and two thirds of EPOCHS, as torchvision's reference recipe's 30 and
+    60 of 90). `constant`: the base rate throughout. `cosine`: half a cosine from the base rate
+    towards 0, one value per epoch, over the epochs after the warm-up.
+    WARMUP epochs first (any kind) raise the rate linearly: epoch e of W trains at lr * e / (W + 1);
+    a plateau does not count them. The rate changes between epochs, never inside one. State is a
+    small dict, saved with the trainer state so a resumed run continues exactly."""
 
     def __init__(self, kind: str = "plateau", base_lr: float = BASE_LR, patience: int = 3,
-                 steps: tuple[int, ...] = (), max_drops: int = MAX_DROPS):
+                 steps: tuple[int, ...] = (), max_drops: int = MAX_DROPS, *, warmup: int = 0, epochs: int = 0):
         kind = choice(ScheduleKind, kind, "--schedule").value
         if kind == "steps" and not steps:
-            raise UsageError("--schedule steps needs --lr-steps, e.g. --lr-steps 30,60,80")
+            steps = default_steps(epochs)
+            if not steps:
+                raise UsageError("--schedule steps needs --lr-steps, e.g. --lr-steps 30,60,80")
         if patience < 1:
             raise UsageError(f"--patience must be at least 1, not {patience}")
+        if warmup < 0:
+            raise UsageError(f"--warmup must be 0 or more epochs, not {warmup}")
+        if epochs and warmup >= epochs:
+            raise UsageError(f"--warmup {warmup} leaves no epoch of the {epochs} after it; use fewer")
         self.kind, self.patience, self.steps, self.max_drops = kind, patience, tuple(sorted(steps)), max_drops
-        self.lr, self.drops, self.best, self.bad_epochs = base_lr, 0, float("inf"), 0
+        self.base, self.warmup, self.epochs = base_lr, warmup, epochs
+        self.drops, self.best, self.bad_epochs = 0, float("inf"), 0
+        self.lr = self.lr_at(1)
+
+    def lr_at(self, epoch: int) -> float:
+        """The rate epoch EPOCH (1-based) trains at, given the drops so far."""
+        if self.kind == "cosine":
+            span = max(1, self.epochs - self.warmup)
+            t = min(max(epoch - 1 - self.warmup, 0), span)
+            rate = self.base * 0.5 * (1 + math.cos(math.pi * t / span))
+        elif self.kind == "constant":
+            rate = self.base
+        else:
+            rate = self.base / LR_DROP ** self.drops
+        return rate * epoch / (self.warmup + 1) if epoch <= self.warmup else rate
 
     def end_epoch(self, epoch: int, val_error: float | None) -> bool:
-        """Record the error of EPOCH (1-based, just finished); returns True if lr was divided."""
+        """Record the error of EPOCH (1-based, just finished) and set the rate of the next; returns
+        True if the plateau or steps schedule divided it."""
+        dropped = False
         if self.kind == "steps":
-            if epoch in self.steps:
-                return self._drop()
-            return False
-        if val_error is None:
-            return False
-        if val_error < self.best:
-            self.best, self.bad_epochs = val_error, 0
-            return False
-        self.bad_epochs += 1
-        if self.bad_epochs >= self.patience and self.drops < self.max_drops:
-            self.bad_epochs = 0
-            return self._drop()
-        return False
+            dropped = epoch in self.steps and self._drop()
+        elif self.kind == "plateau" and val_error is not None:
+            if val_error < self.best:
+                self.best, self.bad_epochs = val_error, 0
+            elif epoch > self.warmup:
+                self.bad_epochs += 1
+                if self.bad_epochs >= self.patience and self.drops < self.max_drops:
+                    self.bad_epochs = 0
+                    dropped = self._drop()
+        self.lr = self.lr_at(epoch + 1)
+        return dropped
 
     def _drop(self) -> bool:
-        self.lr /= LR_DROP
         self.drops += 1
         return True
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("kind", "patience", "steps", "max_drops", "lr", "drops", "best",
-                                               "bad_epochs")}
+                                               "bad_epochs", "base", "warmup")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
