@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +144,15 @@ def test_bad_image_is_one_line_naming_it(model, demo_src, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.png'}: no such file"
 
 
+def tile_top(pic, want, left, start=0):
+    """The first row at or below START where the tile WANT sits at column LEFT (None if nowhere)."""
+    t = len(want)
+    for y in range(start, len(pic) - t + 1):
+        if np.array_equal(pic[y:y + t, left:left + t], want):
+            return y
+    return None
+
+
 def test_kernels_grid(model, tmp_path, capsys):
     from alexcli.checkpoint import load_checkpoint
 
@@ -154,23 +164,65 @@ def test_kernels_grid(model, tmp_path, capsys):
     w = ckpt.model_state["conv1.weight"].numpy()
     n, _, k, _ = w.shape
     assert ckpt.meta["arch"]["groups"] == 2
-    assert info == {**info, "out": str(out), "kernels": n, "columns": 2, "kernel_size": [k, k]}
+    assert info == {"out": str(out), "kernels": n, "columns": 2, "kernel_size": [k, k], "scale": scale,
+                    "pixels": info["pixels"], "normalisation": "min-max per kernel"}
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     pic = np.asarray(Image.open(out).convert("RGB"))
+    assert list(pic.shape) == [info["pixels"][1], info["pixels"][0], 3]
     # n/2 kernels per column block, in one row of tiles here (fewer than 16 per column);
-    # tiles of k*scale with scale pixels around them, blocks 4*scale apart
+    # tiles of k*scale with scale pixels of white around them; each block under a text strip
     per_col, tile, pad, gap = n // 2, k * scale, scale, 4 * scale
-    block_h = tile + 2 * pad
-    assert pic.shape == (2 * block_h + gap, per_col * tile + (per_col + 1) * pad, 3)
-    assert (pic[block_h:block_h + gap] == 255).all()  # the gap between the columns
-    for i in range(n):
-        g, c = divmod(i, per_col)
-        top, left = g * (block_h + gap) + pad, pad + c * (tile + pad)
-        got = pic[top:top + tile, left:left + tile]
+
+    def want(i):
         kern = w[i]
         norm = (kern - kern.min()) / (kern.max() - kern.min())
-        want = np.rint(norm.transpose(1, 2, 0) * 255).astype(np.uint8)
-        assert np.array_equal(got, want.repeat(scale, 0).repeat(scale, 1)), f"kernel {i}"
+        return np.rint(norm.transpose(1, 2, 0) * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+
+    assert pic.shape[1] == per_col * tile + (per_col + 1) * pad
+    tops = [tile_top(pic, want(0), pad), tile_top(pic, want(per_col), pad)]
+    assert None not in tops and tops[0] + tile + pad + gap < tops[1]
+    for i in range(n):
+        g, c = divmod(i, per_col)
+        top, left = tops[g], pad + c * (tile + pad)
+        assert np.array_equal(pic[top:top + tile, left:left + tile], want(i)), f"kernel {i}"
+        assert (pic[top - pad:top, left:left + tile] == 255).all() and (pic[top + tile:top + tile + pad] == 255).all()
+    # the title strip above the first block, and column 1's label between the two blocks: text (dark
+    # pixels) where the grid alone has white
+    title, label = pic[:tops[0] - pad], pic[tops[0] + tile + pad:tops[1] - pad]
+    assert (title.min(2) < 128).sum() > 100 and (label.min(2) < 128).sum() > 100
+    assert (pic[tops[0] + tile + pad:tops[0] + tile + pad + gap] == 255).all()  # the gap after column 0
+
+
+def test_kernels_title_names_the_checkpoint_and_columns(model, tmp_path):
+    from alexcli.figures.kernels import column_label, write_kernels
+
+    result = write_kernels(model, tmp_path / "k.png", scale=2)
+    assert result["title"].startswith(f"{model.name}, epoch 1: ") and "2 columns" in result["title"]
+    assert column_label(0, 2) == "column 0 (GPU 1 in the paper)" and "GPU 2" in column_label(1, 2)
+
+
+def test_kernels_default_scale_is_the_smallest_making_800_pixels(model, tmp_path, capsys):
+    from alexcli.checkpoint import load_checkpoint
+
+    w = load_checkpoint(model).model_state["conv1.weight"]
+    n, k = w.shape[0], w.shape[2]
+    across = min(16, n // 2)
+
+    def width(scale):  # tiles of k*scale with scale pixels between and around them
+        return across * k * scale + (across + 1) * scale
+
+    out = tmp_path / "auto.png"
+    assert cli("kernels", model, "--out", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    s = info["scale"]
+    assert width(s) >= 800 > width(s - 1) and info["pixels"][0] == width(s)
+    with Image.open(out) as im:
+        assert im.size == tuple(info["pixels"])
+    assert cli("kernels", model, "--out", tmp_path / "zero.png", "--scale", "0", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {**info, "out": str(tmp_path / "zero.png")}
+    # an explicit scale keeps its limit
+    assert cli("kernels", model, "--out", tmp_path / "huge.png", "--scale", "100000") == 2
+    assert "more than 64 million pixels; use --scale " in capsys.readouterr().err
 
 
 def test_kernels_needs_a_png_name(model, tmp_path, capsys):
@@ -178,24 +230,77 @@ def test_kernels_needs_a_png_name(model, tmp_path, capsys):
     assert "PNG" in capsys.readouterr().err
 
 
-def test_neighbors_finds_the_query_itself_and_caches(model, train_data, demo_src, tmp_path, capsys):
+def visible_xticks(ax):
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_xlim()
+    return [t for t in ax.get_xticks() if lo <= t <= hi]
+
+
+CURVE_ROW = {"train_loss": 2.0, "val_loss": 2.1, "train_top1_error": 0.8, "val_top1_error": 0.85,
+             "val_top5_error": 0.4}
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_curves_are_titled_with_the_run_and_tick_whole_epochs(tmp_path, monkeypatch, epochs):
+    from alexcli.figures import plot
+
+    drawn = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out, dpi=100: drawn.append(fig) or out)
+    rows = [dict(CURVE_ROW, epoch=e) for e in range(1, epochs + 1)]
+    plot.write_curves(tmp_path / "my-run" / "curves.png", rows)
+    (fig,) = drawn
+    assert fig._suptitle is not None and fig._suptitle.get_text().startswith("run my-run")
+    for ax in fig.axes:
+        ticks = visible_xticks(ax)
+        assert ticks and all(t == int(t) for t in ticks), ticks
+        assert set(range(1, epochs + 1)) <= set(ticks)
+
+
+@pytest.mark.parametrize("target, label", [(0.25, "25% training error (the paper's target)"),
+                                           (0.5, "50% training error (--target)")])
+def test_figure1_labels_its_target_line_and_ticks_whole_epochs(target, label):
+    from alexcli.figures.plot import experiment_plot, pyplot
+
+    def run(lr, rate):
+        return {"lr": lr, "arch": {"num_classes": 10},
+                "history": [{"epoch": e, "train_error": 0.9 * rate ** e} for e in range(1, 5)]}
+
+    fig = experiment_plot("relu-vs-tanh", {"relu": [run(0.01, 0.6)], "tanh": [run(0.01, 0.8)]}, 4, target)
+    (ax,) = fig.axes
+    lines = [line for line in ax.get_lines() if list(line.get_ydata()) == [target, target]]
+    assert [line.get_label() for line in lines] == [label]
+    assert label in [t.get_text() for t in ax.get_legend().get_texts()]
+    ticks = visible_xticks(ax)
+    assert ticks == [0, 1, 2, 3, 4], ticks
+    pyplot().close(fig)
+
+
+def test_neighbors_finds_the_query_itself_and_caches(model, train_data, demo_src, tmp_path, capsys, monkeypatch):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from alexcli.checkpoint import load_checkpoint, save_checkpoint
+    from alexcli.figures import neighbors as nb_module
 
     run = tmp_path / "run"
     run.mkdir()
     ckpt_path = run / model.name
     shutil.copy(model, ckpt_path)
     samples = train_samples(train_data)
+    source = {s[0]: s[1] for s in samples}  # key -> the source path its KEY.json records
     key, rel, label, _ = samples[5]
     query = demo_src / rel
+    unlabelled = tmp_path / "loose" / "photo.jpg"  # in no folder named after a class
+    unlabelled.parent.mkdir()
+    shutil.copy(query, unlabelled)
     fig = tmp_path / "nn.png"
     args = ("neighbors", ckpt_path, query, "--data", train_data, "--k", "3", "--device", "cpu", "--workers", "0",
             "--batch", "16", "--json")
 
-    assert cli(*args, "--out", fig) == 0
+    drawn = []
+    save = nb_module.save_figure
+    monkeypatch.setattr(nb_module, "save_figure", lambda f, out: drawn.append(f) or save(f, out))
+    assert cli(*args, unlabelled, "--out", fig) == 0
     first = json.loads(capsys.readouterr().out)
     cache = run / f"features-{ckpt_path.stem}-train.safetensors"
     assert first["features"] == {**first["features"], "cache": str(cache), "reused": False,
@@ -205,6 +310,24 @@ def test_neighbors_finds_the_query_itself_and_caches(model, train_data, demo_src
     assert nbrs[0]["distance"] < 1e-3 < nbrs[1]["distance"]
     assert [n["distance"] for n in nbrs] == sorted(n["distance"] for n in nbrs)
     assert fig.read_bytes().startswith(PNG_SIGNATURE)
+    # each neighbour named by its source file; the query labelled by the class its folder names
+    classes = json.loads((train_data / "dataset.json").read_text())["classes"]
+    assert nbrs[0]["source"] == rel and all(n["source"] == source[n["key"]] for q in first["queries"]
+                                            for n in q["neighbors"])
+    assert first["queries"][0]["label"] == {**first["queries"][0]["label"], "index": label,
+                                            "class": query.parent.name}
+    assert classes[label] == query.parent.name and first["queries"][1]["label"] is None
+    (picture,) = drawn
+    captions = [ax.get_xaxis().get_label().get_text() for ax in picture.axes]
+    k = 3
+    assert captions[0].startswith("label: ") and captions[k + 1] == "no label"
+    assert captions[1:k + 1] == [Path(n["source"]).name for n in nbrs]
+
+    assert cli(*args[:-1]) == 0  # the table: the source files, the query's class
+    table = capsys.readouterr().out
+    assert f"its folder names class {first['queries'][0]['label']['name']}" in table
+    assert all(n["source"] in table for n in nbrs) and f"{nbrs[0]['shard']}:" not in table
+    args = args + (unlabelled,)
 
     # the cache: every training image's code in shard order, with its key and label
     tensors = load_file(cache)

@@ -11,6 +11,7 @@ from alexcli import defaults
 from alexcli.choices import Crops, Device, Split
 from alexcli.cli._ui import (Reporter, no_verify_option, ckpt_argument, crops_option, data_folder, data_option, device_option, emit_json,
                              err, json_option, out, split_option, workers_option)
+from alexcli.figures.kernels import AUTO_SCALE, MIN_WIDTH  # no numpy or torch: --help stays fast
 
 
 def predict_command(
@@ -30,7 +31,7 @@ def predict_command(
     subtracted, centre crop or ten patches). When an image sits in a folder named after one of the
     classes (ImageNet's layout), that class is shown as its label and its bar drawn red.
 
-    Example: alexcli predict runs/demo/seed0/ckpt-e030.safetensors photo.jpg cat.png --out predictions.png
+    Example: alexcli predict runs/demo/seed0/ckpt-e030.safetensors shards/demo-source/val/ring/ring_0003.JPEG --out runs/demo/predictions.png
     """
     from alexcli.env import device_name
     from alexcli.figures.plot import percent
@@ -63,7 +64,10 @@ def predict_command(
 def kernels_command(
     ckpt: Path = ckpt_argument(),
     fig: Path = typer.Option(..., "--out", help="The PNG to write."),
-    scale: int = typer.Option(4, min=1, help="Each kernel pixel becomes SCALE x SCALE pixels (nearest neighbour)."),
+    scale: int = typer.Option(AUTO_SCALE, min=0, show_default=False,
+                              help=f"Each kernel pixel becomes SCALE x SCALE pixels (nearest neighbour); default "
+                                   f"{AUTO_SCALE}: the smallest scale that makes the picture at least {MIN_WIDTH} "
+                                   "pixels wide."),
     as_json: bool = json_option(),
 ) -> None:
     """The first layer's kernels as one picture (Figure 3).
@@ -71,9 +75,10 @@ def kernels_command(
     Each kernel's RGB weights are min-max normalised on their own (its lowest weight black, its
     highest white, as is customary; absolute scales differ between kernels and are not shown), then
     enlarged. With the paper's two columns (--groups 2), the kernels of column 0 (the first half of
-    conv1's outputs) form the upper block and those of column 1 the lower one, in rows of 16.
+    conv1's outputs; the paper's GPU 1) form the upper block and those of column 1 the lower one,
+    in rows of 16, each block labelled. A title strip names the checkpoint and its epoch.
 
-    Example: alexcli kernels runs/demo/seed0/ckpt-e030.safetensors --out kernels.png
+    Example: alexcli kernels runs/demo/seed0/ckpt-e030.safetensors --out runs/demo/kernels.png
     """
     from alexcli.figures.kernels import write_kernels
 
@@ -85,7 +90,8 @@ def kernels_command(
     h, w = result["kernel_size"]
     blocks = f"{result['columns']} column blocks" if result["columns"] > 1 else "one block"
     out.print(f"wrote {result['out']}: {result['kernels']} kernels of {h}x{w}, {blocks}, "
-              f"{result['pixels'][0]}x{result['pixels'][1]} pixels (min-max per kernel)", soft_wrap=True)
+              f"{result['pixels'][0]}x{result['pixels'][1]} pixels at --scale {result['scale']} "
+              f"(min-max per kernel)", soft_wrap=True)
 
 
 def neighbors_command(
@@ -110,9 +116,11 @@ def neighbors_command(
     fc7 after its ReLU, 4096 numbers at full width; the CIFAR net: local4), taken from the centre
     crop with the network in eval mode. The training set's codes are computed once and cached
     beside the checkpoint, as float16 to halve the space (the queries' codes are rounded the same
-    way); the cache is recomputed when the checkpoint or the data set changes.
+    way); the cache is recomputed when the checkpoint or the data set changes. Each neighbour is
+    named by its source file as prepare recorded it (relative to the source tree); a query that
+    sits in a folder named after one of the classes gets that class as its label, as in predict.
 
-    Example: alexcli neighbors runs/demo/seed0/ckpt-e030.safetensors photo.jpg --data shards/demo --out neighbors.png
+    Example: alexcli neighbors runs/demo/seed0/ckpt-e030.safetensors shards/demo-source/val/waves/waves_0002.JPEG --data shards/demo --out runs/demo/neighbors.png
     """
     from alexcli.env import device_name
     from alexcli.figures.neighbors import draw_neighbors, neighbors
@@ -133,14 +141,17 @@ def neighbors_command(
     from rich.table import Table
 
     for row in result["queries"]:
-        out.print(f"[bold]{row['image']}[/bold]: nearest {split} images", soft_wrap=True)
+        label = row["label"]
+        named = f" (its folder names class {label['name']})" if label else ""
+        out.print(f"[bold]{row['image']}[/bold]{named}: nearest {split} images", soft_wrap=True)
         table = Table()
         table.add_column("#", justify="right")
         table.add_column("class")
         table.add_column("distance", justify="right")
-        table.add_column("sample")
+        table.add_column("source file")
         for i, n in enumerate(row["neighbors"], 1):
-            table.add_row(str(i), n["name"], f"{n['distance']:.3f}", f"{n['shard']}:{n['key']}")
+            name = f"[bold]{n['name']}[/bold]" if label and n["index"] == label["index"] else n["name"]
+            table.add_row(str(i), name, f"{n['distance']:.3f}", n["source"] or f"{n['shard']}:{n['key']}")
         out.print(table)
     if fig is not None:
         out.print(f"wrote {result['out']}", soft_wrap=True)

@@ -125,6 +125,18 @@ class Sample:
     key: str
     jpg: bytes
     label: int
+    json: bytes | None = None  # prepare's KEY.json: {"path": the source file, "class": ...}; None in other shards
+
+    @property
+    def source(self) -> str | None:
+        """The source file prepare made this sample from (relative to its source tree), or None."""
+        import json
+
+        try:
+            path = json.loads(self.json)["path"] if self.json is not None else None
+        except (ValueError, TypeError, KeyError):
+            return None
+        return path if isinstance(path, str) else None
 
 
 def _plain_ustar(h: bytes) -> bool:
@@ -184,7 +196,7 @@ def read_samples(path, expected: int | None = None, manifest: str = "dataset.jso
         if "jpg" not in sample or "cls" not in sample:
             raise DataError(f"{path}: sample {sample.get('__key__')!r} lacks jpg or cls")
         n += 1
-        yield Sample(sample["__key__"], sample["jpg"], int(sample["cls"]))
+        yield Sample(sample["__key__"], sample["jpg"], int(sample["cls"]), sample.get("json"))
     if expected is not None and n != expected:
         raise DataError(f"{path}: {n} samples read, but {manifest} says {expected} (truncated or replaced)")
 

@@ -171,8 +171,10 @@ def _nearest(queries: torch.Tensor, cache: Path, k: int, chunk: int | None = Non
     return best_i, best_d
 
 
-def _fetch(split, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-    """Decoded images of (shard, position) pairs, each needed shard read once."""
+def _fetch(split, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[np.ndarray, str | None]]:
+    """(decoded image, source path) of (shard, position) pairs, each needed shard read once. The
+    source path is the one prepare records with each sample (`Sample.source`); None for a shard
+    without one."""
     from alexcli.data.image import decode_rgb
     from alexcli.data.tar import read_samples
 
@@ -181,8 +183,8 @@ def _fetch(split, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], np.ndar
         positions = {p for ss, p in wanted if ss == s}
         for pos, sample in enumerate(read_samples(split.path(split.shards[s]))):
             if pos in positions:
-                got[(s, pos)] = decode_rgb(sample.jpg)
-            if len(got) == len(wanted) or pos > max(positions):
+                got[(s, pos)] = (decode_rgb(sample.jpg), sample.source)
+            if len(got) == len(wanted) or pos >= max(positions):
                 break
     return got
 
@@ -201,7 +203,7 @@ def neighbors(ckpt_path, images: Sequence, data, *, split: str = defaults.NEIGHB
     from alexcli.data import stream
     from alexcli.data.dataset import class_names, open_split, read_manifest
     from alexcli.evaluate import load_scored
-    from alexcli.figures.predict import image_params, load_images
+    from alexcli.figures.predict import image_params, load_images, true_label
     from alexcli.model.registry import architecture
     from alexcli.transforms import model_input, to_float
 
@@ -241,19 +243,25 @@ def neighbors(ckpt_path, images: Sequence, data, *, split: str = defaults.NEIGHB
             info[name] = {r: sl[r:r + 1][0] for r in rows}
     names = class_names(scored.meta)
     wanted = {(int(info["shard"][r]), int(info["index"][r])) for r in rows}
+    pics = _fetch(sp, wanted)
     result_rows = []
     for path, ii, dd in zip(images, idx.tolist(), dist.tolist()):
         nbrs = []
         for r, d in zip(ii, dd):
             label = int(info["labels"][r])
             key = bytes(info["keys"][r].numpy()).rstrip(b"\0").decode("utf-8")
-            nbrs.append({"key": key, "shard": sp.shards[int(info["shard"][r])]["name"],
-                         "position": int(info["index"][r]), "index": label, "class": sp.classes[label],
+            where = (int(info["shard"][r]), int(info["index"][r]))
+            nbrs.append({"key": key, "shard": sp.shards[where[0]]["name"], "position": where[1],
+                         "source": pics[where][1], "index": label, "class": sp.classes[label],
                          "name": names[label], "distance": d})
-        result_rows.append({"image": str(path), "neighbors": nbrs})
-    pics = _fetch(sp, wanted)
+        truth = true_label(path, sp.classes)  # as predict labels an image: the class its folder names
+        result_rows.append({"image": str(path),
+                            "label": None if truth is None else {"index": truth, "class": sp.classes[truth],
+                                                                 "name": names[truth]},
+                            "neighbors": nbrs})
     shard_index = {e["name"]: i for i, e in enumerate(sp.shards)}
-    pictures = {n["key"]: pics[(shard_index[n["shard"]], n["position"])] for q in result_rows for n in q["neighbors"]}
+    pictures = {n["key"]: pics[(shard_index[n["shard"]], n["position"])][0]
+                for q in result_rows for n in q["neighbors"]}
     result = {"checkpoint": str(ckpt_path), "data": str(sp.folder), "split": split, "k": int(idx.shape[1]),
               "features": {"cache": str(cache), "reused": reused, "images": sp.samples, "dim": dim,
                            "layer": layer, "dtype": "float16"},
@@ -261,20 +269,31 @@ def neighbors(ckpt_path, images: Sequence, data, *, split: str = defaults.NEIGHB
     return result, pixels, pictures
 
 
+def tail(text: str, n: int) -> str:
+    """TEXT cut to N characters from the left (a path's file name is what tells two apart)."""
+    return text if len(text) <= n else "\u2026" + text[-(n - 1):]
+
+
 def draw_neighbors(result: dict, queries: torch.Tensor, pictures: dict, out) -> Path:
-    """Figure 4 (right): each query in the first column, its nearest training images to its right
-    with their class and distance."""
+    """Figure 4 (right): each query in the first column (its file name above, the class its
+    folder names below when it names one), its nearest training images to its right with their
+    class and distance above and their source file below (shard:key when the shard records none)."""
     out = check_png(out)
     plt = pyplot()
     rows = len(result["queries"])
     k = result["k"]
-    fig = plt.figure(figsize=(1.45 * (k + 1) + 0.25, 1.75 * rows + 0.1))
-    grid = fig.add_gridspec(rows, k + 2, width_ratios=[1, 0.12] + [1] * k, wspace=0.06, hspace=0.38,
-                            left=0.01, right=0.99, top=1 - 0.45 / (1.75 * rows + 0.1), bottom=0.01)
+    row_h = 2.0
+    fig = plt.figure(figsize=(1.45 * (k + 1) + 0.25, row_h * rows + 0.1))
+    grid = fig.add_gridspec(rows, k + 2, width_ratios=[1, 0.12] + [1] * k, wspace=0.06, hspace=0.55,
+                            left=0.01, right=0.99, top=1 - 0.45 / (row_h * rows + 0.1),
+                            bottom=0.28 / (row_h * rows + 0.1))
     for r, (row, img) in enumerate(zip(result["queries"], queries)):
         ax = fig.add_subplot(grid[r, 0])
         ax.imshow(img.permute(1, 2, 0).numpy())
         ax.set_title(f"query\n{short(Path(row['image']).name, 20)}", fontsize=7, fontweight="bold")
+        label = row.get("label")
+        ax.set_xlabel(f"label: {short(label['name'], 14)}" if label else "no label", fontsize=7,
+                      fontweight="bold" if label else "normal", labelpad=2)
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
@@ -283,7 +302,11 @@ def draw_neighbors(result: dict, queries: torch.Tensor, pictures: dict, out) -> 
         for c, nb in enumerate(row["neighbors"]):
             ax = fig.add_subplot(grid[r, c + 2])
             ax.imshow(pictures[nb["key"]])
-            ax.set_title(f"{short(nb['name'], 16)}\nd = {nb['distance']:.2f}", fontsize=7)
+            same = label is not None and nb["index"] == label["index"]
+            ax.set_title(f"{short(nb['name'], 16)}\nd = {nb['distance']:.2f}", fontsize=7,
+                         fontweight="bold" if same else "normal")
+            name = Path(nb["source"]).name if nb.get("source") else f"{nb['shard']}:{nb['key']}"
+            ax.set_xlabel(tail(name, 22), fontsize=6, labelpad=2)
             ax.set_xticks([])
             ax.set_yticks([])
     return save_figure(fig, out)

@@ -55,10 +55,16 @@ def percent(p: float) -> str:
     return "<0.1%" if p < 0.0005 else f"{p:.1%}"
 
 
-def write_curves(out: Path, rows: list[dict]) -> Path:
-    """A training run's curves.png: loss and top-1/top-5 error per epoch (train and val)."""
+def integer_epochs(ax) -> None:
+    """Whole epochs only on AX's x axis (a few epochs would otherwise get ticks at 0.5, 1.5, ...)."""
     from matplotlib.ticker import MaxNLocator
 
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # 1: one epoch gets one tick, not 0.96..1.05
+
+
+def curves_figure(rows: list[dict], run: str):
+    """The matplotlib figure of a training run's curves, titled with the run's name: loss and
+    top-1/top-5 error per epoch (train and val), whole epochs on the x axes."""
     plt = pyplot()
     epochs = [m["epoch"] for m in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -74,14 +80,30 @@ def write_curves(out: Path, rows: list[dict]) -> Path:
     b.set(xlabel="epoch", ylabel="error", title="error", ylim=(0, 1))
     b.legend()
     for ax in (a, b):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_epochs(ax)
+    last = f", {len(rows)} epoch{'s' if len(rows) != 1 else ''}" if rows else ""
+    fig.suptitle(f"run {run}{last}", fontweight="bold")
     fig.tight_layout()
-    return save_figure(fig, out)
+    return fig
 
 
-def experiment_figure(name: str, runs: dict, epochs: int, target: float, out: Path) -> Path:
-    """An experiment's figure: per variant (solid, then dashed) and seed (fainter), the training
-    error (relu-vs-tanh, Figure 1, with the target line) or the test error (lrn) per epoch."""
+def write_curves(out: Path, rows: list[dict]) -> Path:
+    """A training run's curves.png (`curves_figure`), named after the run folder it is written in."""
+    return save_figure(curves_figure(rows, Path(out).resolve().parent.name), out)
+
+
+def target_label(target: float) -> str:
+    """The legend entry of Figure 1's target line: the paper's 25%, or the --target given instead."""
+    from alexcli.experiment.plans import TARGET_ERROR
+
+    whose = "the paper's target" if abs(target - TARGET_ERROR) < 1e-9 else "--target"
+    return f"{target * 100:g}% training error ({whose})"
+
+
+def experiment_plot(name: str, runs: dict, epochs: int, target: float):
+    """The matplotlib figure of an experiment: per variant (solid, then dashed) and seed
+    (fainter), the training error (relu-vs-tanh, Figure 1, with the labelled target line) or the
+    test error (lrn) per epoch, whole epochs on the x axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     styles = {0: "-", 1: "--"}
@@ -94,11 +116,17 @@ def experiment_figure(name: str, runs: dict, epochs: int, target: float, out: Pa
             ax.plot(xs, ys, styles.get(i, ":"), color="black" if i == 0 else "tab:gray",
                     alpha=1.0 if k == 0 else 0.4, label=f"{label} (lr {r['lr']:g})" if k == 0 else None)
     if name == "relu-vs-tanh":
-        ax.axhline(target, color="tab:red", lw=0.8)
+        ax.axhline(target, color="tab:red", lw=0.8, label=target_label(target))
         ax.set(ylabel="training error rate", title="Figure 1: ReLU (solid) vs tanh (dashed)")
     else:
         ax.set(ylabel="test error rate (centre patch)", title=f"{runs and list(runs)[0]} (solid) vs none (dashed)")
     ax.set(xlabel="epochs", ylim=(0, 0.9), xlim=(0, epochs))
+    integer_epochs(ax)
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, out, dpi=110)
+    return fig
+
+
+def experiment_figure(name: str, runs: dict, epochs: int, target: float, out: Path) -> Path:
+    """An experiment's figure (`experiment_plot`) as a PNG at OUT."""
+    return save_figure(experiment_plot(name, runs, epochs, target), out, dpi=110)
