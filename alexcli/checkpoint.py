@@ -17,7 +17,9 @@ state-eNNN.json         step, schedule, seeds, data position, the run's settings
 
 Every file is written through `alexcli.io` (NAME.tmp, fsync, rename): a kill leaves either the old
 file or the new one, never half of one under the final name. Nothing here unpickles anything.
-Train, experiment, eval and the figures all read and write checkpoints through this module.
+Train, experiment, eval and the figures all read and write checkpoints through this module. torch
+is imported only where tensors are handled, so reading a checkpoint's metadata (`alexcli runs`)
+does not load it.
 
 Reading checks, each failure a one-line DataError naming the file: a safetensors file with alexcli
 metadata (read_meta reads the header only, never a pickle); the metadata's own sha256 (version 2;
@@ -33,16 +35,22 @@ import json
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from alexcli import __version__
 from alexcli.errors import DataError
 from alexcli.io import write_json, write_safetensors
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT = "alexcli-checkpoint"
 FORMAT_VERSION = 2        # 2: the sha256 covers the metadata too; 1: the tensors only
 CKPT_RE = re.compile(r"^ckpt-e(\d{3,})\.safetensors$")
+# the run folder's other files (train.loop writes them each epoch, `alexcli runs` reads them)
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+DIVERGED = "diverged.json"  # written when the loss became NaN or infinite; removed by the next complete epoch
 
 
 def ckpt_name(epoch: int) -> str:
@@ -55,6 +63,8 @@ def state_names(epoch: int) -> tuple[str, str]:
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes in name order (catches a flipped bit)."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -214,7 +224,7 @@ def read_meta(path: str | os.PathLike, *, check: bool = True) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: no such checkpoint")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # the header alone: no torch needed
             raw = (f.metadata() or {}).get("alexcli")
     except Exception as exc:  # safetensors raises several types for a damaged header
         raise DataError(f"{path}: not a safetensors file ({_one_line(exc)})") from None

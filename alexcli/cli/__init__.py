@@ -17,7 +17,7 @@ import warnings
 import typer
 
 from alexcli import __version__
-from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, train, verify
+from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, runs, train, verify
 from alexcli.errors import AlexcliError
 
 # Typer 0.26+ carries its own copy of Click, whose errors derive from typer.TyperException; older
@@ -61,8 +61,37 @@ def _root(
     before this callback runs.)"""
 
 
-for module in (prepare, train, eval_cmd, experiment, figures, verify, demo, plugins, doctor):
+for module in (prepare, train, eval_cmd, experiment, figures, verify, demo, plugins, doctor, runs):
     module.register(app)
+
+
+def _metavars(app: typer.Typer) -> None:
+    """Name every parameter in `--help` as a reader expects. Typer shows a flag as `<bool>`, a
+    repeatable option as `<list[str]>` and an argument as `{src}`; here a flag shows no value, a
+    repeatable option its value once (`--layer TEXT`, the help says it repeats) and an argument its
+    name in capitals (`SRC`, `CKPT`), as in the usage line. Set through the options' public
+    `metavar`, once, for every command."""
+    import inspect
+    import typing
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback)
+        for name, param in inspect.signature(command.callback).parameters.items():
+            info, hint = param.default, hints.get(name)
+            if getattr(info, "metavar", "") is not None:
+                continue
+            if isinstance(info, ArgumentInfo):
+                info.metavar = name.upper()
+            elif isinstance(info, OptionInfo) and hint is bool:
+                info.metavar = ""
+            elif isinstance(info, OptionInfo) and typing.get_origin(hint) in (list, typing.List):
+                (item,) = typing.get_args(hint)
+                info.metavar = {str: "TEXT", int: "INTEGER"}.get(item, getattr(item, "__name__", "VALUE").upper())
+
+
+_metavars(app)
 
 
 def _fail(message: str, code: int) -> int:

@@ -2,3 +2,6 @@
 in memory. `plans` says what each compares (and imports no torch), `fit` trains one net with
 alexcli's training step, `run` sweeps, repeats over seeds, keeps every finished fit and writes
 the summary."""
+
+RESULTS = "results.json"  # an experiment folder's summary, written last
+FITS = "fits"             # its finished training runs, one JSON file each

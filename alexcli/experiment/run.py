@@ -25,12 +25,12 @@ from alexcli.data.memory import InMemory, load_split
 from alexcli.env import device_name, tune_cpu
 from alexcli.errors import Interrupted, UsageError
 from alexcli.events import Advance, Begin, Label, Note, Progress, ignore
+from alexcli.experiment import FITS, RESULTS
 from alexcli.experiment.fit import Fit
 from alexcli.experiment.plans import PAPER_LRN, PAPER_SPEEDUP, ExperimentConfig, Plan, plans
 from alexcli.io import write_json
 from alexcli.model.registry import count_parameters, make_arch
 
-RESULTS = "results.json"
 FIGURES = {Experiment.relu_vs_tanh: "figure1.png", Experiment.lrn: "lrn.png"}
 FIT_FORMAT = 1  # bump when a fit's result would change for the same key
 
@@ -41,7 +41,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress = ignore
     try:
         return _run(choice(Experiment, name, "experiment"), cfg, progress)
     except KeyboardInterrupt:
-        done = len(list((Path(cfg.out) / "fits").glob("*.json")))
+        done = len(list((Path(cfg.out) / FITS).glob("*.json")))
         raise Interrupted(f"interrupted: {done} finished training runs are kept in {Path(cfg.out) / 'fits'}; "
                           f"run the same command again to continue") from None
 
@@ -73,13 +73,13 @@ def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
     test = load_split(cfg.data, test_split, verify=cfg.verify).to(device) if test_split else None
     stats = load_stats(cfg.data)
     out = Path(cfg.out)
-    (out / "fits").mkdir(parents=True, exist_ok=True)
+    (out / FITS).mkdir(parents=True, exist_ok=True)
     steps = -(-len(train) // cfg.batch)
 
     def fit(plan: Plan, lr: float, epochs: int, seed: int, save: Path | None = None) -> dict:
         arch = archs[plan.label]
         what = f"{plan.label} lr {lr:g} seed {seed}"
-        path = out / "fits" / f"{_fit_key(plan, arch, cfg, lr, epochs, seed, manifest, len(train))}.json"
+        path = out / FITS / f"{_fit_key(plan, arch, cfg, lr, epochs, seed, manifest, len(train))}.json"
         if path.is_file() and (save is None or save.is_file()):
             progress(Advance(steps * epochs))
             progress(Note(f"{what}: done before, read from fits/"))

@@ -71,7 +71,7 @@ def interrupted(cfg: TrainConfig) -> Interrupted:
 # Every name a run writes in its folder (a `.tmp` of each while it is written): --overwrite and a
 # fresh start remove these and nothing else.
 RUN_FILE_RE = re.compile(r"^(ckpt-e\d{3,}(-s\d{6,})?\.safetensors|state-e\d{3,}(-s\d{6,})?\.(safetensors|json)|"
-                         + re.escape(METRICS) + "|" + re.escape(CURVES) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
+                         + "|".join(map(re.escape, (METRICS, CURVES, ck.DIVERGED))) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
 
 
 def _run_files(out: Path) -> list[Path]:

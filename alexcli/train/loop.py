@@ -28,7 +28,7 @@ from alexcli.env import autocast_for, device_name, tune_cpu
 from alexcli.errors import DataError, Stopped, TrainingDiverged, UsageError
 from alexcli.evaluate import Tally, predict_probs
 from alexcli.events import Advance, Begin, Label, Note, Progress, ignore
-from alexcli.io import write_jsonl
+from alexcli.io import write_json, write_jsonl
 from alexcli.model.registry import Arch, build_model, count_parameters
 from alexcli.specs import AugmentContext
 from alexcli.train import preempt
@@ -37,8 +37,7 @@ from alexcli.train.config import TrainConfig
 from alexcli.train.optim import PaperSGD, Schedule, param_groups, set_lr
 from alexcli.train.step import LOG_EVERY, TrainStep, derive_seed, seed_epoch, train_epoch
 
-METRICS = "metrics.jsonl"
-CURVES = "curves.png"
+METRICS, CURVES = ck.METRICS, ck.CURVES
 
 
 class Rank:
@@ -85,9 +84,10 @@ class Data:
     run folder is touched."""
 
     def __init__(self, cfg: TrainConfig, progress: Progress = ignore):
-        open_split(cfg.data, "train", verify=False)  # a missing or damaged data set says so first
+        # every check that reads no shard first: a refused run hashes nothing
+        train = open_split(cfg.data, "train", verify=False)  # a missing or damaged data set says so
         self.manifest = read_manifest(cfg.data)
-        want = cfg.val_split.value  # which split validates is settled before any shard is hashed
+        want = cfg.val_split.value
         if want != "none" and not has_split(self.manifest, want) and want != "val":
             raise UsageError(f"--val-split {want}: {cfg.data} has no {want} split")
         validates = want != "none" and has_split(self.manifest, want)
@@ -97,13 +97,13 @@ class Data:
             why = "--val-split none" if want == "none" else f"{cfg.data}: no val split"
             raise UsageError(f"{why}, so the plateau schedule cannot see the error stop improving; use{test} "
                              f"--schedule cosine, constant or steps to train without validation")
-        self.train = open_split(cfg.data, "train", verify=cfg.verify, progress=progress)
-        self.val = open_split(cfg.data, want, verify=cfg.verify, progress=progress) if validates else None
-        if self.val is not None and self.val.classes != self.train.classes:
-            raise UsageError(f"{cfg.data}: val and train splits list different classes")
-        if cfg.batch > self.train.samples:
+        if validates and open_split(cfg.data, want, verify=False).classes != train.classes:
+            raise UsageError(f"{cfg.data}: {want} and train splits list different classes")
+        if cfg.batch > train.samples:
             raise UsageError(f"--batch {cfg.batch}: larger than the training split of {cfg.data} "
-                             f"({self.train.samples:,} images); use a --batch of at most that")
+                             f"({train.samples:,} images); use a --batch of at most that")
+        self.train = open_split(cfg.data, "train", verify=cfg.verify, progress=progress) if cfg.verify else train
+        self.val = open_split(cfg.data, want, verify=cfg.verify, progress=progress) if validates else None
         self.stats = load_stats(cfg.data)
 
     @property
@@ -200,6 +200,9 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         def logged(n: int, mean_loss: float, seen: int, epoch=epoch) -> None:
             if not math.isfinite(mean_loss):
                 good = out / ck.ckpt_name(epoch - 1) if epoch > 1 else "none (first epoch)"
+                if r.main:  # the run folder says so too (`alexcli runs`)
+                    write_json(out / ck.DIVERGED, {"epoch": epoch, "step": n, "loss": str(mean_loss),
+                                                   "lr": schedule.lr})
                 raise TrainingDiverged(f"loss became {mean_loss} at epoch {epoch} step {n} (lr {schedule.lr:g}); "
                                        f"stopped; last good checkpoint: {good}; try a lower --lr or another --init")
             window = (mean_loss * seen - shown["loss_sum"]) / max(1, seen - shown["images"])
@@ -427,6 +430,7 @@ def _commit_epoch(out, epoch, net, opt, stats, meta, rows, state, cfg, steps) ->
                  seeds={"torch": derive_seed(cfg.seed, epoch + 1, 0, "torch"),
                         "augment": derive_seed(cfg.seed, epoch + 1, 0, "augment")})
     ck.save_trainer_state(out, epoch, _velocity(opt, net), state)
+    (out / ck.DIVERGED).unlink(missing_ok=True)  # a resumed run that got past where it diverged
     preempt.remove(out)
     ck.prune(out, cfg.keep, state["best"]["epoch"], epoch)
 

@@ -23,15 +23,17 @@ import re
 import signal
 import threading
 from pathlib import Path
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from alexcli import checkpoint as ck
 from alexcli.errors import DataError
 from alexcli.io import write_json, write_safetensors
 
+if TYPE_CHECKING:
+    import torch
+
 SNAPSHOT_RE = re.compile(r"^state-e(\d{3,})-s(\d{6,})\.json$")
+SNAPSHOT_CKPT_RE = re.compile(r"^ckpt-e(\d{3,})-s(\d{6,})\.safetensors$")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -74,6 +76,8 @@ def remove(run: Path, keep: tuple[int, int] | None = None) -> None:
 
 def random_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """This rank's random streams at this moment: torch's (dropout), CUDA's, the augmentations'."""
+    import torch
+
     state = {"torch": torch.get_rng_state(), "augment": gen.get_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -81,6 +85,8 @@ def random_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.
 
 
 def set_random_state(state: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     gen.set_state(state["augment"])
     if device.type == "cuda" and "cuda" in state:
