@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_debug_shows_the_traceback(tmp_path):
     (["prepare", "SRC", "--size", "abc"], ["'--size'", "valid integer"]),
     (["prepare", "SRC", "--quality", "101"], ["'--quality'", "less than or equal to 100"]),
     (["train", "--data", "SRC", "--amp", "fp16"], ["'--amp'", "'fp16' is not one of 'none', 'bf16'"]),
-    (["train", "--data", "SRC", "--schedule", "cosine"], ["'--schedule'", "'plateau', 'steps'"]),
+    (["train", "--data", "SRC", "--schedule", "linear"], ["'--schedule'", "'plateau', 'steps', 'constant', 'cosine'"]),
     (["eval", "x.safetensors", "--crops", "nine"], ["'--crops'", "'center', 'ten'"]),
     (["experiment", "dropout", "--data", "SRC"], ["'NAME'", "'relu-vs-tanh', 'lrn'"]),
     (["train", "--data", "SRC", "--loader-workers", "-2"], ["'--loader-workers'", "-1"]),
@@ -153,6 +155,43 @@ def test_full_demo_learns_far_below_chance(tmp_path):
     # default, reaches about 6%, the paper-like presets learn more slowly (docs/results.md)
     assert result["eval_ten"]["models"][0]["top1_error"] < 0.45, result["eval_ten"]
     assert result["ensemble"]["ensemble"]["top1_error"] < 0.45, result["ensemble"]
+    check_examples_on_the_demo(tmp_path)
+
+
+def masked(line: str) -> str:
+    """LINE with its numbers as # (a run on other hardware may differ in the last digits)."""
+    return re.sub(r"\d+(?:[.,]\d+)*", "#", line.rstrip())
+
+
+def check_examples_on_the_demo(folder: Path) -> None:
+    """Every --help and README example that reads the demo's outputs runs (exit 0) where the demo
+    ran, and each README transcript (`$ alexcli ...` and what it printed) is what the command
+    prints now, numbers aside: the examples users copy are never stale."""
+    import os
+
+    from examples import help_examples, readme_examples, readme_transcripts, runs_on_the_demo
+
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        runnable = [a for _, a in help_examples()] + readme_examples()
+        ran = 0
+        for argv in runnable:
+            if runs_on_the_demo(argv):
+                r = run_here(*argv)
+                assert r.returncode == 0, (argv, r.stderr)
+                ran += 1
+        assert ran >= 10, ran
+        for argv, shown in readme_transcripts():
+            r = run_here(*argv)
+            assert r.returncode == 0, (argv, r.stderr)
+            printed = [masked(x) for x in r.stdout.splitlines()]
+            at = 0
+            for line in shown:  # in order; the README leaves out the tables' rules
+                assert masked(line) in printed[at:], (argv, line, r.stdout)
+                at = printed.index(masked(line), at) + 1
+    finally:
+        os.chdir(here)
 
 
 def test_doctor_reports_pil_and_devices(capsys):

@@ -188,3 +188,22 @@ def test_init_that_is_neither_preset_nor_file(train_data, tmp_path):
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--init", "resnet")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --init 'resnet': neither a preset of alexnet (paper, convnet2, caffe, kaiming) nor a checkpoint file"
+
+
+def test_piped_output_is_never_wrapped_or_cut(two_models, train_data, tmp_path):
+    """Not on a terminal, rich laid tables out for 80 columns: long paths were split across lines
+    and cells cut ("relu-seed0.safete…"). A script reading the table, or a log, gets whole lines."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    long = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2) / "relu-seed0-of-the-experiment.safetensors"
+    long.parent.mkdir(parents=True)
+    shutil.copy(two_models[0], long)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run([sys.executable, "-m", "alexcli", "eval", str(long), "--data", str(train_data)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert any(f"{long} (epoch 2)" in line for line in r.stdout.splitlines()), r.stdout
+    assert "…" not in r.stdout

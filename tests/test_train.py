@@ -134,6 +134,12 @@ def test_diverging_loss_stops_at_once_and_keeps_the_last_good_checkpoint(train_d
     assert not (out / "ckpt-e002.safetensors").exists()
     after = weights(out / "ckpt-e001.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the folder says so, and `alexcli runs` lists the run as diverged (it looked interrupted)
+    mark = json.loads((out / "diverged.json").read_text())
+    assert mark["epoch"] == 2 and mark["lr"] == 1e30 and mark["loss"] in ("nan", "inf")
+    r = run_here("runs", tmp_path, "--json")
+    (row,) = json.loads(r.stdout)
+    assert row["status"] == "diverged" and row["reason"].startswith(f"loss {mark['loss']} at epoch 2 step ")
 
 
 def test_corrupt_and_foreign_checkpoints_are_one_line_errors(run3, train_data, tmp_path):

@@ -4,6 +4,7 @@ options every command spells the same way."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,9 +18,22 @@ from alexcli import defaults
 from alexcli.choices import Amp, Crops, Device, Split
 from alexcli.events import Advance, Begin, Event, Label, Note
 
+# Output read by a program or kept in a log is never wrapped or cut: rich lays it out for 80 columns
+# when the stream is not a terminal, which split paths across lines and cut table cells
+# ("relu-seed0.safete…"). COLUMNS, when set, still rules.
+PIPED_WIDTH = 10_000
+
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = getattr(stream, "isatty", lambda: False)()
+    wide = not terminal and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, highlight=False, width=PIPED_WIDTH if wide else None)
+
+
 # Data goes to stdout; progress and diagnostics to stderr.
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = _console(stderr=True)
+out = _console(stderr=False)
 
 
 def emit_json(obj) -> None:
@@ -121,7 +135,7 @@ def crops_option():
 
 
 def workers_option():
-    return typer.Option(defaults.AUTO_WORKERS, min=-1, help=f"Decoding processes ({WORKERS_RULE}).")
+    return typer.Option(defaults.AUTO_WORKERS, min=-1, show_default=False, help=f"Decoding processes ({WORKERS_RULE}).")
 
 
 # The rule alexcli.data.stream.loader_workers applies to -1, said once for every command's --help.

@@ -74,7 +74,8 @@ def train_command(
     channels_last: bool = typer.Option(C.channels_last, "--channels-last", help="Channels-last memory format "
                                                                                 "(faster on GPUs)."),
     compile_: bool = typer.Option(C.compile, "--compile", help="torch.compile the model."),
-    loader_workers: int = typer.Option(C.loader_workers, min=-1, help=f"Decoding processes per rank ({WORKERS_RULE})."),
+    loader_workers: int = typer.Option(C.loader_workers, min=-1, show_default=False,
+                                       help=f"Decoding processes per rank ({WORKERS_RULE})."),
     decode: Decode = typer.Option(C.decode, help="Where training JPEGs are decoded: cpu (pillow-simd in the loader "
                                                  "processes, the pixels prepare's statistics used) or device (nvJPEG "
                                                  "on the GPU; the loader only reads, for machines with few or slow "

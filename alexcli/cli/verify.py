@@ -50,7 +50,7 @@ def verify_command(
     path: str = typer.Argument(..., help="A prepared data folder (with dataset.json), a URL of one (https://, "
                                          "s3:// or any fsspec URL, pipe:CMD with {}), or a checkpoint "
                                          "(.safetensors)."),
-    workers: int = typer.Option(defaults.AUTO_WORKERS, min=-1, help="Processes reading and decoding shards (default -1: all cores "
+    workers: int = typer.Option(defaults.AUTO_WORKERS, min=-1, show_default=False, help="Processes reading and decoding shards (default -1: all cores "
                                                  "for a data set over 64 MB, at most one per shard; 0: in this "
                                                  "process)."),
     as_json: bool = json_option(),

@@ -224,7 +224,7 @@ def test_a_run_killed_before_its_first_save_starts_again_plainly(train_data, tmp
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "nan"], "--lr must be a positive number, not nan"),
+    (["--lr", "nan"], "Invalid value for '--lr'"),
     (["--lr", "inf"], "--lr must be a positive number, not inf"),
     (["--lr", "0"], "--lr must be a positive number, not 0.0"),
     (["--weight-decay", "nan"], "Invalid value for '--weight-decay'"),
