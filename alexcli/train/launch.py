@@ -124,9 +124,43 @@ def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool, 
             at = f"epoch {done or 0}" + (f", step {mid} of epoch {(done or 0) + 1}" if mid else "")
             raise UsageError(f"{out} already holds a training run ({at}); use --resume to continue it or "
                              f"--overwrite to start again")
-    for p in _run_files(out):  # --overwrite, or what a run killed before its first save left
+    files = _run_files(out)  # --overwrite, or what a run killed before its first save left
+    foreign = _not_ours(out, files)
+    if foreign:
+        them = "it" if len(foreign) == 1 else "them"
+        raise UsageError(f"{out}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written by a run "
+                         f"into this folder, and alexcli removes only its own files: move {them} away, or choose "
+                         f"another --out")
+    for p in files:
         p.unlink(missing_ok=True)
     return cfg, arch, 0, 0
+
+
+def _not_ours(out: Path, files: list[Path]) -> list[str]:
+    """The names among FILES (the run's file names in OUT) that no run into OUT wrote: a checkpoint
+    that is neither a committed epoch (its trainer state beside it) nor one whose metadata names
+    this folder (a copy from elsewhere), and metrics.jsonl or curves.png with none of the run's own
+    files beside them. Temporary files and snapshots are always a run's."""
+    names = {p.name for p in files}
+    ours, loose = set(), []
+    for p in files:
+        m = ck.CKPT_RE.match(p.name)
+        if p.name.endswith(TMP_SUFFIX) or p.name.startswith("state-e") or preempt.SNAPSHOT_CKPT_RE.match(p.name):
+            ours.add(p.name)
+        elif m:
+            if ck.state_names(int(m.group(1)))[1] in names or _written_here(p, out):
+                ours.add(p.name)
+        else:
+            loose.append(p.name)  # metrics.jsonl, curves.png, diverged.json
+    return sorted(n for n in names - ours if not (n in loose and ours))
+
+
+def _written_here(ckpt: Path, out: Path) -> bool:
+    try:
+        recorded = ck.read_meta(ckpt, check=False).get("config", {}).get("out")
+    except (AlexcliError, OSError):
+        return False
+    return isinstance(recorded, str) and Path(recorded).resolve() == out.resolve()
 
 
 def _shown(v) -> str:

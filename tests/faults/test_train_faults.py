@@ -314,3 +314,31 @@ def test_ctrl_c_twice_stops_at_once_naming_the_last_saved_position(reference, tr
     r = train_in(cli, train_data, out, "--resume")
     assert r.returncode == 0, r.stderr
     assert_same_weights(reference / LAST, out / LAST)
+
+
+def test_files_named_like_a_runs_but_not_written_here_are_never_removed(train_data, tmp_path, cli):
+    """A copied ckpt-e090.safetensors, or a metrics.jsonl of the user's, in an --out without a run:
+    a plain train deleted them (rc 0, no word). Now it refuses, naming them; the run's own
+    leftovers (a kill inside its first epoch's commit) still go."""
+    other = tmp_path / "other"
+    assert train_in(cli, train_data, other, "--epochs", "1", "--steps-per-epoch", "2").returncode == 0
+    out = tmp_path / "mixed"
+    out.mkdir()
+    copied = (other / "ckpt-e001.safetensors").read_bytes()
+    (out / "ckpt-e090.safetensors").write_bytes(copied)
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    for extra in ([], ["--overwrite"]):
+        r = train_in(cli, train_data, out, "--epochs", "1", "--steps-per-epoch", "2", *extra)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip() == (f"error: {out}: ckpt-e090.safetensors, metrics.jsonl were not written by a run "
+                                    "into this folder, and alexcli removes only its own files: move them away, or "
+                                    "choose another --out")
+        assert (out / "ckpt-e090.safetensors").read_bytes() == copied and (out / "metrics.jsonl").exists()
+    # what a run killed between its first checkpoint and its trainer state leaves is its own: removed
+    killed = tmp_path / "killed"
+    assert train_in(cli, train_data, killed, "--epochs", "1", "--steps-per-epoch", "2").returncode == 0
+    for name in ("state-e001.json", "state-e001.safetensors"):
+        (killed / name).unlink()
+    r = train_in(cli, train_data, killed, "--epochs", "1", "--steps-per-epoch", "2")
+    assert r.returncode == 0, r.stderr
+    assert (killed / "state-e001.json").exists()
