@@ -51,6 +51,7 @@ from alexcli.events import Advance, Begin, Progress, ignore
 from alexcli.io import LOCK_NAME, TMP_SUFFIX, disk_full, locked_folder, size_text, write_json, write_safetensors
 
 PLAN_FILE = ".alexcli-prepare.json"
+MANIFEST_FORMAT = "alexcli-webdataset"  # dataset.json's "format"
 PARTIAL_DIR = ".partial"
 REJECTED_FILE = "rejected.json"
 CHUNK = 32  # images per worker task: small enough to balance 2 workers on a 500-image set
@@ -196,15 +197,23 @@ OWN_FILES = (MANIFEST, PLAN_FILE, REJECTED_FILE, S.STATS_FILE)
 
 def _marker(out: Path) -> tuple[str, dict] | None:
     """(file name, contents) of what says --out holds an alexcli data set: its finished manifest or
-    a run's plan; None if neither is there. An unreadable one counts as present but empty."""
+    a run's plan, each recognised by its own fields (format, fingerprint, shards); None if neither
+    is there. A dataset.json that is not one prepare wrote (not JSON, another tool's) is not a
+    marker: it is a file alexcli did not write, never replaced or removed."""
     for marker in (MANIFEST, PLAN_FILE):
         path = out / marker
         if path.is_file():
             try:
                 found = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                found = {}
-            return marker, found if isinstance(found, dict) else {}
+                continue
+            if not isinstance(found, dict) or not isinstance(found.get("fingerprint"), str):
+                continue
+            if marker == MANIFEST and found.get("format") != MANIFEST_FORMAT:
+                continue
+            if marker == PLAN_FILE and not isinstance(found.get("shards"), list):
+                continue
+            return marker, found
     return None
 
 
@@ -249,6 +258,23 @@ def _check_out(out: Path, fingerprint: str, cfg: PrepareConfig, shards: list[Sha
         raise UsageError(f"--out {out}: holds {clash[0]}, which alexcli did not write there (or not for the data "
                          "set it held); move it or choose another --out")
     return "new"
+
+
+def _inside_source(src: Path, where: Path) -> bool:
+    """Whether WHERE (resolved) is the source folder or lies in one of its image folders, followed
+    through symlinks as the scan follows them (a linked train/ or class folder)."""
+    root = src.resolve()
+    if where == root:
+        return True
+    folders = []
+    for d in ("train", "val", "validation", "test"):
+        split = root / d
+        folders.append(split.resolve())
+        try:
+            folders += [c.resolve() for c in split.iterdir() if c.is_symlink()]
+        except OSError:  # not there, or not a folder (an archive source): nothing to follow
+            pass
+    return any(where.is_relative_to(f) for f in folders)
 
 
 def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
@@ -359,8 +385,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     t0 = time.monotonic()
     cfg.validate()
     out = Path(out)
-    root, where = Path(src).resolve(), out.resolve()
-    if where == root or any(where.is_relative_to(root / d) for d in ("train", "val", "validation", "test")):
+    if _inside_source(Path(src), out.resolve()):
         raise UsageError(f"--out {out}: inside the source's image folders ({src}); the next prepare would read "
                          "its shards as images: choose an --out outside them")
     source = scan(src)
@@ -506,7 +531,7 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         "images_per_s": round(processed / seconds, 1) if seconds > 0 else None,
     }
     manifest = {
-        "format": "alexcli-webdataset", "format_version": 1,
+        "format": MANIFEST_FORMAT, "format_version": 1,
         "alexcli_version": __version__,
         "fingerprint": fingerprint,
         "source": str(source.root.resolve()),

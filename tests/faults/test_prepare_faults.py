@@ -56,6 +56,24 @@ def test_overwrite_refuses_a_foreign_file_under_a_name_it_would_write(demo_src, 
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]
 
 
+@pytest.mark.parametrize("theirs", [b"not json at all", b'{"name": "my photo collection", "images": 12}'])
+def test_a_dataset_json_prepare_did_not_write_is_never_replaced(demo_src, tmp_path, theirs):
+    """Any dataset.json counted as prepare's own: with --overwrite a user's dataset.json,
+    stats.safetensors and rejected.json were replaced, exit 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"dataset.json": theirs, "stats.safetensors": b"my stats", "rejected.json": b"[]"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(UsageError, match=r"holds files that are not an alexcli data set"):
+        prepare(demo_src, out, cfg())
+    with pytest.raises(UsageError, match=r"holds dataset.json, which alexcli did not write there"):
+        prepare(demo_src, out, cfg(overwrite=True))
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == sorted(mine)
+
+
 def test_a_second_prepare_into_the_same_out_is_refused_naming_the_first(demo_src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -109,6 +127,19 @@ def test_out_inside_the_source_images_is_refused(demo_src, tmp_path, sub):
     with pytest.raises(UsageError, match="inside the source's image folders"):
         prepare(src, out if sub != "." else src, cfg())
     assert not out.exists()
+
+
+@pytest.mark.parametrize("linked", ["train", "train/disc"])
+def test_out_inside_a_symlinked_image_folder_is_refused(demo_src, tmp_path, linked):
+    """s3/train -> real/ and --out real/shards was accepted: the next prepare had a class 'shards'."""
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    real = tmp_path / "elsewhere"
+    shutil.move(str(src / linked), real)
+    (src / linked).symlink_to(real, target_is_directory=True)
+    with pytest.raises(UsageError, match="inside the source's image folders"):
+        prepare(src, real / "shards", cfg())
+    assert not (real / "shards").exists()
 
 
 def test_out_beside_the_splits_is_fine(demo_src, tmp_path):
