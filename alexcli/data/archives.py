@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from alexcli.data.scan import (Item, Source, _find as _scan_find, _read_class_names, _record, _utf8, file_kind,
-                               hidden, name_classes, not_training_classes, synset_mapping, val_label,
+                               hidden, name_classes, not_training_classes, read_text, synset_mapping, val_label,
                                val_solution)
 from alexcli.errors import DataError
 
@@ -556,10 +556,7 @@ def find_devkit(root: Path) -> Devkit | None:
     if meta is not None and meta.is_file():
         text = None
         if gt is not None:
-            try:
-                text = gt.read_text(encoding="ascii", errors="replace")
-            except OSError as exc:
-                raise DataError(f"{gt}: cannot be read: {exc.strerror or exc}") from None
+            text = read_text(gt)
         try:
             return _devkit_from(meta, text, str(meta.relative_to(root)))
         except DataError:
@@ -616,7 +613,7 @@ def _kaggle(src: Path, folder: Path, zpath: Path, named: bool) -> Source | None:
                 if name in top:
                     return zf.read(top[name]).decode("utf-8", "replace")
                 if (folder / name).is_file():
-                    return (folder / name).read_text(encoding="utf-8", errors="replace")
+                    return read_text(folder / name)
                 return None
 
             by_split: dict[str, list[tuple[tuple[str, ...], zipfile.ZipInfo]]] = {}

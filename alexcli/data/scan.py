@@ -218,6 +218,18 @@ class _Lister:
         return None
 
 
+def read_text(path: Path) -> str:
+    """A small text file beside the images (a class mapping, a val solution, a ground truth), read
+    as images are (`image.read_source`: only a regular file, with a size limit): a FIFO or a device
+    under such a name is a DataError naming it, never a hang."""
+    from alexcli.data.image import Reject, read_source
+
+    try:
+        return read_source(path).decode("utf-8", errors="replace")
+    except Reject as why:
+        raise DataError(f"{path}: {why}") from None
+
+
 def synset_mapping(text: str) -> dict[str, str]:
     """wnid -> readable name from LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca" per line)."""
     names = {}
@@ -253,9 +265,9 @@ def _read_class_names(root: Path, classes: list[str], find_devkit=lambda: None) 
     words = root / "words.txt"
     where = Source.names_from
     if mapping.is_file():
-        names, where = synset_mapping(mapping.read_text(encoding="utf-8", errors="replace")), mapping.name
+        names, where = synset_mapping(read_text(mapping)), mapping.name
     elif words.is_file():
-        for line in words.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in read_text(words).splitlines():
             wnid, _, name = line.partition("\t")
             if wnid:
                 names[wnid.strip()] = name.strip()
@@ -298,8 +310,7 @@ def _flat_val_labels(root: Path, files: list[Path], devkit) -> dict[str, str] | 
     """image stem -> wnid for ImageNet's flat validation folder, or None if no ground truth."""
     loc = _find(root, "LOC_val_solution.csv")
     if loc is not None:
-        with open(loc, newline="", encoding="utf-8") as f:
-            return val_solution(f.read())
+        return val_solution(read_text(loc))
     if devkit is not None and devkit.val_wnids is not None:
         # The ground truth lists the 50,000 images in file-name order.
         names = sorted(p.stem for p in files)

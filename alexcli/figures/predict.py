@@ -41,19 +41,16 @@ def image_params(meta: dict):
 
 def load_image(path, params) -> torch.Tensor:
     """Any image file -> uint8 (3, S, S): the pixels the network would see had prepare written it."""
-    from alexcli.data.image import Reject, convert
+    from alexcli.data.image import Reject, convert, read_source
     from alexcli.data.stream import decode_batch
 
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an image")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not an image") from None
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable ({exc.strerror or exc})") from None
-    try:
+        data = read_source(path)  # a regular file only, with prepare's size limit: a FIFO or /dev/zero never hangs
         jpg, _ = convert(data, params)
     except Reject as exc:
         raise DataError(f"{path}: {exc}") from None

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_TRAIN, run_here
+from conftest import TINY_TRAIN, run_cli, run_here
 
 
 @pytest.fixture
@@ -61,3 +61,38 @@ def test_kernels_scale_beyond_reason_is_refused(train_data, tmp_path, cli):
                     "--scale", "100000")
     assert code == 2 and err.startswith("error: --scale 100000 makes a ") and "use --scale " in err, err
     assert not (tmp_path / "k.png").exists()
+
+
+def test_predict_reads_only_regular_files(train_data, tmp_path, cli):
+    """`predict CKPT FIFO` waited for ever for a writer, `predict CKPT /dev/zero` read until the OOM
+    killer came: images are read as prepare reads them (a regular file, a size limit)."""
+    import os
+
+    code, _ = cli("train", "--data", train_data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1",
+                  "--steps-per-epoch", "1")
+    assert code == 0
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    ckpt = tmp_path / "run" / "ckpt-e001.safetensors"
+    for path, kind in ((fifo, "FIFO"), ("/dev/zero", "character device")):
+        r = run_cli("predict", ckpt, path, timeout=300)  # its own process: a regression hangs, then fails here
+        assert (r.returncode, r.stderr.strip()) == (2, f"error: {path}: not a regular file ({kind})")
+
+
+def test_a_val_solution_that_is_a_fifo_is_one_line(tmp_path):
+    """prepare of a flat val/ hung when LOC_val_solution.csv was a FIFO."""
+    import os
+
+    from PIL import Image
+
+    from alexcli.data.scan import scan
+    from alexcli.errors import DataError
+
+    for c in ("n01", "n02"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / c / "a.JPEG")
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    os.mkfifo(tmp_path / "LOC_val_solution.csv")
+    with pytest.raises(DataError, match=r"LOC_val_solution.csv: not a regular file \(FIFO\)$"):
+        scan(tmp_path)
