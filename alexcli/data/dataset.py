@@ -415,8 +415,12 @@ def _check_shard_task(task):
 
 
 def _entry_ok(e) -> bool:
+    """A shard entry as prepare writes it: a plain file name in the data set's folder (never a path
+    such as ../../etc/passwd), its size, sample count and sha256."""
     return (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("sha256"), str)
-            and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) for k in ("bytes", "samples")))
+            and "/" not in e["name"] and "\\" not in e["name"] and e["name"] not in ("", ".", "..")
+            and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) and e[k] >= 0
+                    for k in ("bytes", "samples")))
 
 
 def _check_manifest(folder: Path, manifest: dict) -> tuple[list[str], int | None, list]:
@@ -436,6 +440,14 @@ def _check_manifest(folder: Path, manifest: dict) -> tuple[list[str], int | None
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not any(isinstance(v, dict) and v.get("shards") for v in splits.values()):
         problems.append(f"{folder}: {MANIFEST} lists no shards")
+    for name, v in (splits.items() if isinstance(splits, dict) else ()):
+        entries = v.get("shards") if isinstance(v, dict) else None
+        if entries is not None and not isinstance(entries, list):
+            problems.append(f"{folder}: the {name} split of {MANIFEST} has no list of shards")
+        elif entries and not all(_entry_ok(e) for e in entries):
+            bad = sum(not _entry_ok(e) for e in entries)
+            problems.append(f"{folder}: {bad} {name} shard entries of {MANIFEST} lack a plain file name, bytes, "
+                            "samples or sha256")
     return problems, size, classes
 
 
@@ -483,12 +495,8 @@ def check_data(folder: str | os.PathLike, *, workers: int = 0, progress: Progres
     splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
     splits = {k: v["shards"] for k, v in splits.items()
               if isinstance(v, dict) and isinstance(v.get("shards"), list) and v["shards"]}
-    for name, entries in splits.items():
-        good = [e for e in entries if _entry_ok(e)]
-        if len(good) < len(entries):
-            problems.append(f"{folder}: {len(entries) - len(good)} {name} shard entries of {MANIFEST} lack a "
-                            f"name, bytes, samples or sha256")
-        splits[name] = good
+    for name, entries in splits.items():  # (_check_manifest named the entries that are not)
+        splits[name] = [e for e in entries if _entry_ok(e)]
     tasks = [(str(folder / e["name"]) if loc.is_local else loc.shard(e, True, MANIFEST), e, size or 0, len(classes))
              for entries in splits.values() for e in entries]
     stats_problems = _check_stats(folder, size)[1]

@@ -44,6 +44,21 @@ def test_class_names_that_do_not_match_the_classes_are_one_line(data, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("edit", [lambda e: e.update(samples="x"), lambda e: e.update(name="../../etc/passwd"),
+                                  lambda e: e.pop("sha256"), lambda e: e.update(bytes=-1)])
+def test_an_edited_shard_entry_is_one_line_in_every_command(data, tmp_path, cli, edit):
+    """samples: "x" ended train in `internal: TypeError`; a name like ../../etc/passwd was read as a path."""
+    m = json.loads((data / "dataset.json").read_text())
+    edit(m["splits"]["train"]["shards"][0])
+    (data / "dataset.json").write_text(json.dumps(m))
+    expected = (f"error: {data}: 1 train shard entries of dataset.json lack a plain file name, bytes, samples or "
+                f"sha256; run `alexcli verify {data}`")
+    assert cli("train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1") == (2, expected)
+    assert not (tmp_path / "run").exists()
+    r = run_here("verify", data)
+    assert r.returncode != 0 and f"{data}: 1 train shard entries of dataset.json lack a plain file name" in r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("garbage", [b"", b"\x00" * 100, b"not safetensors at all, but text"])
 def test_garbage_stats_are_one_line(data, tmp_path, cli, garbage):
     (data / "stats.safetensors").write_bytes(garbage)
