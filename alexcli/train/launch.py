@@ -39,6 +39,7 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
         arch.validate()
         if cfg.parallel == Parallel.columns and arch.name != "alexnet":
             raise UsageError(f"--parallel columns splits AlexNet's two columns; {arch.name} has none")
+        check_crop(arch, cfg.data)
         with torch.device("meta"):  # a network that cannot be built (a crop too small) is refused first
             build_model(arch)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
@@ -52,6 +53,14 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
                 return _spawn(cfg, arch, start, mid, progress, stop)
     except KeyboardInterrupt:  # Ctrl-C before the run started, or a second one while it saved
         raise interrupted(cfg) from None
+
+
+def check_crop(arch: Arch, data: str) -> None:
+    """The crop fits the data set's images (checked before a network of that input size is built:
+    --crop 10000 built a 1.6-billion-parameter model before failing)."""
+    size = open_split(data, "train", verify=False).size
+    if arch.crop > size:
+        raise UsageError(f"--crop {arch.crop} is larger than the {size}x{size} images of {data}")
 
 
 def interrupted(cfg: TrainConfig) -> Interrupted:
