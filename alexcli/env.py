@@ -38,6 +38,40 @@ def device_name(name: str) -> str:
     return name.value
 
 
+_WATCHED: list[int] = []  # the parent pid this process already watches
+
+
+def die_with_parent() -> None:
+    """A worker process (prepare's pool, the training loader's) exits as soon as the main process
+    is gone, kill -9 included, rather than run on: on Linux the kernel sends SIGKILL (prctl
+    PR_SET_PDEATHSIG); elsewhere, and as a backstop, a thread watches the parent pid. Once per
+    process."""
+    import os
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if parent in _WATCHED:
+        return
+    _WATCHED.append(parent)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def autocast_for(amp: str, device):
     """A context factory for --amp on the torch DEVICE (None for fp32): training, eval and the
     benchmarks all run under it."""

@@ -45,7 +45,7 @@ from alexcli.data.archives import ItemReader
 from alexcli.data.image import Reject, convert_pixels
 from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.data.tar import ShardWriter, sample_key
-from alexcli.env import cpu_cores, pil_info
+from alexcli.env import cpu_cores, die_with_parent, pil_info
 from alexcli.errors import AlexcliError, DataError, DiskFull, Interrupted, StrictRejectError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
 from alexcli.io import LOCK_NAME, TMP_SUFFIX, disk_full, locked_folder, size_text, write_json, write_safetensors
@@ -96,30 +96,8 @@ _W: dict = {}
 
 def _init_worker(root: str, params: ImageParams, exact: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-    _die_with_parent()
+    die_with_parent()
     _setup_worker(root, params, exact)
-
-
-def _die_with_parent() -> None:
-    """A pool worker exits as soon as the main process is gone (kill -9 included), rather than finish
-    its queue: on Linux the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere, and as a
-    backstop, a thread watches the parent pid."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before the prctl took effect
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def _setup_worker(root: str, params: ImageParams, exact: bool) -> None:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from alexcli.data.dataset import Split
 from alexcli.data.image import decode_rgb
 from alexcli.data.tar import read_samples
-from alexcli.env import cpu_cores
+from alexcli.env import cpu_cores, die_with_parent
 from alexcli.errors import DataError
 
 SHUFFLE_BUFFER = 2000  # samples held for the in-worker shuffle (about 20 KB of JPEG each at 256x256)
@@ -192,6 +192,7 @@ class ShardStream(IterableDataset):
             # the workers; a worker dying of them first would turn that stop into a DataLoader error.
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, signal.SIG_IGN)
+            die_with_parent()  # kill -9 of the run takes its loader processes with it at once
         wid, workers = (info.id, info.num_workers) if info else (0, 1)
         skip = len(range(wid, self.skip, workers))  # the rank's batch i comes from worker i mod W
         slot, slots = self._slot()

@@ -342,3 +342,34 @@ def test_files_named_like_a_runs_but_not_written_here_are_never_removed(train_da
     r = train_in(cli, train_data, killed, "--epochs", "1", "--steps-per-epoch", "2")
     assert r.returncode == 0, r.stderr
     assert (killed / "state-e001.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the loader processes")
+def test_loader_processes_stop_with_a_killed_train(train_data, tmp_path):
+    """After kill -9 of train its loader processes ran on for about 5 s (until torch's own watchdog
+    looked); like prepare's pool they now go at once."""
+    out = tmp_path / "run"
+    # (TINY_TRAIN's --loader-workers 0 comes first; the one given last wins)
+    proc = subprocess.Popen(train_cmd(train_data, out, "--epochs", "50", *SNAP, "--loader-workers", "1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kids() -> list[int]:
+        try:
+            return [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    wait_for(lambda: (out / "state-e001-s000002.json").exists() and kids(), proc, "a loader process at work")
+    loaders = kids()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and any(alive(k) for k in loaders):
+        time.sleep(0.01)
+    assert not [k for k in loaders if alive(k)], "loader processes still run after train was killed"
