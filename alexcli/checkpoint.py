@@ -222,6 +222,12 @@ def read_meta(path: str | os.PathLike, *, check: bool = True) -> dict:
 
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise DataError(f"{path}: a folder, not a checkpoint")
+        if path.exists():
+            from alexcli.data.scan import file_kind
+
+            raise DataError(f"{path}: not a regular file ({file_kind(path.stat().st_mode)}), not a checkpoint")
         raise DataError(f"{path}: no such checkpoint")
     try:
         with safe_open(str(path), framework="numpy") as f:  # the header alone: no torch needed

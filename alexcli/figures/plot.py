@@ -15,6 +15,9 @@ def check_png(out) -> Path:
         raise UsageError(f"--out {out}: pictures are written as PNG; give a name ending in .png")
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give a file name ending in .png")
+    above = next((p for p in out.parents if p.exists()), None)  # the folders below it are made
+    if above is not None and not above.is_dir():
+        raise UsageError(f"--out {out}: {above} is a file, not a folder")
     return out
 
 

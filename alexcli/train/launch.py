@@ -22,6 +22,7 @@ from alexcli.data.dataset import open_split
 from alexcli.errors import AlexcliError, Interrupted, UsageError
 from alexcli.events import Progress, ignore
 from alexcli.model.registry import Arch, build_model
+from alexcli.specs import LAYER_KINDS
 from alexcli.io import TMP_SUFFIX, locked_folder
 from alexcli.train import preempt
 from alexcli.train.config import RESUME_MAY_CHANGE, TrainConfig
@@ -198,6 +199,9 @@ def _resumed_config(cfg: TrainConfig, saved: TrainConfig, saved_arch: Arch, give
         if field in RESUME_MAY_CHANGE:
             changes[field] = value
         elif _shown(value) != _shown(theirs):
+            if field in LAYER_KINDS:  # given as --layer KIND=NAME
+                conflicts.append(f"--layer {field}={_shown(value)} (the run: {field}={_shown(theirs)})")
+                continue
             option = "--" + {"name": "arch", "init_from": "init", "compile": "compile"}.get(field, field).replace("_", "-")
             conflicts.append(f"{option} {_shown(value) or chr(39) * 2} (the run: {_shown(theirs) or chr(39) * 2})")
     if conflicts:

@@ -111,3 +111,19 @@ def test_a_val_solution_that_is_a_fifo_is_one_line(tmp_path):
     os.mkfifo(tmp_path / "LOC_val_solution.csv")
     with pytest.raises(DataError, match=r"LOC_val_solution.csv: not a regular file \(FIFO\)$"):
         scan(tmp_path)
+
+
+def test_an_out_below_a_file_and_a_checkpoint_that_is_a_fifo_are_one_line(train_data, tmp_path, cli):
+    """kernels --out afile/k.png ended in `afile: File exists` (exit 1); a FIFO given as the
+    checkpoint was "no such checkpoint"."""
+    import os
+
+    code, _ = cli("train", "--data", train_data, "--out", tmp_path / "run", *TINY_TRAIN, "--epochs", "1",
+                  "--steps-per-epoch", "1")
+    ckpt = tmp_path / "run" / "ckpt-e001.safetensors"
+    (tmp_path / "afile").write_text("mine")
+    assert cli("kernels", ckpt, "--out", tmp_path / "afile" / "k.png") == (
+        2, f"error: --out {tmp_path / 'afile' / 'k.png'}: {tmp_path / 'afile'} is a file, not a folder")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    assert cli("eval", tmp_path / "pipe.safetensors") == (
+        2, f"error: {tmp_path / 'pipe.safetensors'}: not a regular file (FIFO), not a checkpoint")

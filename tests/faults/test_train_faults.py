@@ -178,6 +178,9 @@ def test_resume_refuses_options_that_differ_naming_each(train_data, tmp_path, de
     assert line.startswith("error: --resume: --lr 0.1 (the run: 0.01); --batch 4 (the run: 8); --width 0.25 "
                            "(the run: 0.125): these cannot change when a run continues"), line
     assert len(line.splitlines()) == 1
+    r = cli("train", "--data", train_data, "--out", out, "--resume", "--layer", "norm=none")
+    assert r.returncode == 2 and r.stderr.strip().startswith(  # named as typed (it said --norm none)
+        "error: --resume: --layer norm=none (the run: norm=lrn): these cannot change"), r.stderr
     other = tmp_path_factory.mktemp("other") / "d"
     from alexcli.data.prepare import PrepareConfig, prepare
 
