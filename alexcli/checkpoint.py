@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alexcli import __version__
-from alexcli.errors import DataError
+from alexcli.errors import AlexcliError, DataError
 from alexcli.io import write_json, write_safetensors
 
 if TYPE_CHECKING:
@@ -288,11 +288,39 @@ def latest_complete_epoch(run: Path) -> int | None:
     return None
 
 
+def seal_state(state: dict) -> dict:
+    """A trainer state (an epoch's, or a snapshot's marker) with the sha256 of its canonical JSON,
+    as a checkpoint's metadata carries its own: an edited state is refused on --resume."""
+    state = {k: v for k, v in state.items() if k != "sha256"}
+    return dict(state, sha256=meta_digest(state))
+
+
+def check_state(state, where) -> dict:
+    """STATE as --resume may use it, or a DataError naming WHERE: its sha256 (states written before
+    it existed have none), the fields the run reads, and its saved settings valid as options."""
+    from alexcli.train.config import TrainConfig
+
+    if not isinstance(state, dict):
+        raise DataError(f"{where}: not a trainer state (not a JSON object)")
+    if "sha256" in state and state["sha256"] != meta_digest(state):
+        raise DataError(f"{where}: does not match the sha256 stored in it (edited or corrupt file)")
+    for field, kind in (("config", dict), ("schedule", dict), ("metrics", list), ("best", dict)):
+        if field in state and not isinstance(state[field], kind):
+            raise DataError(f"{where}: field {field!r} must be a {'list' if kind is list else 'object'}")
+    if not isinstance(state.get("config"), dict) or not state["config"]:
+        raise DataError(f"{where}: holds no run settings ('config')")
+    try:
+        TrainConfig.from_dict(state["config"]).validate()
+    except (AlexcliError, TypeError, ValueError) as exc:
+        raise DataError(f"{where}: its saved settings are not valid ({exc})") from None
+    return state
+
+
 def save_trainer_state(run: Path, epoch: int, velocity: dict[str, torch.Tensor], state: dict) -> None:
     tensors_name, json_name = state_names(epoch)
     write_safetensors(run / tensors_name, {f"velocity.{k}": v for k, v in velocity.items()},
                       {"alexcli": json.dumps({"format": "alexcli-trainer-state", "epoch": epoch})})
-    write_json(run / json_name, dict(state, epoch=epoch, alexcli_version=__version__))
+    write_json(run / json_name, seal_state(dict(state, epoch=epoch, alexcli_version=__version__)))
 
 
 def load_trainer_state(run: Path, epoch: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -304,7 +332,7 @@ def load_trainer_state(run: Path, epoch: int) -> tuple[dict[str, torch.Tensor], 
         state = json.loads((run / json_name).read_text(encoding="utf-8"))
     except Exception as exc:
         raise DataError(f"{run}: trainer state of epoch {epoch} unreadable ({type(exc).__name__}: {exc})") from None
-    return velocity, state
+    return velocity, check_state(state, run / json_name)
 
 
 def prune(run: Path, keep: int, best_epoch: int | None, latest: int) -> list[str]:

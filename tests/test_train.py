@@ -126,7 +126,9 @@ def test_diverging_loss_stops_at_once_and_keeps_the_last_good_checkpoint(train_d
     state_path = out / "state-e001.json"
     state["config"]["lr"] = 1e30  # the resumed schedule starts from its saved lr: poison that
     state["schedule"]["lr"] = 1e30
-    state_path.write_text(json.dumps(state))
+    from alexcli.checkpoint import seal_state
+
+    state_path.write_text(json.dumps(seal_state(state)))  # resealed: an edited state is refused otherwise
     r = train(train_data, out, "--epochs", "3", "--resume")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]

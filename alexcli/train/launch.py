@@ -19,7 +19,7 @@ import torch
 from alexcli import checkpoint as ck
 from alexcli.choices import Parallel
 from alexcli.data.dataset import open_split
-from alexcli.errors import AlexcliError, Interrupted, UsageError
+from alexcli.errors import AlexcliError, DataError, Interrupted, UsageError
 from alexcli.events import Progress, ignore
 from alexcli.model.registry import Arch, build_model
 from alexcli.specs import LAYER_KINDS
@@ -122,6 +122,11 @@ def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool, 
                              f"run the same command without --resume to start it")
         saved_at = (out / preempt.names(done + 1 if done else 1, mid)[0]) if mid else out / ck.ckpt_name(done)
         ckpt = ck.load_checkpoint(saved_at)  # a corrupt or foreign file fails here, in one line
+        where = (done + 1 if mid else done) if done else 1
+        if ckpt.meta.get("epoch") != where or (mid and ckpt.meta.get("step") != mid):
+            raise DataError(f"{saved_at}: its metadata says epoch {ckpt.meta.get('epoch')}"
+                            + (f" step {ckpt.meta.get('step')}" if mid else "") + f", its name epoch {where}"
+                            + (f" step {mid}" if mid else "") + " (renamed or edited); --resume cannot trust it")
         state = preempt.read_state(out, (done or 0) + 1, mid) if mid else ck.load_trainer_state(out, done)[1]
         saved = TrainConfig.from_dict(state.get("config", {}))
         saved_arch = Arch.from_dict(ckpt.meta["arch"])

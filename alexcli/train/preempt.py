@@ -103,7 +103,8 @@ def save(run: Path, epoch: int, step: int, *, weights: dict, data: dict, meta: d
     for r, rank in enumerate(ranks):
         tensors.update({f"random.{r}.{k}": v for k, v in rank["random"].items()})
     write_safetensors(run / tensors_name, tensors, {"alexcli": '{"format": "alexcli-snapshot"}'})
-    write_json(run / marker, dict(state, epoch=epoch, step=step, tallies=[rank["tally"] for rank in ranks]))
+    write_json(run / marker, ck.seal_state(dict(state, epoch=epoch, step=step,
+                                                tallies=[rank["tally"] for rank in ranks])))
     remove(run, keep=(epoch, step))
     return run / ckpt_name
 
@@ -126,9 +127,10 @@ def _unreadable(run: Path, epoch: int, step: int, exc: Exception) -> DataError:
 def read_state(run: Path, epoch: int, step: int) -> dict:
     """The snapshot's marker alone (the run's settings and position), without its tensors."""
     try:
-        return json.loads((run / names(epoch, step)[2]).read_text(encoding="utf-8"))
+        state = json.loads((run / names(epoch, step)[2]).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise _unreadable(run, epoch, step, exc) from None
+    return ck.check_state(state, run / names(epoch, step)[2])
 
 
 def load(run: Path, epoch: int, step: int, rank: int) -> Snapshot:

@@ -376,3 +376,44 @@ def test_loader_processes_stop_with_a_killed_train(train_data, tmp_path):
     while time.monotonic() < deadline and any(alive(k) for k in loaders):
         time.sleep(0.01)
     assert not [k for k in loaders if alive(k)], "loader processes still run after train was killed"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s["config"].update(batch="8"), "does not match the sha256 stored in it (edited or corrupt file)"),
+    (lambda s: s.pop("schedule"), "does not match the sha256 stored in it (edited or corrupt file)"),
+])
+def test_an_edited_trainer_state_is_refused_on_resume(train_data, tmp_path, cli, edit, message):
+    """A string batch, a missing schedule or an empty config in state-eNNN.json ended --resume in
+    `internal: ...`, and lr nan was accepted: the state carries a sha256 as checkpoints do."""
+    out = tmp_path / "run"
+    assert train_in(cli, train_data, out, "--epochs", "1").returncode == 0
+    path = out / "state-e001.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    r = train_in(cli, train_data, out, "--resume", "--epochs", "2")
+    assert (r.returncode, r.stderr.strip()) == (2, f"error: {path}: {message}"), r.stderr
+
+
+def test_a_resealed_state_with_bad_settings_is_refused(train_data, tmp_path, cli):
+    from alexcli.checkpoint import seal_state
+
+    out = tmp_path / "run"
+    assert train_in(cli, train_data, out, "--epochs", "1").returncode == 0
+    path = out / "state-e001.json"
+    state = json.loads(path.read_text())
+    state["config"]["lr"] = float("nan")
+    path.write_text(json.dumps(seal_state(state)))
+    r = train_in(cli, train_data, out, "--resume", "--epochs", "2")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {path}: its saved settings are not valid (--lr must be a positive number, not nan)"
+
+
+def test_a_checkpoint_renamed_to_another_epoch_is_refused_on_resume(train_data, tmp_path, cli):
+    out = tmp_path / "run"
+    assert train_in(cli, train_data, out, "--epochs", "2").returncode == 0
+    (out / "ckpt-e002.safetensors").write_bytes((out / "ckpt-e001.safetensors").read_bytes())
+    r = train_in(cli, train_data, out, "--resume", "--epochs", "3")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: {out / 'ckpt-e002.safetensors'}: its metadata says epoch 1, its name epoch 2 "
+                                "(renamed or edited); --resume cannot trust it")
