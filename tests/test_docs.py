@@ -65,3 +65,21 @@ def test_nothing_in_the_repository_points_outside_it():
         if name != "tests/test_docs.py" and re.search(r"\.\./shared|/work/|DESIGN\.md|STYLE\.md", text):
             bad.append(name)
     assert not bad, f"these refer to paths outside the repository: {', '.join(bad)}"
+
+
+def test_every_test_docs_faults_names_exists():
+    """docs/faults.md's table promises; each row names the tests that show it: they must exist."""
+    text = (ROOT / "docs" / "faults.md").read_text()
+    missing = []
+    for row in text.splitlines():
+        if not row.startswith("|"):
+            continue
+        current = None
+        for ref in re.findall(r"`([^`]*::[^`]*|faults/test_[a-z_]+\.py|test_[a-z_]+\.py)`", row):
+            path, _, name = ref.partition("::")
+            current = path or current
+            if current and name:
+                source = (ROOT / "tests" / current).read_text() if (ROOT / "tests" / current).is_file() else ""
+                if f"def {name}(" not in source:
+                    missing.append(f"{current}::{name}")
+    assert not missing, f"docs/faults.md names tests that do not exist: {', '.join(missing)}"
