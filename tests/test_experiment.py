@@ -278,3 +278,34 @@ def test_summary_says_plainly_when_the_target_was_not_reached(capsys):
     assert "tanh: 25% training error after 11.00 ± 1.41 (n=2) epochs" in text
     assert "1 of 3 seeds did not reach it in 30 epochs" in text
     assert "tanh / relu: 2.45 ± 0.07 (n=2)x the epochs" in text
+
+
+def test_an_out_holding_another_experiment_is_refused_and_overwrite_replaces_it(cifar, tmp_path):
+    """The default --out was silently overwritten and left mixed (new results.json beside the last
+    run's checkpoints of another data set)."""
+    out = tmp_path / "e"
+    base = ["experiment", "relu-vs-tanh", "--data", cifar, "--out", out, "--lrs", "relu=0.01,tanh=0.01",
+            "--batch", "16", "--target", "0.9"]
+    r = run_here(*base, "--epochs", "1", "--seeds", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "tanh lr 0.01 seed 1 (run 4 of 4)" in r.stderr  # each bar is one training run, numbered
+    assert {p.name for p in out.glob("*-seed*.safetensors")} == {"relu-seed0.safetensors", "relu-seed1.safetensors",
+                                                                  "tanh-seed0.safetensors", "tanh-seed1.safetensors"}
+    r = run_here(*base, "--epochs", "2", "--seeds", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: --out {out}: holds an experiment with other settings (epochs 1 (now 2); "
+                                "seeds 2 (now 1)); choose another --out, or pass --overwrite to replace its results")
+    r = run_here(*base, "--epochs", "2", "--seeds", "1", "--overwrite", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.glob("*-seed*.safetensors")} == {"relu-seed0.safetensors", "tanh-seed0.safetensors"}
+    assert json.loads((out / "results.json").read_text())["config"]["epochs"] == 2
+    r = run_here(*base, "--epochs", "2", "--seeds", "1", "--json")  # the same settings again: continues
+    assert r.returncode == 0 and r.stderr.count("done before, read from fits/") == 2, r.stderr
+
+
+def test_data_that_is_not_cifar10_is_told_so(train_data, tmp_path):
+    r = run_here("experiment", "relu-vs-tanh", "--data", train_data, "--out", tmp_path / "e", "--epochs", "1",
+                 "--lrs", "relu=0.01,tanh=0.01", "--batch", "16", "--subset", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert (f"warning: {train_data} holds 8 classes of 72x72 images; the paper's runs were on CIFAR-10 (10 classes "
+            "of 32x32), so these results do not compare with its numbers") in r.stderr

@@ -80,6 +80,8 @@ def experiment_command(
     width: float = typer.Option(C.width, min=0.0, max=4.0, help="Channel multiplier of the net, in (0, 4]."),
     device: Device = device_option(),
     no_verify: bool = no_verify_option(),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of another experiment (or "
+                                                              "other settings, or data) in --out."),
     as_json: bool = json_option(),
 ) -> None:
     """Rerun one of the paper's CIFAR-10 experiments with the four-layer net (--arch cifar-local).
@@ -112,7 +114,7 @@ def experiment_command(
             weight_decay=weight_decay, crop=crop, norm=norm, width=width, device=device, target=target,
             verify=not no_verify)
     with Reporter() as report:
-        result = run_experiment(name, cfg, progress=report)
+        result = run_experiment(name, cfg, progress=report, overwrite=overwrite)
     if as_json:
         emit_json(result)
     else:

@@ -5,3 +5,4 @@ the summary."""
 
 RESULTS = "results.json"  # an experiment folder's summary, written last
 FITS = "fits"             # its finished training runs, one JSON file each
+MARKER = "experiment.json"  # what the folder holds: the experiment, its data set and settings (written first)

@@ -24,8 +24,8 @@ from alexcli.data.dataset import Split, has_split, load_stats, open_split, read_
 from alexcli.data.memory import InMemory, load_split
 from alexcli.env import device_name, tune_cpu
 from alexcli.errors import Interrupted, UsageError
-from alexcli.events import Advance, Begin, Label, Note, Progress, ignore
-from alexcli.experiment import FITS, RESULTS
+from alexcli.events import Begin, Note, Progress, ignore
+from alexcli.experiment import FITS, MARKER, RESULTS
 from alexcli.experiment.fit import Fit
 from alexcli.experiment.plans import PAPER_LRN, PAPER_SPEEDUP, ExperimentConfig, Plan, plans
 from alexcli.io import write_json
@@ -35,18 +35,68 @@ FIGURES = {Experiment.relu_vs_tanh: "figure1.png", Experiment.lrn: "lrn.png"}
 FIT_FORMAT = 1  # bump when a fit's result would change for the same key
 
 
-def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress = ignore) -> dict:
+# what the paper's CIFAR-10 runs used: a data set otherwise is told so (the figures then compare
+# with nothing in the paper)
+CIFAR_SIZE, CIFAR_CLASSES = 32, 10
+# settings that make an experiment folder's results another experiment's (device, verify: not)
+_SETTINGS = ("epochs", "seeds", "subset", "batch", "lrs", "fixed_lrs", "sweep_epochs", "momentum", "weight_decay",
+             "crop", "norm", "width", "target")
+
+
+def run_experiment(name: str, cfg: ExperimentConfig, progress: Progress = ignore, overwrite: bool = False) -> dict:
     """Run experiment NAME; returns (and writes to OUT/results.json) its summary. Interrupted, it
-    keeps every finished training run in OUT/fits/ and says so; run again, it continues."""
+    keeps every finished training run in OUT/fits/ and says so; run again, it continues. An OUT
+    holding another experiment, data set or settings is refused unless OVERWRITE, which removes
+    that experiment's own files (results, figure, weights) first."""
     try:
-        return _run(choice(Experiment, name, "experiment"), cfg, progress)
+        return _run(choice(Experiment, name, "experiment"), cfg, progress, overwrite)
     except KeyboardInterrupt:
         done = len(list((Path(cfg.out) / FITS).glob("*.json")))
         raise Interrupted(f"interrupted: {done} finished training runs are kept in {Path(cfg.out) / 'fits'}; "
                           f"run the same command again to continue") from None
 
 
-def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
+_WEIGHTS = "*-seed*.safetensors"  # an experiment's final weights: OUT/<variant>-seed<N>.safetensors
+
+
+def _claim(out: Path, marker: dict, overwrite: bool) -> list[str]:
+    """Make OUT this experiment's: a folder holding the results or final weights of another
+    experiment (another data set or settings) is refused, or with OVERWRITE those files are removed.
+    fits/ stays either way: each fit is keyed by everything that decides it, so none can be mixed
+    in, and a rerun with other settings (more epochs, say) reuses the sweep's. Then the marker is
+    written (by the caller, once the data is read: a run refused before leaves nothing). Returns the
+    names to remove before that."""
+    held = None
+    if (out / MARKER).is_file():
+        try:
+            held = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            held = {}
+    elif (out / RESULTS).is_file():
+        held = {}  # results of an alexcli that wrote no marker: their settings are unknown
+    finished = (out / RESULTS).is_file() or any(out.glob(_WEIGHTS))
+    if held is not None and held != marker and finished:
+        if not overwrite:
+            theirs = held.get("settings", {})
+            diff = [f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in marker["settings"].items() if theirs.get(k) != v]
+            if held.get("experiment") != marker["experiment"]:
+                diff.insert(0, f"experiment {held.get('experiment')!r}")
+            if held.get("fingerprint") != marker["fingerprint"]:
+                diff.insert(0, f"another data set ({held.get('data', 'unknown')})")
+            raise UsageError(f"--out {out}: holds an experiment with other settings ({'; '.join(diff) or 'unknown'}); "
+                             f"choose another --out, or pass --overwrite to replace its results")
+        try:
+            old = json.loads((out / RESULTS).read_text(encoding="utf-8")) if (out / RESULTS).is_file() else {}
+        except (OSError, ValueError):
+            old = {}
+        own = [RESULTS, *FIGURES.values()] + [r.get("checkpoint") and Path(r["checkpoint"]).name
+                                             for rs in (old.get("runs") or {}).values() for r in rs]
+        own += [p.name for p in out.glob(_WEIGHTS) if held]  # an interrupted run's, named in no results yet
+        return sorted(set(filter(None, own)))
+    return []
+
+
+def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress, overwrite: bool = False) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
     device = torch.device(device_name(cfg.device))
@@ -69,30 +119,40 @@ def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
              for p in the_plans}
     for arch in archs.values():  # a bad --width or --norm is refused before the data is read
         arch.validate()
+    out = Path(cfg.out)
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k in _SETTINGS}
+    marker = {"experiment": name.value, "fingerprint": manifest.get("fingerprint", ""), "data": str(cfg.data),
+              "settings": settings}
+    replaced = _claim(out, marker, overwrite)  # another experiment's results in --out: refused before any work
     train = load_split(cfg.data, "train", limit=cfg.subset, progress=progress, verify=cfg.verify).to(device)
     test = load_split(cfg.data, test_split, verify=cfg.verify).to(device) if test_split else None
     stats = load_stats(cfg.data)
-    out = Path(cfg.out)
     (out / FITS).mkdir(parents=True, exist_ok=True)
+    for old in replaced:
+        (out / old).unlink(missing_ok=True)
+    write_json(out / MARKER, marker)
     steps = -(-len(train) // cfg.batch)
+    if size != CIFAR_SIZE or len(train_split.classes) != CIFAR_CLASSES:
+        progress(Note(f"warning: {cfg.data} holds {len(train_split.classes)} classes of {size}x{size} images; the "
+                      f"paper's runs were on CIFAR-10 ({CIFAR_CLASSES} classes of {CIFAR_SIZE}x{CIFAR_SIZE}), so "
+                      f"these results do not compare with its numbers"))
+    counter = {"run": 0}
 
     def fit(plan: Plan, lr: float, epochs: int, seed: int, save: Path | None = None) -> dict:
         arch = archs[plan.label]
         what = f"{plan.label} lr {lr:g} seed {seed}"
         path = out / FITS / f"{_fit_key(plan, arch, cfg, lr, epochs, seed, manifest, len(train))}.json"
+        counter["run"] += 1
+        run = f"run {counter['run']} of {total_runs}"
         if path.is_file() and (save is None or save.is_file()):
-            progress(Advance(steps * epochs))
-            progress(Note(f"{what}: done before, read from fits/"))
+            progress(Note(f"{what} ({run}): done before, read from fits/"))
             return json.loads(path.read_text(encoding="utf-8"))
-        progress(Label(what))
+        progress(Begin(f"{what} ({run})", steps * epochs, unit="steps"))  # one bar per training run
         f = Fit(plan, arch, train, test, stats, lr=lr, epochs=epochs, seed=seed, batch=cfg.batch,
                 momentum=cfg.momentum, device=device)
         result = f.run(progress)
         result.update(label=plan.label, lr=lr, seed=seed, epochs=epochs, arch=arch.to_dict(),
                       parameters=count_parameters(f.net))
-        skipped = (epochs - len(result["history"])) * steps
-        if skipped:  # a diverged fit stops early: its remaining steps count as done
-            progress(Advance(skipped))
         if save is not None and not result["diverged"]:
             if test is not None:
                 result["test_error"] = f.score(test)
@@ -103,11 +163,9 @@ def _run(name: Experiment, cfg: ExperimentConfig, progress: Progress) -> dict:
         return result
 
     sweeping = not cfg.fixed_lrs and len(cfg.lrs) > 1
-    total = steps * (len(cfg.lrs) * cfg.sweep_epochs * len(the_plans) * sweeping
-                     + cfg.epochs * cfg.seeds * len(the_plans))
+    total_runs = len(the_plans) * (len(cfg.lrs) * sweeping + cfg.seeds)
     progress(Note(f"{', '.join(p.label for p in the_plans)} on {device}: {len(train):,} training images"
-                  + (f", {len(test):,} test images" if test is not None else "")))
-    progress(Begin("experiment", total, unit="steps"))
+                  + (f", {len(test):,} test images" if test is not None else "") + f"; {total_runs} training runs"))
 
     # the learning rate of each variant: the one with the lowest training error after a short run
     chosen, sweeps = {}, {}
