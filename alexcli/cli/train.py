@@ -90,11 +90,19 @@ def train_command(
     chance_steps: int = typer.Option(C.chance_steps, min=0, help="Steps after which a run whose training loss "
                                                                  "is still ln(classes) is told so, with a hint "
                                                                  "(0: never)."),
+    tensorboard: str = typer.Option(C.tensorboard, "--tensorboard", metavar="DIR", show_default=False,
+                                    help="Also log to TensorBoard, in DIR: loss, lr and images/s at every progress "
+                                         "update, each epoch's metrics and conv1's kernels, and the settings "
+                                         "(HParams). auto: RUN/tensorboard, the run's own (it moves with the run; "
+                                         "a fresh start or --overwrite clears it). An option cannot take an "
+                                         "optional value, so the folder is always named: auto, or one per run "
+                                         "such as tb/NAME to compare runs with tensorboard --logdir tb. Needs "
+                                         "pip install 'alexcli[tensorboard]'. With --resume, '' stops logging."),
     no_verify: bool = no_verify_option(),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (from its last epoch or "
                                                         "snapshot) with the run's own settings; only --epochs, "
                                                         "--keep, --loader-workers, --save-every, --no-verify, "
-                                                        "--device and --chance-steps may differ."),
+                                                        "--device, --chance-steps and --tensorboard may differ."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an --out that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the network's shapes and parameter count, then stop."),
     as_json: bool = json_option(),
@@ -110,6 +118,7 @@ def train_command(
       alexcli train --data https://data.example.org/imagenet --out runs/alexnet --gpus 8
       alexcli train --data shards/imagenet --out runs/alexnet --resume
       alexcli train --data shards/imagenet --out runs/alexnet --resume --epochs 100
+      alexcli train --data shards/imagenet --out runs/alexnet --tensorboard auto
       alexcli train --data shards/demo --out runs/small --width 0.25 --crop 64 --batch 32 --epochs 30
       alexcli train --data shards/cifar10 --arch cifar-local --epochs 30 --lr 0.001 --weight-decay 0
       alexcli train --data shards/birds --init runs/alexnet/ckpt-e090.safetensors --conv6 --lr 0.001
@@ -130,7 +139,7 @@ def train_command(
             schedule=schedule, patience=patience, lr_steps=steps, warmup=warmup, val_split=val_split, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
-            save_every=save_every, verify=not no_verify, chance_steps=chance_steps)
+            save_every=save_every, verify=not no_verify, chance_steps=chance_steps, tensorboard=tensorboard)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,
                             input_scale=input_scale, conv6=conv6, layer=layer)
     cfg = replace(cfg, init_from=init_from)

@@ -23,7 +23,8 @@ DEFAULT_AUGMENT = ("mean", "crop", "flip", "pca")  # sections 2 and 4.1: mean im
 # job stopped by its scheduler loses at most that; an epoch shorter than this only saves at its end.
 SAVE_EVERY = 2500
 # What --resume may change: everything else is the run's and is refused if it differs.
-RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device", "chance_steps")
+RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device", "chance_steps",
+                     "tensorboard")
 
 
 
@@ -68,6 +69,7 @@ class TrainConfig:
     save_every: int = SAVE_EVERY             # steps between mid-epoch snapshots (0: at epoch ends only)
     verify: bool = True                      # check each shard's sha256 once before its first use
     chance_steps: int = CHANCE_STEPS         # steps after which a run whose loss is still ln(classes) is told so (0: never)
+    tensorboard: str = ""                    # TensorBoard event folder; "": none, "auto": RUN/tensorboard (alexcli.train.tensorboard)
 
     def __post_init__(self) -> None:
         for name, (kind, option) in _CHOICES.items():
@@ -98,6 +100,10 @@ class TrainConfig:
             raise UsageError(f"--batch {self.batch} does not split evenly over --gpus {self.gpus}")
         if self.parallel == Parallel.columns and self.gpus != 1:
             raise UsageError("--parallel columns uses 2 GPUs in one process: leave --gpus at 1")
+        if self.tensorboard:  # the package (optional) and the folder
+            from alexcli.train.tensorboard import check
+
+            check(self)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

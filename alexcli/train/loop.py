@@ -32,6 +32,7 @@ from alexcli.io import write_json, write_jsonl
 from alexcli.model.registry import Arch, build_model, count_parameters
 from alexcli.specs import AugmentContext
 from alexcli.train import preempt
+from alexcli.train import tensorboard as tb_events
 from alexcli.train.chance import ChanceWatch
 from alexcli.train.config import TrainConfig
 from alexcli.train.optim import PaperSGD, Schedule, param_groups, set_lr
@@ -121,6 +122,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
     emit = progress if r.main else ignore
     out = Path(cfg.out)
     stop = stop or preempt.StopSignals()
+    if r.main and cfg.tensorboard:  # a resumed run's --tensorboard is the run's: its package, before any work
+        tb_events.require()
 
     # the data: splits, statistics, batches per rank and epoch
     data = Data(cfg)
@@ -171,6 +174,9 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
               f"{steps} steps/epoch, {workers} loader worker(s) per rank"
               + (f"; resuming at epoch {start + 1} step {mid}" if mid else
                  f"; resuming after epoch {start}" if start else "")))
+    # rank 0's TensorBoard events (--tensorboard), against the global step
+    tb = (tb_events.Board(cfg, arch, steps=steps, start=start, mid=mid, hint=resume_command(cfg),
+                          notes=lambda text: emit(Note(text))) if r.main and cfg.tensorboard else None)
 
     def common_state(epoch: int) -> dict:
         """What the trainer state of an epoch and a snapshot inside it both hold."""
@@ -194,6 +200,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
         if skip:
             emit(Advance(skip))
         t0 = time.perf_counter()
+        if tb:
+            tb.begin_epoch()
         shown = {"steps": skip, "images": resumed.tally[3] if resumed else 0,
                  "loss_sum": resumed.tally[1] if resumed else 0.0}
 
@@ -212,6 +220,8 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
                           f"the training loss left chance at step {watch.left_step:,}"))
                 emit(Label(bar_label(epoch)))
             emit(Advance(n - shown["steps"], images=(seen - shown["images"]) * world, loss=mean_loss))
+            if tb:
+                tb.step((epoch - 1) * steps + n, window, schedule.lr, (seen - shown["images"]) * world)
             shown.update(steps=n, images=seen, loss_sum=mean_loss * seen)
 
         def after_step(tally, epoch=epoch, gen=gen) -> None:
@@ -256,11 +266,15 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             rows.append(metrics)
             _commit_epoch(out, epoch, net, opt, stats, dict(meta_base, epoch=epoch, metrics=metrics), rows,
                           common_state(epoch), cfg, steps)
+            if tb:  # after the commit: a failure to write events loses no training
+                tb.epoch(metrics, best, one_device_state(net))
         r.barrier()
         emit(Note(_epoch_line(metrics) + (f"  -> lr {schedule.lr:g}" if dropped else "")))
         last = metrics
         if stop.signum and epoch < cfg.epochs:
             raise _stopped(stop.signum, f"after epoch {epoch}", out / ck.ckpt_name(epoch), cfg)
+    if tb:
+        tb.finish()
     return {"rank": rank, "out": str(out), "epochs": cfg.epochs, "started_at": start, "last": last,
             "best_epoch": best["epoch"], "best_val_top1_error": None if best["epoch"] is None else best["val_top1_error"],
             "checkpoint": str(out / ck.ckpt_name(cfg.epochs)), "parameters": meta_base["parameters"],
