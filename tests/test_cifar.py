@@ -148,7 +148,7 @@ def test_cli_lists_architectures_and_rejects_unknown_one(prepared, tmp_path):
 
 def test_train_dry_run_and_a_trained_cifar_checkpoint_evaluates(prepared, tmp_path):
     data = prepared[0]
-    r = run_here("train", "--data", data, "--arch", "cifar-local", "--dry-run", "--json")
+    r = run_here("train", "--data", data, "--arch", "cifar-local", "--dry-run", "--batch", "8", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["arch"]["name"] == "cifar-local" and info["arch"]["crop"] == 24

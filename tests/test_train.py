@@ -367,3 +367,15 @@ def test_validate_on_test_or_train_without_validation(train_test_data, tmp_path)
     assert [m["val_top1_error"] for m in rows] == [None] * 4
     assert [m["lr"] for m in rows] == pytest.approx([0.01] + [0.02 * 0.5 * (1 + math.cos(math.pi * t / 3))
                                                               for t in range(3)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--crop", "80"], "--crop 80 is larger than the 72x72 images of"),
+    (["--epochs", "-1"], "Invalid value for '--epochs'"),
+    (["--schedule", "steps", "--epochs", "1"], "--schedule steps over 1 epoch(s) has no epoch to divide lr after"),
+    (["--batch", "100000", "--crop", "64"], "--batch 100000: larger than the training split"),
+])
+def test_dry_run_makes_the_checks_a_real_run_makes(train_data, tmp_path, args, message):
+    r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--batch", "8", "--dry-run", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()

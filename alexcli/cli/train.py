@@ -143,9 +143,17 @@ def train_command(
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,
                             input_scale=input_scale, conv6=conv6, layer=layer)
     cfg = replace(cfg, init_from=init_from)
-    if dry_run:
+    if dry_run:  # every check a real run makes before it touches --out, then the network's shapes
+        from alexcli.train.launch import check_crop
+        from alexcli.train.loop import Data
+
+        from alexcli.model.registry import check_init
+
         cfg.validate()
         arch.validate()
+        check_init(arch)  # the network's own settings first, then the data's
+        Data(replace(cfg, verify=False))  # the data set, --val-split, the schedule's need of val, --batch
+        check_crop(arch, data)
         _dry_run(arch, data, as_json)
         return
     from alexcli.train.launch import train
