@@ -192,8 +192,9 @@ def check_examples_on_the_demo(folder: Path) -> None:
             for line in (x for x in shown if not x.startswith("│")):
                 assert masked(line) in printed[at:], (argv, line, r.stdout)
                 at = printed.index(masked(line), at) + 1
-            rows = sum(x.startswith("│") for x in r.stdout.splitlines())
-            assert rows == sum(x.startswith("│") for x in shown), (argv, r.stdout)
+            shown_rows = sum(x.startswith("│") for x in shown)
+            if shown_rows:  # a transcript that shows a table shows all its rows
+                assert sum(x.startswith("│") for x in r.stdout.splitlines()) == shown_rows, (argv, r.stdout)
     finally:
         os.chdir(here)
 

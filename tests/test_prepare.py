@@ -394,3 +394,13 @@ def test_default_out_is_named_after_the_data_set(src, out):
     from alexcli.data.prepare import default_out
 
     assert default_out(src) == Path(out)
+
+
+def test_prepare_in_this_process_leaves_torch_threads_alone(demo_src, tmp_path):
+    """--exact-stats with one worker set torch to one thread in the caller's process: a training
+    run after it (a library caller, or the test suite) computed on 1 thread, not bit-identical."""
+    import torch
+
+    before = torch.get_num_threads()
+    prepare(demo_src, tmp_path / "o", PrepareConfig(size=32, workers=1, exact_stats=True))
+    assert torch.get_num_threads() == before

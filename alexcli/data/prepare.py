@@ -97,17 +97,18 @@ _W: dict = {}
 def _init_worker(root: str, params: ImageParams, exact: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     die_with_parent()
+    if exact:  # one decode thread per worker process (never set in the main process: a library
+        import torch  # caller's training there would then run on one thread)
+
+        torch.set_num_threads(1)
     _setup_worker(root, params, exact)
 
 
 def _setup_worker(root: str, params: ImageParams, exact: bool) -> None:
     decode = None
     if exact:  # the JPEGs as written, decoded again: torchvision's libjpeg-turbo op, checked against PIL
-        import torch
-
         from alexcli.data.image import WrittenJpegDecoder
 
-        torch.set_num_threads(1)
         decode = WrittenJpegDecoder(params)
     _W.update(reader=ItemReader(Path(root)), params=params, sums=S.ImageSums(params.size), decode=decode)
 
