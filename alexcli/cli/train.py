@@ -152,9 +152,9 @@ def train_command(
         cfg.validate()
         arch.validate()
         check_init(arch)  # the network's own settings first, then the data's
-        Data(replace(cfg, verify=False))  # the data set, --val-split, the schedule's need of val, --batch
+        checked = Data(replace(cfg, verify=False))  # the data set, --val-split, the schedule's need of val, --batch
         check_crop(arch, data)
-        _dry_run(arch, data, as_json)
+        _dry_run(arch, len(checked.train.classes), as_json)
         return
     from alexcli.train.launch import train
 
@@ -220,13 +220,12 @@ def _arch(name: str, init: Optional[str], *, conv6: bool, layer: list[str], **fi
     return with_layers(replace(arch, conv6=arch.conv6 or conv6), layer), init_from
 
 
-def _dry_run(arch, data: str, as_json: bool) -> None:
+def _dry_run(arch, num_classes: int, as_json: bool) -> None:
     from dataclasses import replace
 
-    from alexcli.data.dataset import open_split
     from alexcli.model.registry import build_model, count_parameters, describe, shapes
 
-    arch = replace(arch, num_classes=len(open_split(data, "train", verify=False).classes))
+    arch = replace(arch, num_classes=num_classes)
     model, used = build_model(arch)
     info = {"arch": arch.to_dict(), "parameters": count_parameters(model), "shapes": shapes(model), "variants": used}
     if as_json:

@@ -174,11 +174,21 @@ def open_split(folder: str | os.PathLike, split: str, *, verify: bool = True,
     if loc.is_local:
         for entry in entries:
             verify_shard(folder, entry)
-        if verify:
-            verify_hashes(folder, entries, label=f"verify {split}", progress=progress)
     else:  # sizes where the store tells them; each shard's sha256 as it streams (RemoteShard)
         check_remote_sizes(loc, entries)
-    return Split(loc, split, entries, list(manifest["classes"]), int(manifest["parameters"]["size"]), verify=verify)
+    opened = Split(loc, split, entries, list(manifest["classes"]), int(manifest["parameters"]["size"]), verify=False)
+    return verified(opened, progress) if verify else opened
+
+
+def verified(split: Split, progress: Progress = ignore) -> Split:
+    """SPLIT (opened with verify=False: its manifest and sizes checked) with every shard's sha256
+    checked too: local shards hashed now, once and remembered (`verify_hashes`); a URL's as they
+    stream. A caller that must check other things first opens without, then calls this."""
+    from dataclasses import replace
+
+    if split.folder.is_local:
+        verify_hashes(split.folder.path, split.shards, label=f"verify {split.name}", progress=progress)
+    return replace(split, verify=True)
 
 
 def check_remote_sizes(loc: DataLocation, entries: list[dict]) -> None:

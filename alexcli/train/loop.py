@@ -23,7 +23,7 @@ from alexcli import checkpoint as ck
 from alexcli import transforms
 from alexcli.choices import Parallel
 from alexcli.data import stream
-from alexcli.data.dataset import has_split, load_stats, open_split, read_manifest
+from alexcli.data.dataset import has_split, load_stats, open_split, read_manifest, verified
 from alexcli.env import autocast_for, device_name, tune_cpu
 from alexcli.errors import DataError, Stopped, TrainingDiverged, UsageError
 from alexcli.evaluate import Tally, predict_probs
@@ -37,8 +37,6 @@ from alexcli.train.chance import ChanceWatch
 from alexcli.train.config import TrainConfig
 from alexcli.train.optim import PaperSGD, Schedule, param_groups, set_lr
 from alexcli.train.step import LOG_EVERY, TrainStep, derive_seed, seed_epoch, train_epoch
-
-METRICS, CURVES = ck.METRICS, ck.CURVES
 
 
 class Rank:
@@ -98,13 +96,15 @@ class Data:
             why = "--val-split none" if want == "none" else f"{cfg.data}: no val split"
             raise UsageError(f"{why}, so the plateau schedule cannot see the error stop improving; use{test} "
                              f"--schedule cosine, constant or steps to train without validation")
-        if validates and open_split(cfg.data, want, verify=False).classes != train.classes:
+        val = open_split(cfg.data, want, verify=False) if validates else None
+        if val is not None and val.classes != train.classes:
             raise UsageError(f"{cfg.data}: {want} and train splits list different classes")
         if cfg.batch > train.samples:
             raise UsageError(f"--batch {cfg.batch}: larger than the training split of {cfg.data} "
                              f"({train.samples:,} images); use a --batch of at most that")
-        self.train = open_split(cfg.data, "train", verify=cfg.verify, progress=progress) if cfg.verify else train
-        self.val = open_split(cfg.data, want, verify=cfg.verify, progress=progress) if validates else None
+        # then the shards' sha256 (hashed once, remembered), each split opened only once
+        self.train = verified(train, progress) if cfg.verify else train
+        self.val = verified(val, progress) if val is not None and cfg.verify else val
         self.stats = load_stats(cfg.data)
 
     @property
@@ -438,8 +438,8 @@ def _commit_epoch(out, epoch, net, opt, stats, meta, rows, state, cfg, steps) ->
     from alexcli.figures.plot import write_curves
 
     ck.save_checkpoint(out / ck.ckpt_name(epoch), one_device_state(net), ck.stats_tensors(stats), meta)
-    write_jsonl(out / METRICS, rows)
-    write_curves(out / CURVES, rows)
+    write_jsonl(out / ck.METRICS, rows)
+    write_curves(out / ck.CURVES, rows)
     state = dict(state, position=dict(state["position"], step=epoch * steps),
                  seeds={"torch": derive_seed(cfg.seed, epoch + 1, 0, "torch"),
                         "augment": derive_seed(cfg.seed, epoch + 1, 0, "augment")})
@@ -455,7 +455,7 @@ def _metric_rows(out: Path, upto: int, saved: list | None) -> list[dict]:
     the state held them reads metrics.jsonl, and a damaged one is an error naming it."""
     if saved is not None:
         return [m for m in saved if m.get("epoch", math.inf) <= upto]
-    path = out / METRICS
+    path = out / ck.METRICS
     if not path.is_file():
         return []
     rows = []
