@@ -209,13 +209,10 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = os.read(fd, 4096).decode("utf-8", "replace")
+                h = _holder(fd)
                 os.close(fd)
-                try:
-                    h = json.loads(holder)
-                    who = f"alexcli {h.get('command')} (pid {h.get('pid')} on {h.get('host')})"
-                except ValueError:
-                    who = "another alexcli process"
+                who = (f"alexcli {h.get('command')} (pid {h.get('pid')} on {h.get('host')})" if h.get("command")
+                       else "another alexcli process")
                 raise Busy(f"{self.folder}: in use by {who}; wait for it to finish or choose another folder") from None
             try:  # the holder before us may have removed the file between our open and our flock
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -234,6 +231,40 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+def _holder(fd: int) -> dict:
+    """{"command", "pid", "host"} as the lock's holder wrote them into the file open as FD ({} when
+    it wrote nothing readable)."""
+    try:
+        h = json.loads(os.read(fd, 4096).decode("utf-8", "replace"))
+    except ValueError:
+        return {}
+    return {k: h.get(k) for k in ("command", "pid", "host")} if isinstance(h, dict) else {}
+
+
+def lock_holder(folder: str | os.PathLike) -> dict | None:
+    """Who holds FOLDER's lock ({"command", "pid", "host"}, each None if unknown), or None when
+    nobody does, for a reader such as `alexcli runs`: a non-blocking shared flock on the existing
+    lock file, released at once. No lock file is made, and one left by a killed process reads as
+    free. (A `FolderLock` taken in the same microseconds would be refused as busy.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: FolderLock does not lock there either
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file: free (an unreadable one cannot be tested)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return dict.fromkeys(("command", "pid", "host")) | _holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -10,15 +10,14 @@ configured, the best validation error, the last training loss, the network, and 
   interrupted  fewer epochs than configured; `stopped_at` names a mid-epoch snapshot if there is one
   empty        nothing was saved yet (an empty metrics.jsonl, no checkpoint)
   unreadable   a file could not be read; `reason` says which and why (the other fields hold what could)
-  unknown      nothing in the folder says how many epochs the run was to train
-
   diverged     its loss became NaN or infinite (train writes diverged.json; the next complete epoch of a
                resumed run removes it)
+  unknown      nothing in the folder says how many epochs the run was to train
 
 Nothing here imports torch (`alexcli.checkpoint` and `alexcli.train.preempt`, whose names and
 readers this uses, import it only to handle tensors), so listing a folder of runs takes a fraction
-of a second. Nothing is printed, and nothing
-in a folder is written: the lock is only tested (see `lock_holder`).
+of a second. Nothing is printed, and nothing in a folder is written: the lock is only tested
+(`alexcli.io.lock_holder`).
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ from pathlib import Path
 from alexcli import checkpoint as ck
 from alexcli.errors import DataError, UsageError
 from alexcli.experiment import FITS, RESULTS
-from alexcli.io import LOCK_NAME
+from alexcli.io import LOCK_NAME, lock_holder
 from alexcli.train import preempt
-
-METRICS = ck.METRICS
 
 # every row has these keys (null where unknown)
 RUN_FIELDS = ("path", "kind", "status", "reason", "epochs_done", "epochs", "stopped_at", "best_epoch",
@@ -46,8 +43,8 @@ RUN_FIELDS = ("path", "kind", "status", "reason", "epochs_done", "epochs", "stop
 # finding
 
 def _is_run(folder: Path, names: set[str]) -> bool:
-    if METRICS in names or any(ck.CKPT_RE.match(n) or preempt.SNAPSHOT_CKPT_RE.match(n) or n.startswith("state-e")
-                               for n in names):
+    if ck.METRICS in names or any(ck.CKPT_RE.match(n) or preempt.SNAPSHOT_CKPT_RE.match(n)
+                                  or n.startswith("state-e") for n in names):
         return True
     # a run started but not saved yet holds only its lock
     return LOCK_NAME in names and (lock_holder(folder) or {}).get("command") == "train"
@@ -106,40 +103,6 @@ def _row(path: str, kind: str) -> dict:
     row = dict.fromkeys(RUN_FIELDS)
     row.update(path=path, kind=kind)
     return row
-
-
-# ---------------------------------------------------------------------------------------------
-# the lock
-
-def lock_holder(folder: Path) -> dict | None:
-    """Who holds FOLDER's alexcli lock ({"command", "pid", "host"} as the holder wrote them), or None
-    when nobody does. The lock is tested with a non-blocking shared flock on the existing lock file,
-    released at once: no lock file is made, and one left by a killed process (the kernel released its
-    flock) reads as free. (A `train` starting in the same microseconds would be refused as busy.)"""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: FolderLock does not lock there either
-        return None
-    try:
-        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
-    except OSError:  # no lock file: free (an unreadable one cannot be tested)
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            text = os.read(fd, 4096).decode("utf-8", "replace")
-            try:
-                holder = json.loads(text)
-            except ValueError:
-                holder = None
-            if not isinstance(holder, dict):
-                holder = {}
-            return {k: holder.get(k) for k in ("command", "pid", "host")}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +239,8 @@ def read_run(folder: Path, rel: str) -> dict:
 
     # the metric rows: metrics.jsonl, else those the trainer state keeps; only of complete epochs
     rows = None
-    if METRICS in names:
-        rows = attempt(read_metrics, folder / METRICS)
+    if ck.METRICS in names:
+        rows = attempt(read_metrics, folder / ck.METRICS)
     elif isinstance((state or {}).get("metrics"), list):
         rows = [m for m in state["metrics"] if isinstance(m, dict) and _integer(m.get("epoch")) is not None]
     if rows and done is not None:

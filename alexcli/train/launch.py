@@ -26,7 +26,7 @@ from alexcli.specs import LAYER_KINDS
 from alexcli.io import TMP_SUFFIX, locked_folder
 from alexcli.train import preempt
 from alexcli.train.config import RESUME_MAY_CHANGE, TrainConfig
-from alexcli.train.loop import CURVES, METRICS, Data, resume_command, run_rank
+from alexcli.train.loop import Data, resume_command, run_rank
 
 
 def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool = False,
@@ -81,7 +81,7 @@ def interrupted(cfg: TrainConfig) -> Interrupted:
 # Every name a run writes in its folder (a `.tmp` of each while it is written): --overwrite and a
 # fresh start remove these and nothing else.
 RUN_FILE_RE = re.compile(r"^(ckpt-e\d{3,}(-s\d{6,})?\.safetensors|state-e\d{3,}(-s\d{6,})?\.(safetensors|json)|"
-                         + "|".join(map(re.escape, (METRICS, CURVES, ck.DIVERGED))) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
+                         + "|".join(map(re.escape, (ck.METRICS, ck.CURVES, ck.DIVERGED))) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
 
 
 def _run_files(out: Path) -> list[Path]:
