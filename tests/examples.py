@@ -47,9 +47,10 @@ def readme_transcripts() -> list[tuple[list[str], list[str]]]:
     for block in re.findall(r"```\n(.*?)```", text, flags=re.S):
         current = None
         for line in block.splitlines():
-            if line.startswith("$ alexcli "):
-                current = (shlex.split(line[2:], comments=True)[1:], [])
-                found.append(current)
+            if line.startswith("$ "):  # a prompt ends the transcript before it; an alexcli one starts the next
+                current = (shlex.split(line[2:], comments=True)[1:], []) if line.startswith("$ alexcli ") else None
+                if current is not None:
+                    found.append(current)
             elif current is not None:
                 current[1].append(line)
     return found
