@@ -165,13 +165,15 @@ def test_stats_before_encoding_are_close_to_the_exact_ones(demo_src, tmp_path):
         prepare(demo_src, out, PrepareConfig(size=64, shard_size=64, workers=1, exact_stats=exact))
         got[exact] = S.load(out / "stats.safetensors")
     a, b = got[False], got[True]
-    # Measured here: 1.2e-5, 0.0096, eigenvalues within 2.9%, cosine 0.9955 (the demo's two leading
+    # Measured here: 1.2e-5, 0.0096, eigenvalues within 2.9%, cosines from 0.9954 (the demo's two leading
     # eigenvalues are close, so their vectors turn easily); on 500 ImageNet photos at 256: 1.0e-4,
     # 0.0049, 5.6%, 0.9999999 (docs/design.md).
     assert np.abs(a["rgb_mean"] - b["rgb_mean"]).max() < 1e-3
     assert np.abs(a["mean_image"] - b["mean_image"]).max() < 0.02
     np.testing.assert_allclose(a["pca_eigval"], b["pca_eigval"], rtol=0.06)
-    assert abs(a["pca_eigvec"][:, 0] @ b["pca_eigvec"][:, 0]) > 0.99
+    # Each eigenvector, up to sign (measured: 0.9955, 0.9954, 0.9999).
+    cosines = np.abs(np.sum(a["pca_eigvec"] * b["pca_eigvec"], axis=0))
+    assert (cosines > 0.99).all(), cosines
     assert not np.array_equal(a["rgb_cov"], b["rgb_cov"])  # they are different computations
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import random
 import shutil
 import signal
@@ -55,6 +56,7 @@ MANIFEST_FORMAT = "alexcli-webdataset"  # dataset.json's "format"
 PARTIAL_DIR = ".partial"
 REJECTED_FILE = "rejected.json"
 CHUNK = 32  # images per worker task: small enough to balance 2 workers on a 500-image set
+RESULTS_AHEAD = 4  # finished chunks a worker may have waiting for the main thread (~0.6 MB each)
 
 
 # ---------------------------------------------------------------- the plan
@@ -292,6 +294,28 @@ def _feed(conn, tasks: list) -> None:
         pass
 
 
+_DIED = object()  # what a drain thread queues when its worker's result pipe ends
+
+
+def _drain(conn, box: "queue.Queue", stop: threading.Event) -> None:
+    """Move one worker's results from its pipe into BOX as they come (a thread), so that a worker
+    never waits on the main thread: a chunk's result (~0.6 MB) is ten times a pipe's buffer, and
+    the main thread writes shards and fsyncs them between reads."""
+    while not stop.is_set():
+        try:
+            res = conn.recv()
+        except (EOFError, OSError):
+            res = _DIED
+        while not stop.is_set():
+            try:
+                box.put(res, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if res is _DIED:
+            return
+
+
 def _pool_results(tasks: list, workers: int, args: tuple):
     """Results of TASKS in order from WORKERS processes, chunk i done by worker i mod WORKERS.
 
@@ -300,11 +324,14 @@ def _pool_results(tasks: list, workers: int, args: tuple):
     the run stops with WorkerDied at once. (multiprocessing.Pool starts a new worker and waits for
     the lost chunk for ever, and its terminate() can block on the queue lock the dead worker held;
     concurrent.futures' pool was seen to hang in its clean-up too.) The fixed dealing costs nothing
-    in balance: the results are taken in plan order anyway, and chunks are alike in size.
+    in balance: the results are taken in plan order anyway, and chunks are alike in size. A thread
+    per worker feeds its tasks and one drains its results into a small queue (RESULTS_AHEAD chunks),
+    so neither side of a pipe waits for the main thread.
     spawn, not fork: the parent may run threads (the progress display; torch's pools when called
     from train or a test), whose locks a forked child would inherit held."""
     ctx = mp.get_context("spawn")
-    procs, feeders, inbox = [], [], []
+    stop = threading.Event()
+    procs, threads, conns, boxes = [], [], [], []
     try:
         for w in range(workers):
             task_r, task_w = ctx.Pipe(duplex=False)
@@ -314,26 +341,27 @@ def _pool_results(tasks: list, workers: int, args: tuple):
             task_r.close()  # the child's ends: closed here, so a dead child is an EOF or EPIPE
             res_w.close()
             procs.append(proc)
-            inbox.append(res_r)
-            feeder = threading.Thread(target=_feed, args=(task_w, tasks[w::workers]), daemon=True)
-            feeder.start()
-            feeders.append((feeder, task_w))
+            conns += [task_w, res_r]
+            boxes.append(queue.Queue(maxsize=RESULTS_AHEAD))
+            threads += [threading.Thread(target=_feed, args=(task_w, tasks[w::workers]), daemon=True),
+                        threading.Thread(target=_drain, args=(res_r, boxes[w], stop), daemon=True)]
+            threads[-2].start()
+            threads[-1].start()
         for i in range(len(tasks)):
-            try:
-                res = inbox[i % workers].recv()
-            except (EOFError, OSError):
-                raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)") from None
+            res = boxes[i % workers].get()
+            if res is _DIED:
+                raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)")
             yield res
     finally:
+        stop.set()
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
         for proc in procs:
             proc.join()
-        for feeder, conn in feeders:
-            conn.close()
-            feeder.join(timeout=5)
-        for conn in inbox:
+        for thread in threads:  # the workers are gone: their pipes end, and each thread with them
+            thread.join(timeout=5)
+        for conn in conns:
             conn.close()
 
 
