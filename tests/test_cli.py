@@ -264,3 +264,18 @@ def test_command_defaults_are_the_library_defaults():
                                     ("neighbors", "workers", neighbors)]:
         assert option(command, name) == str(inspect.signature(function).parameters[name].default), (command, name)
     assert option("eval", "split") == option("ensemble", "split") == "val"
+
+
+def test_help_paragraphs_wrap_at_the_terminal_width():
+    """Typer keeps a docstring's line breaks: at 80 columns every other line of a help paragraph was
+    a stub ("...with the mean" / "image it was" / "trained with. ..."), and at 200 the lines still
+    broke where the source did. Prose paragraphs are now one line each; examples keep theirs."""
+    wide = run_cli("eval", "--help", env={"COLUMNS": "200"})
+    assert wide.returncode == 0
+    assert ("The network is rebuilt from the checkpoint's metadata alone, with the mean image it was trained with. "
+            "Each shard") in wide.stdout
+    assert "\n   alexcli eval runs/demo/seed0 --crops ten" in wide.stdout  # an example keeps its own line
+    narrow = run_cli("eval", "--help", env={"COLUMNS": "80"}).stdout
+    prose = narrow[narrow.index("The network is rebuilt"):narrow.index("Examples:")]
+    lines = [line.strip() for line in prose.splitlines() if line.strip()]
+    assert all(len(line) > 60 for line in lines[:-1] if not line.endswith(".")), lines  # no stubs mid-paragraph

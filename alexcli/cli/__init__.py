@@ -91,7 +91,24 @@ def _metavars(app: typer.Typer) -> None:
                 info.metavar = {str: "TEXT", int: "INTEGER"}.get(item, getattr(item, "__name__", "VALUE").upper())
 
 
+def _reflow(app: typer.Typer) -> None:
+    """Join the lines of each prose paragraph of a command's help into one, so that the help wraps
+    at the terminal's width: Typer keeps a docstring's line breaks, which on an 80-column terminal
+    (or when piped) leaves every other line a stub. Paragraphs with an indented, list, table or
+    `Example` line keep their lines."""
+    import inspect
+
+    def keep(paragraph: str) -> bool:
+        return any(line[:1].isspace() or line.startswith(("- ", "* ", "|", "Example"))
+                   for line in paragraph.splitlines())
+
+    for command in app.registered_commands:
+        text = inspect.cleandoc(command.help or command.callback.__doc__ or "")
+        command.help = "\n\n".join(p if keep(p) else " ".join(p.split("\n")) for p in text.split("\n\n"))
+
+
 _metavars(app)
+_reflow(app)
 
 
 def _fail(message: str, code: int) -> int:

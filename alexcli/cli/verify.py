@@ -69,13 +69,9 @@ def verify_command(
     the first one).
 
     Examples:
-
       alexcli verify shards/imagenet
-
       alexcli verify runs/alexnet/ckpt-e090.safetensors
-
       alexcli verify shards/cifar10 --json
-
       alexcli verify https://data.example.org/imagenet
     """
     import time
