@@ -14,6 +14,10 @@ ckpt-eNNN.safetensors   tensors  model.<layer>.<param>  (always the one-device l
 state-eNNN.safetensors  momentum buffers (velocity.<param>)
 state-eNNN.json         step, schedule, seeds, data position, the run's settings; written last,
                         so its presence marks a complete epoch for --resume
+best.safetensors        the checkpoint of the epoch with the lowest val top-1 error so far: a hard
+                        link to (another name of) its ckpt-eNNN.safetensors, or a copy where the file
+                        system has no hard links; set after each epoch's state (`mark_best`).
+                        `checkpoint_in` takes it when a command is given the run folder.
 
 Every file is written through `alexcli.io` (NAME.tmp, fsync, rename): a kill leaves either the old
 file or the new one, never half of one under the final name. Nothing here unpickles anything.
@@ -39,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from alexcli import __version__
 from alexcli.errors import AlexcliError, DataError
-from alexcli.io import write_json, write_safetensors
+from alexcli.io import link_or_copy, write_json, write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +55,9 @@ CKPT_RE = re.compile(r"^ckpt-e(\d{3,})\.safetensors$")
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 DIVERGED = "diverged.json"  # written when the loss became NaN or infinite; removed by the next complete epoch
+# the epoch with the lowest val top-1 error so far (as timm's model_best): another name (a hard link)
+# of its ckpt-eNNN.safetensors, a copy where the file system has no hard links; not written without val
+BEST = "best.safetensors"
 
 
 def ckpt_name(epoch: int) -> str:
@@ -286,6 +293,50 @@ def latest_complete_epoch(run: Path) -> int | None:
         if all((run / n).is_file() for n in state_names(e)):
             return e
     return None
+
+
+def mark_best(run: Path, epoch: int | None) -> None:
+    """Make run/BEST the checkpoint of EPOCH (the run's best so far; None: no val, nothing written).
+    Called after each epoch's trainer state, so a run killed between the two finds it pointing at
+    the previous best and sets it at its next epoch: BEST is always a committed epoch's checkpoint."""
+    if epoch is None:
+        return
+    src, dst = run / ckpt_name(epoch), run / BEST
+    try:
+        if os.path.samefile(src, dst) or read_meta(dst, check=False)["sha256"] == read_meta(src, check=False)["sha256"]:
+            return  # already it (the link, or a copy of the same file)
+    except (OSError, DataError):
+        pass  # not there yet, or not a checkpoint: (re)made below
+    link_or_copy(src, dst)
+
+
+def checkpoint_in(path: str | os.PathLike, last: bool = False) -> Path:
+    """The checkpoint a command given PATH reads: PATH itself when it is not a folder (read_meta
+    says what is wrong with it); in a run folder of alexcli train its best.safetensors, or with
+    LAST (or without one: no val split) its latest complete epoch's checkpoint. A folder of runs
+    (alexcli experiment's) or a folder without checkpoints is a DataError naming what to give."""
+    from alexcli.errors import UsageError
+
+    path = Path(path)
+    if not path.is_dir():
+        if last and path.exists():
+            raise UsageError(f"--last: {path} is a checkpoint; --last picks the latest checkpoint of a run folder")
+        return path
+    if not last and (path / BEST).is_file():
+        return path / BEST
+    epoch = latest_complete_epoch(path)
+    if epoch is None:  # a run stopped before its first complete epoch, or written by hand: the newest
+        epochs = [int(m.group(1)) for p in path.glob("ckpt-e*.safetensors") if (m := CKPT_RE.match(p.name))]
+        epoch = max(epochs, default=None)
+    if epoch is not None:
+        return path / ckpt_name(epoch)
+    runs = sorted(p.name for p in path.iterdir() if p.is_dir() and (any(p.glob("ckpt-e*.safetensors"))
+                                                                    or (p / BEST).is_file()))
+    if runs:
+        shown = ", ".join(runs[:4]) + (", ..." if len(runs) > 4 else "")
+        raise DataError(f"{path}: a folder of runs ({shown}), not a run: give one of them, e.g. {path / runs[0]}")
+    raise DataError(f"{path}: a folder without checkpoints (ckpt-eNNN.safetensors); give a checkpoint or the run "
+                    f"folder of alexcli train")
 
 
 def seal_state(state: dict) -> dict:

@@ -164,6 +164,23 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     return Path(path)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """DST as another name of the file SRC, atomically: a hard link made under DST's temporary name
+    and renamed over DST (no second copy of the bytes); where the file system has no hard links
+    (or SRC is on another one), a copy written as atomic_write writes. Returns "link" or "copy"."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+        return "copy"
+    os.replace(tmp, dst)
+    return "link"
+
+
 def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     """OBJ as JSON (with a final newline), atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent) + "\n")

@@ -76,6 +76,50 @@ def test_eval_and_ensemble_equal_the_reference(two_models, train_data, crops):
     assert single["models"][0]["top1_error"] == got["models"][0]["top1_error"] and single["ensemble"] is None
 
 
+def reference_confusion(probs, labels, n):
+    c = np.zeros((n, n), dtype=np.int64)
+    np.add.at(c, (labels.numpy(), probs.argmax(1).numpy()), 1)
+    return c
+
+
+def test_confusion_matrix_equals_the_reference_and_is_drawn(two_models, train_data, tmp_path):
+    refs = [reference_probs(p, train_data, "center") for p in two_models]
+    labels = refs[0][1]
+    png = tmp_path / "pics" / "confusion.png"
+    r = run_here("ensemble", *two_models, "--data", train_data, "--confusion", png, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    n = len(got["classes"])
+    for model, (probs, _) in zip(got["models"], refs):
+        assert np.array_equal(np.array(model["confusion"]), reference_confusion(probs, labels, n))
+    ens = reference_confusion((refs[0][0] + refs[1][0]) / 2, labels, n)
+    assert np.array_equal(np.array(got["ensemble"]["confusion"]), ens)
+    # per-class error is the confusion matrix's rows
+    assert [c["top1_error"] for c in got["ensemble"]["per_class"] if c["images"]] == [
+        1 - ens[i, i] / ens[i].sum() for i in range(n) if ens[i].sum()] and "per_class" in got["ensemble"]
+    assert got["confusion_out"] == str(png)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 500
+    # the text output: the most confused pairs, largest first, and where the picture went
+    r = run_here("eval", two_models[0], "--data", train_data, "--confusion", png)
+    assert r.returncode == 0, r.stderr
+    assert "most confused (true class -> top-1 prediction)" in r.stdout and f"wrote {png}" in r.stdout
+    # without --confusion or --per-class the JSON carries neither
+    plain = json.loads(run_here("eval", two_models[0], "--data", train_data, "--json").stdout)
+    assert "confusion" not in plain["models"][0] and "per_class" not in plain["models"][0]
+    r = run_here("eval", two_models[0], "--data", train_data, "--confusion", tmp_path / "c.jpg")
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --confusion {tmp_path / 'c.jpg'}: pictures are "
+                                                      "written as PNG; give a name ending in .png")
+
+
+def test_most_confused_pairs():
+    from alexcli.evaluate import most_confused
+
+    c = [[5, 2, 0], [3, 1, 3], [0, 0, 9]]
+    assert most_confused(c) == [(1, 0, 3), (1, 2, 3), (0, 1, 2)]  # ties in class order, the diagonal left out
+    assert most_confused(c, k=1) == [(1, 0, 3)] and most_confused([[4, 0], [0, 4]]) == []
+
+
 def test_eval_finds_its_data_and_prints_a_table(two_models, train_data):
     r = run_here("eval", two_models[0], "--per-class")  # --data defaults to the folder it was trained on
     assert r.returncode == 0, r.stderr

@@ -1,6 +1,7 @@
 """`alexcli train` end to end on tiny runs: files, exact resume, divergence, bad checkpoints, DDP, plugins."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,9 +32,13 @@ def test_run_writes_checkpoints_metrics_and_curves(run3, train_data):
     out, summary = run3
     assert summary["epochs"] == 3 and summary["world"] == 1 and summary["device"] == "cpu"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["ckpt-e001.safetensors", "ckpt-e002.safetensors", "ckpt-e003.safetensors", "curves.png",
-                     "metrics.jsonl", "state-e003.json", "state-e003.safetensors"]
+    assert names == ["best.safetensors", "ckpt-e001.safetensors", "ckpt-e002.safetensors", "ckpt-e003.safetensors",
+                     "curves.png", "metrics.jsonl", "state-e003.json", "state-e003.safetensors"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # best.safetensors is another name of the epoch with the lowest val top-1 error (the first of equals)
+    best = min(rows, key=lambda m: m["val_top1_error"])["epoch"]
+    assert os.path.samefile(out / "best.safetensors", out / f"ckpt-e{best:03d}.safetensors")
+    assert summary["best_epoch"] == best
     assert [m["epoch"] for m in rows] == [1, 2, 3]
     assert set(rows[0]) >= {"train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
                             "images_per_s", "seconds"}
@@ -108,6 +113,71 @@ def test_killed_run_resumes_to_the_same_weights(run3, train_data, tmp_path):
     assert_same_weights(run3[0] / "ckpt-e003.safetensors", out / "ckpt-e003.safetensors")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in rows] == [1, 2, 3]
+
+
+def test_a_run_folder_stands_for_its_best_or_its_last_checkpoint(run3, tmp_path):
+    from alexcli.checkpoint import checkpoint_in
+    from alexcli.errors import DataError, UsageError
+
+    out, summary = run3
+    best, last = out / "best.safetensors", out / "ckpt-e003.safetensors"
+    assert checkpoint_in(out) == best and checkpoint_in(out, last=True) == last
+    assert checkpoint_in(out / "ckpt-e001.safetensors") == out / "ckpt-e001.safetensors"  # a file is itself
+    with pytest.raises(UsageError, match=r"^--last: .*ckpt-e001.safetensors is a checkpoint; --last picks the "
+                                         r"latest checkpoint of a run folder$"):
+        checkpoint_in(out / "ckpt-e001.safetensors", last=True)
+    # what eval scores and says it scored
+    for extra, used in (([], best), (["--last"], last)):
+        r = run_here("eval", out, "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        (model,) = json.loads(r.stdout)["models"]
+        assert model["path"] == str(used) and model["epoch"] == (summary["best_epoch"] if not extra else 3)
+    # no best.safetensors (trained without val): the latest; no trainer state either: the newest checkpoint
+    runs = tmp_path / "runs"
+    bare = runs / "bare"
+    bare.mkdir(parents=True)
+    for e in (1, 2):
+        os.link(out / f"ckpt-e00{e}.safetensors", bare / f"ckpt-e00{e}.safetensors")
+    assert checkpoint_in(bare) == bare / "ckpt-e002.safetensors"
+    # a folder of runs, or one without checkpoints: say what to give
+    with pytest.raises(DataError) as exc:
+        checkpoint_in(runs)
+    assert str(exc.value) == f"{runs}: a folder of runs (bare), not a run: give one of them, e.g. {bare}"
+    r = run_here("eval", runs)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {exc.value}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a folder without checkpoints \(ckpt-eNNN.safetensors\); give a "
+                                        r"checkpoint or the run folder of alexcli train$"):
+        checkpoint_in(tmp_path / "empty")
+
+
+def test_best_follows_the_state_and_is_a_copy_without_hard_links(run3, tmp_path, monkeypatch):
+    """mark_best runs after each epoch's trainer state: a run killed between the two has best
+    pointing at the previous best, and the next epoch's call sets it. Where the file system has no
+    hard links it copies, once."""
+    import errno
+    import shutil
+
+    from alexcli import checkpoint as ck
+
+    out = tmp_path / "run"
+    shutil.copytree(run3[0], out)  # best.safetensors is a copy here, of the same checkpoint
+    ck.mark_best(out, 1)
+    assert os.path.samefile(out / ck.BEST, out / "ckpt-e001.safetensors")
+    ck.mark_best(out, None)  # no val: nothing changes
+    assert os.path.samefile(out / ck.BEST, out / "ckpt-e001.safetensors")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ck.mark_best(out, 2)
+    assert not os.path.samefile(out / ck.BEST, out / "ckpt-e002.safetensors")
+    assert (out / ck.BEST).read_bytes() == (out / "ckpt-e002.safetensors").read_bytes()
+    inode = (out / ck.BEST).stat().st_ino
+    ck.mark_best(out, 2)  # already a copy of it: not written again
+    assert (out / ck.BEST).stat().st_ino == inode
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
 
 
 def test_existing_run_needs_resume_or_overwrite(run3, train_data):

@@ -148,7 +148,25 @@ def split_option(default: str, what: str):
 
 
 def ckpt_argument():
-    return typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train or alexcli experiment.")
+    return typer.Argument(..., help="A checkpoint (ckpt-eNNN.safetensors) from alexcli train or alexcli experiment, "
+                                    "or a run's folder: its best.safetensors, or with --last its latest epoch.")
+
+
+def last_option():
+    return typer.Option(False, "--last", help="Given a run folder, take its latest epoch's checkpoint instead of "
+                                              "best.safetensors (the epoch with the lowest val top-1 error).")
+
+
+def checkpoints(paths, last: bool) -> list[Path]:
+    """The checkpoint files the command's PATHS name (a run folder: its best or, with LAST, its
+    latest), each one taken from a folder said on stderr."""
+    from alexcli.checkpoint import checkpoint_in
+
+    found = [checkpoint_in(p, last) for p in paths]
+    for given, used in zip(paths, found):
+        if Path(given) != used:
+            err.print(f"{given}: using {used}", soft_wrap=True)
+    return found
 
 
 DATA_HELP = ("a folder, or a URL of one: https://host/in1k, s3://bucket/in1k (any fsspec URL, with fsspec and "

@@ -9,8 +9,8 @@ import typer
 
 from alexcli import defaults
 from alexcli.choices import Crops, Device, Split
-from alexcli.cli._ui import (Reporter, no_verify_option, ckpt_argument, crops_option, data_folder, data_option, device_option, emit_json,
-                             err, json_option, out, split_option, workers_option)
+from alexcli.cli._ui import (Reporter, no_verify_option, checkpoints, ckpt_argument, crops_option, data_folder, data_option,
+                             device_option, emit_json, err, json_option, last_option, out, split_option, workers_option)
 from alexcli.figures.kernels import AUTO_SCALE, MIN_WIDTH  # no numpy or torch: --help stays fast
 
 
@@ -22,6 +22,7 @@ def predict_command(
     fig: Optional[Path] = typer.Option(None, "--out", help="Also draw the images with their top probabilities "
                                                            "as bars (Figure 4, left) into this PNG."),
     device: Device = device_option(),
+    last: bool = last_option(),
     as_json: bool = json_option(),
 ) -> None:
     """The most probable classes of any image, with their probabilities (Figure 4, left).
@@ -31,12 +32,13 @@ def predict_command(
     subtracted, centre crop or ten patches). When an image sits in a folder named after one of the
     classes (ImageNet's layout), that class is shown as its label and its bar drawn red.
 
-    Example: alexcli predict runs/demo/seed0/ckpt-e030.safetensors shards/demo-source/val/ring/ring_0003.JPEG --out runs/demo/predictions.png
+    Example: alexcli predict runs/demo/seed0 shards/demo-source/val/ring/ring_0003.JPEG --out runs/demo/predictions.png
     """
     from alexcli.env import device_name
     from alexcli.figures.plot import percent
     from alexcli.figures.predict import draw_predictions, predict
 
+    [ckpt] = checkpoints([ckpt], last)
     result, pixels = predict(ckpt, [str(i) for i in images], crops=crops, top=top, device=device_name(device))
     if fig is not None:
         result["out"] = str(draw_predictions(result, pixels, fig))
@@ -68,6 +70,7 @@ def kernels_command(
                               help=f"Each kernel pixel becomes SCALE x SCALE pixels (nearest neighbour); default "
                                    f"{AUTO_SCALE}: the smallest scale that makes the picture at least {MIN_WIDTH} "
                                    "pixels wide."),
+    last: bool = last_option(),
     as_json: bool = json_option(),
 ) -> None:
     """The first layer's kernels as one picture (Figure 3).
@@ -78,10 +81,11 @@ def kernels_command(
     conv1's outputs; the paper's GPU 1) form the upper block and those of column 1 the lower one,
     in rows of 16, each block labelled. A title strip names the checkpoint and its epoch.
 
-    Example: alexcli kernels runs/demo/seed0/ckpt-e030.safetensors --out runs/demo/kernels.png
+    Example: alexcli kernels runs/demo/seed0 --out runs/demo/kernels.png
     """
     from alexcli.figures.kernels import write_kernels
 
+    [ckpt] = checkpoints([ckpt], last)
     result = write_kernels(ckpt, fig, scale=scale)
     if as_json:
         emit_json({k: result[k] for k in ("out", "kernels", "columns", "kernel_size")}
@@ -107,6 +111,7 @@ def neighbors_command(
     batch: int = typer.Option(defaults.BATCH, min=1, help="Images per batch while computing the codes."),
     workers: int = workers_option(),
     device: Device = device_option(),
+    last: bool = last_option(),
     no_verify: bool = no_verify_option(),
     as_json: bool = json_option(),
 ) -> None:
@@ -120,11 +125,12 @@ def neighbors_command(
     named by its source file as prepare recorded it (relative to the source tree); a query that
     sits in a folder named after one of the classes gets that class as its label, as in predict.
 
-    Example: alexcli neighbors runs/demo/seed0/ckpt-e030.safetensors shards/demo-source/val/waves/waves_0002.JPEG --data shards/demo --out runs/demo/neighbors.png
+    Example: alexcli neighbors runs/demo/seed0 shards/demo-source/val/waves/waves_0002.JPEG --data shards/demo --out runs/demo/neighbors.png
     """
     from alexcli.env import device_name
     from alexcli.figures.neighbors import draw_neighbors, neighbors
 
+    [ckpt] = checkpoints([ckpt], last)
     folder = data_folder(data, ckpt)
     with Reporter() as report:
         result, queries, pictures = neighbors(ckpt, [str(i) for i in images], folder, split=split, k=k,

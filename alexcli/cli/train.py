@@ -110,7 +110,8 @@ def train_command(
     """Train the paper's network on a prepared data set; one checkpoint per epoch.
 
     Writes RUN/ckpt-eNNN.safetensors (weights + everything eval needs), the trainer state for
-    --resume, metrics.jsonl and curves.png. Every default is the paper's (section 5) but the
+    --resume, metrics.jsonl, curves.png and best.safetensors (the epoch with the lowest val top-1
+    error: a hard link to its checkpoint; eval RUN scores it). Every default is the paper's (section 5) but the
     initialisation: convnet2, the paper's with Krizhevsky's own conv3-5 scales (docs/design.md).
 
     Examples:

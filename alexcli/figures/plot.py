@@ -9,15 +9,16 @@ from alexcli.errors import UsageError
 from alexcli.io import atomic_write
 
 
-def check_png(out) -> Path:
+def check_png(out, option: str = "--out") -> Path:
+    """OUT as a picture's path, or a UsageError naming OPTION: a .png name, not a folder, below folders."""
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: pictures are written as PNG; give a name ending in .png")
+        raise UsageError(f"{option} {out}: pictures are written as PNG; give a name ending in .png")
     if out.is_dir():
-        raise UsageError(f"--out {out}: is a directory; give a file name ending in .png")
+        raise UsageError(f"{option} {out}: is a directory; give a file name ending in .png")
     above = next((p for p in out.parents if p.exists()), None)  # the folders below it are made
     if above is not None and not above.is_dir():
-        raise UsageError(f"--out {out}: {above} is a file, not a folder")
+        raise UsageError(f"{option} {out}: {above} is a file, not a folder")
     return out
 
 

@@ -81,7 +81,7 @@ def interrupted(cfg: TrainConfig) -> Interrupted:
 # Every name a run writes in its folder (a `.tmp` of each while it is written): --overwrite and a
 # fresh start remove these and nothing else.
 RUN_FILE_RE = re.compile(r"^(ckpt-e\d{3,}(-s\d{6,})?\.safetensors|state-e\d{3,}(-s\d{6,})?\.(safetensors|json)|"
-                         + "|".join(map(re.escape, (ck.METRICS, ck.CURVES, ck.DIVERGED))) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
+                         + "|".join(map(re.escape, (ck.METRICS, ck.CURVES, ck.DIVERGED, ck.BEST))) + ")(" + re.escape(TMP_SUFFIX) + ")?$")
 
 
 def _run_files(out: Path) -> list[Path]:
@@ -154,7 +154,7 @@ def prepare_run(cfg: TrainConfig, arch: Arch, *, resume: bool, overwrite: bool, 
 def _not_ours(out: Path, files: list[Path]) -> list[str]:
     """The names among FILES (the run's file names in OUT) that no run into OUT wrote: a checkpoint
     that is neither a committed epoch (its trainer state beside it) nor one whose metadata names
-    this folder (a copy from elsewhere), and metrics.jsonl or curves.png with none of the run's own
+    this folder (a copy from elsewhere; best.safetensors too), and metrics.jsonl or curves.png with none of the run's own
     files beside them. Temporary files and snapshots are always a run's."""
     names = {p.name for p in files}
     ours, loose = set(), []
@@ -162,8 +162,8 @@ def _not_ours(out: Path, files: list[Path]) -> list[str]:
         m = ck.CKPT_RE.match(p.name)
         if p.name.endswith(TMP_SUFFIX) or p.name.startswith("state-e") or preempt.SNAPSHOT_CKPT_RE.match(p.name):
             ours.add(p.name)
-        elif m:
-            if ck.state_names(int(m.group(1)))[1] in names or _written_here(p, out):
+        elif m or p.name == ck.BEST:
+            if (m and ck.state_names(int(m.group(1)))[1] in names) or _written_here(p, out):
                 ours.add(p.name)
         else:
             loose.append(p.name)  # metrics.jsonl, curves.png, diverged.json

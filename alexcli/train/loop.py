@@ -434,7 +434,8 @@ def evaluate_split(runner, split, cfg: TrainConfig, r: Rank, mean_image, crop: i
 def _commit_epoch(out, epoch, net, opt, stats, meta, rows, state, cfg, steps) -> None:
     """The epoch's files in order: checkpoint, metrics.jsonl, curves.png, then the trainer state
     (which holds the metric rows too), whose presence marks the epoch complete (each written
-    atomically); then the epoch's snapshots go and old checkpoints are pruned."""
+    atomically); then the epoch's snapshots go, best.safetensors is set and old checkpoints are
+    pruned."""
     from alexcli.figures.plot import write_curves
 
     ck.save_checkpoint(out / ck.ckpt_name(epoch), one_device_state(net), ck.stats_tensors(stats), meta)
@@ -446,6 +447,7 @@ def _commit_epoch(out, epoch, net, opt, stats, meta, rows, state, cfg, steps) ->
     ck.save_trainer_state(out, epoch, _velocity(opt, net), state)
     (out / ck.DIVERGED).unlink(missing_ok=True)  # a resumed run that got past where it diverged
     preempt.remove(out)
+    ck.mark_best(out, state["best"]["epoch"])
     ck.prune(out, cfg.keep, state["best"]["epoch"], epoch)
 
 

@@ -329,14 +329,16 @@ def test_files_named_like_a_runs_but_not_written_here_are_never_removed(train_da
     out.mkdir()
     copied = (other / "ckpt-e001.safetensors").read_bytes()
     (out / "ckpt-e090.safetensors").write_bytes(copied)
+    (out / "best.safetensors").write_bytes((other / "best.safetensors").read_bytes())
     (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
     for extra in ([], ["--overwrite"]):
         r = train_in(cli, train_data, out, "--epochs", "1", "--steps-per-epoch", "2", *extra)
         assert r.returncode == 2, r.stderr
-        assert r.stderr.strip() == (f"error: {out}: ckpt-e090.safetensors, metrics.jsonl were not written by a run "
-                                    "into this folder, and alexcli removes only its own files: move them away, or "
+        assert r.stderr.strip() == (f"error: {out}: best.safetensors, ckpt-e090.safetensors, metrics.jsonl were not "
+                                    "written by a run into this folder, and alexcli removes only its own files: move them away, or "
                                     "choose another --out")
         assert (out / "ckpt-e090.safetensors").read_bytes() == copied and (out / "metrics.jsonl").exists()
+        assert (out / "best.safetensors").read_bytes() == copied
     # what a run killed between its first checkpoint and its trainer state leaves is its own: removed
     killed = tmp_path / "killed"
     assert train_in(cli, train_data, killed, "--epochs", "1", "--steps-per-epoch", "2").returncode == 0
