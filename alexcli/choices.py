@@ -110,3 +110,16 @@ def choice(kind: type[E], value, option: str) -> E:
         return kind(value)
     except ValueError:
         raise UsageError(f"{option} must be one of {', '.join(m.value for m in kind)}, not {value!r}") from None
+
+
+class ExportFormat(Choice):
+    """`alexcli export --format`."""
+
+    onnx = "onnx"
+
+
+class ImportKind(Choice):
+    """`alexcli import KIND`: whose file it is."""
+
+    torchvision = "torchvision"
+    caffe = "caffe"

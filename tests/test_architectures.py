@@ -14,6 +14,7 @@ from alexcli.data.prepare import PrepareConfig, prepare
 SETTINGS = {
     "alexnet": (["--width", "0.125", "--crop", "64", "--init", "kaiming"], 72),
     "cifar-local": (["--width", "0.25"], 32),
+    "owt": (["--width", "0.125", "--crop", "64", "--init", "kaiming"], 72),
 }
 
 

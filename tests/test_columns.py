@@ -158,6 +158,21 @@ def test_bad_input_is_a_one_line_usage_error():
         assert "\n" not in str(err.value)
     with pytest.raises(UsageError):
         ColumnAlexNet(small(), CPU2).load_merged_state_dict({"conv9.weight": torch.zeros(2)})
+    # Caffe's LRN runs across both columns' maps: no device holds them both
+    with pytest.raises(UsageError, match=r"^--parallel columns cannot split norm1 \(LRNAcrossColumns\): it "
+                                         r"normalises across both columns' maps"):
+        ColumnAlexNet(small(norm="lrn-caffe"), CPU2)
+
+
+def test_caffe_lrn_window_crosses_the_columns():
+    """bvlc_alexnet's LRN has no groups: in the two-column net its window crosses from column 0's
+    maps into column 1's, where the paper's stays inside a column (test_lrn_runs_within_each_column)."""
+    from alexcli.model.layers import LRN, lrn_caffe
+
+    x = torch.rand(2, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 30
+    whole = LRN(5, 1e-4 / 5, 0.75, 1.0)(x)
+    torch.testing.assert_close(lrn_caffe(4).forward_grouped(x, 2), whole)
+    assert not torch.allclose(LRN(5, 1e-4 / 5, 0.75, 1.0).forward_grouped(x, 2), whole)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

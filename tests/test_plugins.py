@@ -30,7 +30,7 @@ def test_builtins_are_registered_through_entry_points():
 
 def test_unknown_name_lists_the_available_ones():
     reg.reset()
-    with pytest.raises(PluginError, match=r"unknown norm 'bn'; available: .*lrn, lrn-convnet, none"):
+    with pytest.raises(PluginError, match=r"unknown norm 'bn'; available: .*lrn, lrn-caffe, lrn-convnet, none"):
         reg.info("norm", "bn")
 
 

@@ -17,7 +17,8 @@ import warnings
 import typer
 
 from alexcli import __version__
-from alexcli.cli import demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, runs, train, verify
+from alexcli.cli import (convert, demo, doctor, eval as eval_cmd, experiment, figures, plugins, prepare, runs, train,
+                         verify)
 from alexcli.errors import AlexcliError
 
 # Typer 0.26+ carries its own copy of Click, whose errors derive from typer.TyperException; older
@@ -61,7 +62,7 @@ def _root(
     before this callback runs.)"""
 
 
-for module in (prepare, train, eval_cmd, experiment, figures, verify, demo, plugins, doctor, runs):
+for module in (prepare, train, eval_cmd, experiment, figures, convert, verify, demo, plugins, doctor, runs):
     module.register(app)
 
 

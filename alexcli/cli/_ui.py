@@ -101,9 +101,14 @@ def data_folder(data: Optional[str], ckpt: Path) -> str:
 
     if data is not None:
         return data
-    folder = read_meta(ckpt).get("data", {}).get("folder")
+    meta = read_meta(ckpt)
+    folder = meta.get("data", {}).get("folder")
     if folder and (is_url(folder) or Path(folder).is_dir()):
         return folder
+    imported = meta.get("imported")
+    if isinstance(imported, dict) and not folder:
+        raise UsageError(f"--data is needed: {ckpt} was imported from {imported.get('kind')} weights and has no "
+                         f"data set of its own (e.g. --data shards/imagenet)")
     raise UsageError(f"--data is needed: {ckpt} was trained on {folder or 'an unknown folder'}, which is not here")
 
 

@@ -58,7 +58,11 @@ class Column(nn.Module):
             if hasattr(model, name):
                 setattr(self, name, _part(getattr(model, name), device))
         for name in NORMS:
-            setattr(self, name, copy.deepcopy(getattr(model, name).cols[k]).to(device))
+            norm = getattr(model, name).cols[k]
+            if getattr(norm, "spans_columns", False):
+                raise UsageError(f"--parallel columns cannot split {name} ({type(norm).__name__}): it normalises "
+                                 f"across both columns' maps, as Caffe's LRN does, and each device holds one column")
+            setattr(self, name, copy.deepcopy(norm).to(device))
         for name in PLAIN:
             if hasattr(model, name):
                 layer = getattr(model, name)

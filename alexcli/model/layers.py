@@ -93,6 +93,26 @@ def lrn_convnet(channels: int) -> nn.Module:
     return LRN(LRN_SIZE, LRN_ALPHA / LRN_SIZE, LRN_BETA, LRN_K)
 
 
+class LRNAcrossColumns(LRN):
+    """LRN whose window runs over all channels even in the two-column network: Caffe's LRN layer
+    has no groups, so bvlc_alexnet's norm1 and norm2 normalise across both columns' maps (at
+    channels 47|48 and 127|128 the window takes maps of the other column), where cuda-convnet
+    normalised each column on its own GPU. `--parallel columns` cannot split it (each device holds
+    one column's maps) and refuses it."""
+
+    spans_columns = True
+
+    def forward_grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        return super().forward_grouped(x, 1)
+
+
+def lrn_caffe(channels: int) -> nn.Module:
+    """Caffe's LRN layer (ACROSS_CHANNELS) as BVLC's bvlc_alexnet uses it: local_size 5, alpha 1e-4
+    divided by local_size, beta 0.75, k = 1 (Caffe's default; the paper's k is 2), and one window
+    across both columns (LRNAcrossColumns)."""
+    return LRNAcrossColumns(LRN_SIZE, LRN_ALPHA / LRN_SIZE, LRN_BETA, 1.0)
+
+
 def no_norm(channels: int) -> nn.Module:
     return nn.Identity()
 
