@@ -132,7 +132,7 @@ def test_architectures_are_registry_entries():
     assert names["cifar-local"].builtin and names["cifar-local"].target == "alexcli.model.cifar:cifar_local"
     # an Arch saved before architectures had names is the paper's network
     assert Arch.from_dict({"num_classes": 10, "crop": 64}).name == "alexnet"
-    with pytest.raises(Exception, match="unknown architecture 'resnet'; available: alexnet, cifar-local"):
+    with pytest.raises(Exception, match="unknown architecture 'resnet'; available: alexnet, cifar-local, owt"):
         build_model(Arch(name="resnet"))
 
 
@@ -142,7 +142,7 @@ def test_cli_lists_architectures_and_rejects_unknown_one(prepared, tmp_path):
     assert {p["name"] for p in rows} >= {"alexnet", "cifar-local"}
     r = run_here("train", "--data", prepared[0], "--out", tmp_path / "run", "--arch", "resnet")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unknown architecture 'resnet'; available: alexnet, cifar-local"
+    assert r.stderr.strip() == "error: unknown architecture 'resnet'; available: alexnet, cifar-local, owt"
     assert not (tmp_path / "run").exists()
 
 

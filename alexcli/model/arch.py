@@ -20,7 +20,7 @@ class Arch:
     AlexNet; build one with `alexcli.model.registry.make_arch`, which adds the architecture's and
     its preset's defaults."""
 
-    name: str = "alexnet"      # registry name: alexnet, cifar-local, or a plugin's
+    name: str = "alexnet"      # registry name: alexnet, cifar-local, owt, or a plugin's
     num_classes: int = 1000
     crop: int = 224            # input side; 224 with conv1 padding 2 (paper), 227 with padding 0 (Caffe)
     width: float = 1.0         # multiplies every layer's channels and units (small experiments)
