@@ -1,8 +1,14 @@
 """Top-1 and top-5 error as the paper reports them (section 6), centre crop or ten crops.
 
 `ten` is section 4.1's test: the four corner and the centre patches of each 256x256 image and
-their reflections, the softmax averaged over the ten; the ten patches go through the network as
-one batch on the device.
+their reflections, the softmax averaged over the ten. On a GPU the ten patches go through the
+network as one batch; on the CPU as ten batches of the images' size, one per patch position (see
+`model_probs`): the same operations on every patch, and on 2 cores the CIFAR net's ten-patch eval
+went from 720 to 1,540 patches/s (benchmarks/eval.py, docs/performance.md).
+
+On the CPU `score` keeps freed memory in the process (`alexcli.env.tune_malloc`, as `alexcli train`
+does; it applies to the whole calling process): without it every batch's activations are faulted
+in afresh from the OS.
 """
 
 from __future__ import annotations
@@ -72,16 +78,29 @@ def model_probs(model, x: torch.Tensor, mean_image, crop: int, crops: str = "cen
                 channels_last: bool = False) -> torch.Tensor:
     """Softmax probabilities per image of float 0..1 images X (averaged over the ten patches)."""
     inp = model_input(x, mean_image, crop, crops)
-    inp = inp.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if autocast is not None:
-        with autocast():
-            logits = model(inp)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if crops == "ten" and inp.device.type == "cpu":
+        # One pass per patch position, N patches each (the centre crop's batch), not one of 10 N:
+        # a 10 N batch makes every activation ten times larger than the caches and than glibc's
+        # largest mmap threshold (32 MB), so each is mapped and faulted in afresh; on 2 cores the
+        # CIFAR net's ten-patch eval ran at half its centre-crop patches/s. Every patch goes
+        # through the same operations either way, so the logits are the same.
+        per = inp.unflatten(0, (x.shape[0], 10)).unbind(1)
+        logits = torch.stack([_forward(model, p.contiguous(memory_format=layout), autocast) for p in per], 1)
+        logits = logits.flatten(0, 1)
     else:
-        logits = model(inp)
+        logits = _forward(model, inp.contiguous(memory_format=layout), autocast)
     probs = torch.softmax(logits.float(), dim=1)
     if crops == "ten":
         probs = probs.view(x.shape[0], 10, -1).mean(dim=1)
     return probs
+
+
+def _forward(model, inp: torch.Tensor, autocast=None) -> torch.Tensor:
+    if autocast is not None:
+        with autocast():
+            return model(inp)
+    return model(inp)
 
 
 def predict_probs(model, images: torch.Tensor, device, mean_image, crop: int, crops: str = "center",
@@ -146,6 +165,12 @@ def score(paths: list, split, *, crops: str = "center", batch: int = defaults.BA
 
         raise UsageError(f"--batch must be at least 1, not {batch}")
     device = torch.device(device)
+    if device.type == "cpu":
+        from alexcli.env import tune_malloc
+
+        # What `alexcli train` sets on the CPU (tune_cpu), less flushing denormals, which could
+        # change a probability: a batch's activations then reuse the memory the last one freed.
+        tune_malloc()
     scored = [p if isinstance(p, Scored) else load_scored(p, device) for p in paths]
     check_compatible(scored, split)
     n_classes = len(scored[0].classes)

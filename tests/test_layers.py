@@ -47,3 +47,23 @@ def test_pools_give_the_paper_sizes():
     x = torch.randn(1, 4, 55, 55)
     assert reg.get("pool", "overlap")()(x).shape[-1] == 27
     assert reg.get("pool", "2x2")()(x).shape[-1] == 27
+
+
+def test_max_pool_without_gradients_gives_the_same_maxima_faster_layout():
+    """Without gradients on the CPU the pool runs in channels-last layout (torch's NCHW max pool is
+    the slowest op of a CPU forward pass): the same values, handed back in the usual layout; with
+    gradients it is nn.MaxPool2d itself, so ties route the gradient as before."""
+    from alexcli.model.layers import pool_2x2, pool_overlapping
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(4, 16, 27, 27, generator=g))  # ReLU: many tied zeros
+    for make, (k, s) in ((pool_overlapping, (3, 2)), (pool_2x2, (2, 2))):
+        pool = make()
+        with torch.no_grad():
+            y = pool(x)
+        assert torch.equal(y, torch.nn.functional.max_pool2d(x, k, s)) and y.is_contiguous()
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        pool(a).sum().backward()
+        torch.nn.functional.max_pool2d(b, k, s).sum().backward()
+        assert torch.equal(a.grad, b.grad)
