@@ -45,7 +45,7 @@ def demo_command(
     CMYK, PNG or broken on purpose), prepares them into shards at 72x72, trains the paper's
     network twice (two seeds) at a quarter width on 64x64 crops, evaluates the first with ten
     patches, ensembles the two (Table 2), and draws the conv1 kernels (Figure 3) and the top-5
-    predictions of a few validation photos (Figure 4). About two minutes on 2 CPU cores.
+    predictions of a few validation photos (Figure 4). About 75 seconds on 2 idle CPU cores.
 
     Example: alexcli demo --epochs 10
     """
