@@ -49,7 +49,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from alexcli.convert.common import Imported, checked_tensors
+from alexcli.convert.common import Imported, checked_names, checked_tensors
 from alexcli.errors import DataError, UsageError
 
 # bvlc_alexnet's parameter layers, in the file's order, with (weight, bias) shapes; None: the class
@@ -318,15 +318,7 @@ def _shaped(blob: dict, rank: int | None):
 
 
 def _check_layers(path: Path, layers: list[dict], params: dict) -> None:
-    missing = [n for n in LAYERS if n not in params]
-    extra = [n for n in params if n not in LAYERS]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-        if extra:
-            parts.append(f"has {', '.join(extra[:3])}" + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
-        raise DataError(f"{path}: not a caffemodel of {WHAT} ({'; '.join(parts)})")
+    checked_names(path, params, LAYERS, f"a caffemodel of {WHAT}")
     by_name = {layer["name"]: layer for layer in layers}
     for norm, pool in (("norm1", "pool1"), ("norm2", "pool2")):
         if pool in by_name.get(norm, {}).get("bottom", []):

@@ -125,19 +125,24 @@ def save_imported(imp: Imported, out: Path, classes: list[str], names: list[str]
             "reported": imp.reported}
 
 
-def checked_tensors(source: Path, found: dict, expected: dict, what: str) -> None:
-    """FOUND (name -> tensor) must hold exactly EXPECTED's names (name -> shape, None for any
-    first dimension where the class count goes): else a one-line DataError naming SOURCE, WHAT it
-    should have been, and the first names missing, unexpected or of the wrong shape."""
+def checked_names(source: Path, found, expected, what: str) -> None:
+    """FOUND's names must be exactly EXPECTED's: else a one-line DataError naming SOURCE, WHAT it
+    should have been, and the first names missing and unexpected."""
     missing = [k for k in expected if k not in found]
     extra = [k for k in found if k not in expected]
     if missing or extra:
         parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-        if extra:
-            parts.append(f"has {', '.join(extra[:3])}" + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
+        for word, names in (("missing", missing), ("has", extra)):
+            if names:
+                parts.append(f"{word} {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
         raise DataError(f"{source}: not {what} ({'; '.join(parts)})")
+
+
+def checked_tensors(source: Path, found: dict, expected: dict, what: str) -> None:
+    """FOUND (name -> tensor) must hold exactly EXPECTED's names (name -> shape, None for any
+    first dimension where the class count goes): else a one-line DataError naming SOURCE, WHAT it
+    should have been, and the first names missing, unexpected or of the wrong shape."""
+    checked_names(source, found, expected, what)
     for name, shape in expected.items():
         got = tuple(found[name].shape)
         if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
