@@ -48,3 +48,17 @@ def test_a_stale_example_would_fail():
         with pytest.raises((typer.TyperException, Exception)) as e:
             parse(argv)
         assert "bogus" in str(e.value) or "nine" in str(e.value)
+
+
+def test_examples_run_on_the_demo_never_write_the_same_file_twice():
+    """The full demo test runs every help and README example that reads the demo's outputs, in one
+    folder: two of them writing the same --out of a command that refuses an existing one (the README
+    repeated export's help example) made the second fail. (The pictures' PNGs are redrawn.)"""
+    from examples import runs_on_the_demo
+
+    seen: dict[str, list[str]] = {}
+    for argv in [a for _, a in help_examples()] + readme_examples():
+        if runs_on_the_demo(argv) and argv[0] in ("export", "import") and "--out" in argv:
+            out = argv[argv.index("--out") + 1]
+            assert out not in seen, f"{' '.join(argv)} and {' '.join(seen[out])} both write {out}"
+            seen[out] = argv
