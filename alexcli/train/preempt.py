@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 SNAPSHOT_RE = re.compile(r"^state-e(\d{3,})-s(\d{6,})\.json$")
 SNAPSHOT_CKPT_RE = re.compile(r"^ckpt-e(\d{3,})-s(\d{6,})\.safetensors$")
+SNAPSHOT_TENSORS_RE = re.compile(r"^(?:ckpt|state)-e(\d{3,})-s(\d{6,})\.safetensors$")  # a snapshot's two tensor files
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -69,7 +70,7 @@ def remove(run: Path, keep: tuple[int, int] | None = None) -> None:
             for n in (marker, tensors, ckpt):
                 (run / n).unlink(missing_ok=True)
     for p in [*run.glob("ckpt-e*-s*.safetensors"), *run.glob("state-e*-s*.safetensors")]:
-        m = re.match(r"^(?:ckpt|state)-e(\d{3,})-s(\d{6,})\.safetensors$", p.name)
+        m = SNAPSHOT_TENSORS_RE.match(p.name)
         if m and (int(m.group(1)), int(m.group(2))) != keep and not (run / names(*map(int, m.groups()))[2]).exists():
             p.unlink(missing_ok=True)  # left by a kill between a snapshot's files
 
