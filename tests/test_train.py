@@ -449,3 +449,21 @@ def test_dry_run_makes_the_checks_a_real_run_makes(train_data, tmp_path, args, m
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--batch", "8", "--dry-run", *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_removing_snapshots_keeps_one_and_clears_orphans(tmp_path):
+    """preempt.remove: every snapshot but the one kept goes, markers first; tensor files a kill left
+    without their marker go too; nothing else in the folder is touched."""
+    from alexcli.train import preempt
+
+    for e, s in ((2, 5), (2, 10), (3, 4)):
+        for n in preempt.names(e, s):
+            (tmp_path / n).write_text("x")
+    orphans = [preempt.names(4, 1)[0], preempt.names(4, 1)[1]]  # tensors of a snapshot whose marker never came
+    for n in orphans:
+        (tmp_path / n).write_text("x")
+    (tmp_path / "ckpt-e002.safetensors").write_text("x")
+    (tmp_path / "notes-e2-s5.safetensors").write_text("mine")
+    preempt.remove(tmp_path, keep=(2, 10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*preempt.names(2, 10), "ckpt-e002.safetensors", "notes-e2-s5.safetensors"])
