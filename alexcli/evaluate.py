@@ -58,8 +58,8 @@ class Tally:
         self.top1_wrong += int((~hit1).sum())
         self.top5_wrong += int((~hit5).sum())
         self.loss_sum += float(-torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum())
-        pairs = (labels * self.num_classes + top[:, 0]).cpu()
-        self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2).view_as(self.confusion)
+        pairs = (labels * self.num_classes + top[:, 0]).cpu()  # a cell of the flat matrix per image
+        self.confusion.view(-1).index_put_((pairs,), torch.ones_like(pairs), accumulate=True)
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.n, self.top1_wrong, self.top5_wrong, self.loss_sum], dtype=torch.float64)
