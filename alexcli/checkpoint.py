@@ -285,11 +285,14 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     return Checkpoint(path, meta, tensors)
 
 
+def checkpoint_epochs(run: Path) -> list[int]:
+    """The epochs of RUN's ckpt-eNNN.safetensors files, ascending."""
+    return sorted(int(m.group(1)) for p in run.glob("ckpt-e*.safetensors") if (m := CKPT_RE.match(p.name)))
+
+
 def latest_complete_epoch(run: Path) -> int | None:
     """The last epoch whose checkpoint and trainer state were all written."""
-    epochs = sorted((int(m.group(1)) for p in run.glob("ckpt-e*.safetensors") if (m := CKPT_RE.match(p.name))),
-                    reverse=True)
-    for e in epochs:
+    for e in reversed(checkpoint_epochs(run)):
         if all((run / n).is_file() for n in state_names(e)):
             return e
     return None
@@ -326,8 +329,7 @@ def checkpoint_in(path: str | os.PathLike, last: bool = False) -> Path:
         return path / BEST
     epoch = latest_complete_epoch(path)
     if epoch is None:  # a run stopped before its first complete epoch, or written by hand: the newest
-        epochs = [int(m.group(1)) for p in path.glob("ckpt-e*.safetensors") if (m := CKPT_RE.match(p.name))]
-        epoch = max(epochs, default=None)
+        epoch = max(checkpoint_epochs(path), default=None)
     if epoch is not None:
         return path / ckpt_name(epoch)
     runs = sorted(p.name for p in path.iterdir() if p.is_dir() and (any(p.glob("ckpt-e*.safetensors"))
@@ -390,7 +392,7 @@ def prune(run: Path, keep: int, best_epoch: int | None, latest: int) -> list[str
     """Keep the last KEEP checkpoints plus the best; trainer state only for the latest. Returns the
     names removed."""
     removed = []
-    epochs = sorted(int(m.group(1)) for p in run.glob("ckpt-e*.safetensors") if (m := CKPT_RE.match(p.name)))
+    epochs = checkpoint_epochs(run)
     keep_set = set(epochs[-keep:]) if keep > 0 else set()
     keep_set |= {latest} | ({best_epoch} if best_epoch else set())
     for e in epochs:
