@@ -46,6 +46,7 @@ anything else is read as a BlobProto.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -257,12 +258,13 @@ def _read(path: Path, what: str) -> bytes:
         raise DataError(f"{what}{path}: {why}") from None
 
 
-def read_net(path: Path) -> tuple[list[dict], dict]:
+def read_net(path: Path, buf: bytes | None = None) -> tuple[list[dict], dict]:
     """The layers of caffemodel PATH ({"name", "bottom", "blobs"}, in the file's order) and its
     parameters: layer name -> list of blobs (see `_blob`), each checked to hold as many numbers as
-    its shape says. A one-line DataError for a file that is not one."""
+    its shape says; BUF: PATH's bytes when the caller has read them. A one-line DataError for a
+    file that is not one."""
     path = Path(path)
-    buf = _read(path, "")
+    buf = _read(path, "") if buf is None else buf
     try:
         if buf:
             first, _ = _varint(buf, 0, len(buf))
@@ -373,16 +375,6 @@ def read_mean(path: Path):
     return mean
 
 
-def _sha1(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_caffe(model_path: Path, mean_path: Path | None) -> Imported:
     """bvlc_alexnet (or a fine-tuned copy: fc8 of another size) in MODEL_PATH with the mean image in
     MEAN_PATH, as alexcli's alexnet at crop 227 (see the module doc); a one-line error for a file
@@ -396,7 +388,8 @@ def read_caffe(model_path: Path, mean_path: Path | None) -> Imported:
     if mean_path is None:
         raise UsageError(f"{model_path}: a Caffe model needs the mean image it was trained with: give --mean FILE "
                          f"({MEAN_HELP})")
-    layers, params = read_net(model_path)
+    buf = _read(model_path, "")  # read once: parsed, and hashed for the provenance and BVLC's sha1
+    layers, params = read_net(model_path, buf)
     _check_layers(model_path, layers, params)
     expected, found = {}, {}
     for name, weight in LAYERS.items():
@@ -437,7 +430,7 @@ def read_caffe(model_path: Path, mean_path: Path | None) -> Imported:
     reported = {}
     if num_classes == 1000:
         reported = dict(REPORTED)
-        sha1 = _sha1(model_path)
+        sha1 = hashlib.sha1(buf).hexdigest()
         if sha1 != BVLC_SHA1:
             notes.append(f"not byte for byte BVLC's published bvlc_alexnet.caffemodel (sha1 {sha1[:12]}..., BVLC's "
                          f"{BVLC_SHA1[:12]}...): its reported accuracy holds only if the weights are BVLC's "
@@ -445,4 +438,4 @@ def read_caffe(model_path: Path, mean_path: Path | None) -> Imported:
     else:
         notes.append(f"fc8 has {num_classes} outputs: a fine-tuned model; BVLC's reported accuracy is not for it")
     return Imported(kind="caffe", source=model_path, arch=arch, state_dict=state, mean_image=mean_image, size=size,
-                    mapping=mapping, notes=notes, reported=reported)
+                    mapping=mapping, notes=notes, reported=reported, sha256=hashlib.sha256(buf).hexdigest())

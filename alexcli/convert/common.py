@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from alexcli.errors import DataError, UsageError
 
@@ -29,6 +30,7 @@ class Imported:
     mapping: list = field(default_factory=list)  # {"from", "to", "shape"} per tensor, in order
     notes: list = field(default_factory=list)    # what was changed on the way (BGR -> RGB, std folded in)
     reported: dict = field(default_factory=dict)  # the publisher's own top-1/top-5 accuracy, centre crop
+    sha256: str | None = None      # of SOURCE, when the reader had its bytes (else save_imported reads it again)
 
 
 def file_sha256(path: Path) -> str:
@@ -73,24 +75,32 @@ def classes_of_data(folder, count: int) -> tuple[list[str], list[str]]:
     return classes, class_names(manifest)
 
 
-def check_out(out: Path, overwrite: bool) -> Path:
-    """--out as a checkpoint path to write: a .safetensors name; an existing file only with
-    --overwrite, and only when it is an alexcli checkpoint (nothing else is replaced)."""
+def _is_checkpoint(path: Path) -> bool:
     from alexcli.checkpoint import read_meta
 
+    try:
+        read_meta(path, check=False)
+    except DataError:
+        return False
+    return True
+
+
+def check_out(out: Path, overwrite: bool, suffix: str = ".safetensors", files: str = "checkpoints",
+              kind: str = "an alexcli checkpoint", ours: Callable[[Path], bool] = _is_checkpoint) -> Path:
+    """--out as the path of the file import or export writes: a name ending in SUFFIX (FILES are
+    SUFFIX files), not a folder; an existing file only with --overwrite, and only when OURS says it
+    is KIND (nothing else is replaced)."""
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out {out}: checkpoints are .safetensors files; give a name ending in .safetensors")
+    if out.suffix != suffix:
+        raise UsageError(f"--out {out}: {files} are {suffix} files; give a name ending in {suffix}")
     if out.is_dir():
-        raise UsageError(f"--out {out}: is a folder; give a file name ending in .safetensors")
+        raise UsageError(f"--out {out}: is a folder; give a file name ending in {suffix}")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise UsageError(f"--out {out}: exists; choose another name or add --overwrite")
-        try:
-            read_meta(out, check=False)
-        except DataError:
-            raise UsageError(f"--out {out}: exists and is not an alexcli checkpoint; alexcli replaces only its "
-                             f"own files: move it away or choose another name") from None
+        if not ours(out):
+            raise UsageError(f"--out {out}: exists and is not {kind}; alexcli replaces only its own files: move it "
+                             f"away or choose another name")
     return out
 
 
@@ -112,7 +122,7 @@ def save_imported(imp: Imported, out: Path, classes: list[str], names: list[str]
     data = {"mean_image": imp.mean_image.float().contiguous(),
             "pca_eigval": torch.tensor(IMAGENET_EIGVAL, dtype=torch.float32),
             "pca_eigvec": torch.tensor(IMAGENET_EIGVEC, dtype=torch.float32)}
-    imported = {"kind": imp.kind, "file": str(imp.source.resolve()), "sha256": file_sha256(imp.source),
+    imported = {"kind": imp.kind, "file": str(imp.source.resolve()), "sha256": imp.sha256 or file_sha256(imp.source),
                 "notes": list(imp.notes), "reported": dict(imp.reported), "alexcli_version": __version__}
     meta = {"arch": imp.arch.to_dict(), "variants": used, "augment": ["mean"], "classes": list(classes),
             "class_names": list(names), "data": {"folder": None, "size": imp.size, "train_images": None},

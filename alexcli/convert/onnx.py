@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from alexcli.errors import AlexcliError, DataError, UsageError
+from alexcli.transforms import center_crop
 
 OPSET = 17
 TOLERANCE = 1e-4  # largest |onnxruntime - torch| allowed, relative to the logits' largest magnitude
@@ -37,20 +38,17 @@ def _need(module: str):
 
 
 class Served(torch.nn.Module):
-    """The network with eval's centre-crop input in front: (N, 3, S, S) 0..1 RGB -> logits."""
+    """The network with eval's centre-crop input in front (`transforms.center_crop`, the mean image
+    subtracted there): (N, 3, S, S) 0..1 RGB -> logits."""
 
     def __init__(self, model, mean_image, crop: int):
         super().__init__()
         self.model, self.crop = model, crop
-        side = mean_image.shape[-1]
-        o = (side - crop) // 2
-        self.register_buffer("mean", (mean_image.float()[:, o:o + crop, o:o + crop] if mean_image is not None
-                                      else torch.zeros(3, crop, crop)).clone())
-        self.offset = o
+        self.register_buffer("mean", center_crop(mean_image.float(), crop).clone() if mean_image is not None
+                             else torch.zeros(3, crop, crop))
 
     def forward(self, x):
-        o, c = self.offset, self.crop
-        return self.model(x[:, :, o:o + c, o:o + c] - self.mean)
+        return self.model(center_crop(x, self.crop) - self.mean)
 
 
 def _export_bytes(module, example) -> bytes:
@@ -138,36 +136,30 @@ def export_model(model, mean_image, crop: int, size: int, out: Path, metadata: d
 
 def export_checkpoint(ckpt_path, out, overwrite: bool = False) -> dict:
     """`alexcli export CKPT --format onnx --out OUT`."""
-    from alexcli.checkpoint import load_model
+    from alexcli.convert.common import check_out
+    from alexcli.data.dataset import class_names
+    from alexcli.evaluate import load_scored
 
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise UsageError(f"--out {out}: give a name ending in .onnx")
-    if out.is_dir():
-        raise UsageError(f"--out {out}: is a folder; give a file name ending in .onnx")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise UsageError(f"--out {out}: exists; choose another name or add --overwrite")
-    if out.exists() and overwrite:
-        _need("onnx")
-        try:
-            __import__("onnx").load(str(out), load_external_data=False)
-        except Exception:  # noqa: BLE001 - anything onnx cannot read is not ours to replace
-            raise UsageError(f"--out {out}: exists and is not an ONNX model; alexcli replaces only its own "
-                             f"files: move it away or choose another name") from None
-    _need("onnx")
+    onnx = _need("onnx")
     _need("onnxruntime")
-    model, ckpt = load_model(ckpt_path)
-    mean = ckpt.data.get("mean_image") if "mean" in ckpt.meta.get("augment", ["mean"]) else None
-    size = ckpt.meta.get("data", {}).get("size") or (mean.shape[-1] if mean is not None else ckpt.arch.crop)
+    out = check_out(out, overwrite, ".onnx", "ONNX models", "an ONNX model", lambda p: _is_onnx(onnx, p))
+    s = load_scored(ckpt_path, "cpu")  # the network and the input eval gives it
+    mean, meta_in = s.mean_image, s.meta
+    size = meta_in.get("data", {}).get("size") or (mean.shape[-1] if mean is not None else s.crop)
     if mean is not None and mean.shape[-1] != size:
         raise DataError(f"{ckpt_path}: its mean image is {mean.shape[-1]}x{mean.shape[-1]} but its data size is {size}")
-    from alexcli.data.dataset import class_names
-
-    meta = {"alexcli.checkpoint": str(Path(ckpt_path)), "alexcli.sha256": ckpt.meta["sha256"],
-            "alexcli.arch": ckpt.meta["arch"], "alexcli.classes": list(ckpt.meta["classes"]),
-            "alexcli.class_names": class_names(ckpt.meta), "alexcli.image_size": size, "alexcli.crop": ckpt.arch.crop,
+    meta = {"alexcli.checkpoint": str(Path(ckpt_path)), "alexcli.sha256": meta_in["sha256"],
+            "alexcli.arch": meta_in["arch"], "alexcli.classes": list(s.classes),
+            "alexcli.class_names": class_names(meta_in), "alexcli.image_size": size, "alexcli.crop": s.crop,
             "alexcli.input": "float32 (batch, 3, S, S) RGB 0..1; the graph takes the central crop and subtracts "
                              "the mean image"}
-    result = export_model(model, mean, ckpt.arch.crop, size, out, meta)
-    return dict(result, checkpoint=str(ckpt_path), classes=len(ckpt.meta["classes"]), image_size=size,
-                crop=ckpt.arch.crop)
+    result = export_model(s.model, mean, s.crop, size, out, meta)
+    return dict(result, checkpoint=str(ckpt_path), classes=len(s.classes), image_size=size, crop=s.crop)
+
+
+def _is_onnx(onnx, path: Path) -> bool:
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything onnx cannot read is not ours to replace
+        return False
+    return True
