@@ -13,7 +13,8 @@ machine and the PIL, both printed):
                the shorter side is 256 with Image.resize's default filter, centre crop, JPEG q90
      floor     the least any pipeline must do: read, full decode, encode a 256x256 JPEG, no resize
    Targets:  prepare / obvious >= 1.0,  prepare / floor >= 0.85.
-   For context, `prepare --exact-stats` (decoding the written JPEG again for the statistics).
+   For context, `prepare --exact-stats` (decoding the written JPEG again for the statistics), and
+   prepare with the numpy statistics kernel (what runs where the C kernel could not be built).
 2. Where prepare's per-image time goes (--breakdown): each step timed on its own.
 3. Whole processes on --images photos (default 2,000: the photos linked under new names until
    there are that many): `alexcli prepare SRC --workers 1` against `pil_speed.py --script SRC OUT`
@@ -147,9 +148,12 @@ def chunk_tasks(src: Path) -> list:
             for i in range(0, len(items), P.CHUNK)]
 
 
-def run_prepare(src: Path, tasks: list, exact: bool = False) -> int:
-    """prepare's per-image work as a worker does it (alexcli.data.prepare._process_chunk)."""
+def run_prepare(src: Path, tasks: list, exact: bool = False, kernel: str | None = None) -> int:
+    """prepare's per-image work as a worker does it (alexcli.data.prepare._process_chunk); kernel:
+    the statistics kernel (alexcli.data.stats.KERNELS), prepare's default if None."""
     P._setup_worker(str(src), ImageParams(size=SIZE, quality=QUALITY), exact)
+    if kernel:
+        P._W["sums"] = S.ImageSums(SIZE, kernel)
     return sum(len(P._process_chunk(t)[0]) for t in tasks)
 
 
@@ -172,6 +176,8 @@ def per_image(src: Path, files: list[Path], repeat: int) -> dict[str, float]:
     pipelines = {"prepare": lambda: run_prepare(src, tasks), "obvious": lambda: run_files(obvious, train),
                  "floor": lambda: run_files(floor, train),
                  "prepare --exact-stats": lambda: run_prepare(src, tasks, exact=True)}
+    if S.KERNEL != "numpy":  # for context: prepare as it runs where the C kernel was not built
+        pipelines["prepare, numpy stats"] = lambda: run_prepare(src, tasks, kernel="numpy")
     pipelines["prepare --exact-stats"]()  # its first call imports torch: not timed
     best: dict[str, float] = {}
     for r in range(repeat):
@@ -373,6 +379,7 @@ def main(argv=None) -> None:
         print(f"data:    {origin}: {len(files)} files, {sum(map(len, blobs)) / 1e6:.1f} MB")
         print(f"machine: {cpu_model()}, {cores} CPUs available, single-core part {pin}")
         print(f"PIL:     {pil_info()}")
+        print(f"statistics kernel: {S.KERNEL} (available: {', '.join(S.KERNELS)})")
         print(f"python {platform.python_version()}, output {SIZE}x{SIZE} JPEG q{QUALITY}, best of {args.repeat}")
         print("\n1. per-image work, one process, one core:", flush=True)
         rate = per_image(src, files, args.repeat)

@@ -205,9 +205,11 @@ def test_doctor_reports_pil_and_devices(capsys):
     assert r["pil"]["package"] in ("pillow-simd", "pillow") and r["pil"]["simd"] == (r["pil"]["package"] == "pillow-simd")
     from alexcli.env import cpu_cores
 
-    assert r["devices"]["cpu_cores"] == cpu_cores() and r["packages"]["torch"]
+    from alexcli.data.stats import KERNEL
+
+    assert r["devices"]["cpu_cores"] == cpu_cores() and r["packages"]["torch"] and r["stats_kernel"] == KERNEL
     assert main(["doctor", "--brief"]) == 0
-    assert "torch" in capsys.readouterr().out
+    assert f"stats kernel {KERNEL}," in capsys.readouterr().out
 
 
 def test_prepare_summary_says_what_it_did(tmp_path):

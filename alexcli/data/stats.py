@@ -31,44 +31,64 @@ BEFORE_ENCODING = "before encoding"  # the resized, cropped pixels just before t
 AS_WRITTEN = "as written"  # the written JPEGs decoded again (prepare --exact-stats)
 
 
+try:  # the one-pass C kernel (setup.py builds it where a C compiler is present)
+    from alexcli.data import _pixsums
+except ImportError:  # pragma: no cover - depends on the install
+    _pixsums = None
+KERNELS = ("c", "numpy") if _pixsums is not None else ("numpy",)
+KERNEL = KERNELS[0]  # what ImageSums uses by default; `alexcli doctor` shows it
+_GRAM6 = ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2))  # the Gram entries ImageSums keeps
+
+
 class ImageSums:
     """Per-worker accumulator over size x size x 3 uint8 images (HWC: a numpy array, a PIL image or
-    a CPU torch tensor). numpy only: prepare's workers do not import torch for it.
+    a CPU torch tensor). numpy and C only: prepare's workers do not import torch for it.
 
     Per image: the pixels go into a uint16 image sum (exact for 257 images, then folded into
-    int64); each of the three products (x * x, x * next value, x * the value after next, over the
-    flat HWC array) is formed once in float32 (exact: at most 255^2) and summed down its columns,
-    256 rows at a time (exact: 256 * 255^2 < 2^24), then over its lanes in float64 into the
-    integer Gram matrix. No per-pixel accumulator of products is kept: they would be written back
-    to memory for every image, which costs more than the arithmetic."""
+    int64), and the six distinct entries of the Gram matrix into int64. kernel "c"
+    (alexcli/data/_pixsums.c, the default where it was built) does both in one pass over the
+    pixels. kernel "numpy" forms each of the three products (x * x, x * next value, x * the value
+    after next, over the flat HWC array) once in float32 (exact: at most 255^2) and sums it down
+    its columns, 256 rows at a time (exact: 256 * 255^2 < 2^24), then over its lanes in float64. No
+    per-pixel accumulator of products is kept: it would be written back to memory for every
+    image, which costs more than the arithmetic. Both give the same integers."""
 
     ROWS = 256  # rows summed at once in float32: 256 * 255^2 < 2^24
     FOLD16 = 0xFFFF // 255  # 257 images of 255 fit a uint16
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, kernel: str | None = None):
+        kernel = kernel or KERNEL
+        if kernel not in KERNELS:
+            raise ValueError(f"statistics kernel {kernel!r} is not available here (have: {', '.join(KERNELS)})")
+        self.size, self.kernel = size, kernel
         n = size * size * 3
         self._image16 = np.zeros(n, np.uint16)  # pixel sums of up to FOLD16 images
         self._image64 = None  # int64, once more than FOLD16 images were added
-        self._x = np.empty(n, np.float32)
-        self._tmp = np.empty(n, np.float32)
-        x, t = self._x, self._tmp
-        # (factor, factor, product buffer, lane -> Gram entries) views made once
-        self._products = [(x, x, t, ((0, 0), (1, 1), (2, 2))), (x[:-1], x[1:], t[:-1], ((0, 1), (1, 2))),
-                          (x[:-2], x[2:], t[:-2], ((0, 2),))]
-        self._gram = np.zeros((3, 3), np.int64)
+        self._gram6 = np.zeros(6, np.int64)  # rr, gg, bb, rg, gb, rb (_GRAM6)
         self._pending = 0  # images in the uint16 sum
         self.count = 0
+        if kernel == "numpy":
+            self._x = np.empty(n, np.float32)
+            self._tmp = np.empty(n, np.float32)
+            x, t = self._x, self._tmp
+            # (factor, factor, product buffer, lane -> index in _gram6) views made once
+            self._products = [(x, x, t, (0, 1, 2)), (x[:-1], x[1:], t[:-1], (3, 4)), (x[:-2], x[2:], t[:-2], (5,))]
 
     def add(self, hwc) -> None:
         a = np.asarray(hwc)
         if a.shape != (self.size, self.size, 3) or a.dtype != np.uint8:
             raise ValueError(f"expected a {self.size}x{self.size}x3 uint8 image, got {a.shape} {a.dtype}")
-        flat = a.reshape(-1)
         if self._pending == self.FOLD16:
             self._fold()
-        np.add(self._image16, flat, out=self._image16)
+        if self.kernel == "c":
+            _pixsums.add(np.ascontiguousarray(a), self._image16, self._gram6)
+        else:
+            self._add_numpy(a.reshape(-1))
         self._pending += 1
+        self.count += 1
+
+    def _add_numpy(self, flat: np.ndarray) -> None:
+        np.add(self._image16, flat, out=self._image16)
         np.copyto(self._x, flat)
         t, rows, width = self._tmp, self.size, self.size * 3
         for f, g, out, entries in self._products:
@@ -77,9 +97,8 @@ class ImageSums:
             grid = t.reshape(rows, width)
             cols = sum((grid[r:r + self.ROWS].sum(0) for r in range(0, rows, self.ROWS)), np.zeros(width))
             lanes = np.rint(cols.reshape(-1, 3).sum(0)).astype(np.int64)  # float64: exact integers
-            for lane, (i, j) in enumerate(entries):
-                self._gram[i, j] += lanes[lane]
-        self.count += 1
+            for lane, k in enumerate(entries):
+                self._gram6[k] += lanes[lane]
 
     def _fold(self) -> None:
         if self._image64 is None:
@@ -97,12 +116,13 @@ class ImageSums:
         else:
             self._fold()
             image, self._image64 = self._image64, None
-        gram = self._gram.copy()
-        gram[1, 0], gram[2, 0], gram[2, 1] = gram[0, 1], gram[0, 2], gram[1, 2]
+        gram = np.zeros((3, 3), np.int64)
+        for v, (i, j) in zip(self._gram6, _GRAM6):
+            gram[i, j] = gram[j, i] = v
         out = {"image_sum": image.reshape(self.size, self.size, 3), "gram": gram,
                "count": np.array([self.count], dtype=np.int64)}
         self._image16.fill(0)
-        self._gram[:] = 0
+        self._gram6[:] = 0
         self._pending = 0
         self.count = 0
         return out
