@@ -128,7 +128,7 @@ def report() -> dict:
 
 def stats_kernel() -> str:
     """Which kernel forms prepare's statistics: "c" (alexcli/data/_pixsums.c, built by setup.py
-    where a C compiler is present) or "numpy" (the same exact sums, about a third of the speed)."""
+    where a C compiler is present) or "numpy" (the same exact sums in three times the time)."""
     from alexcli.data.stats import KERNEL
 
     return KERNEL
