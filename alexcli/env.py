@@ -113,6 +113,7 @@ def devices() -> dict:
 
 def report() -> dict:
     from alexcli import __version__
+    from alexcli.data import stats
 
     return {
         "alexcli": __version__,
@@ -121,17 +122,11 @@ def report() -> dict:
         "packages": {name: _version(name) for name in
                      ("torch", "torchvision", "webdataset", "safetensors", "numpy", "typer", "rich")},
         "pil": pil_info(),
-        "stats_kernel": stats_kernel(),
+        # prepare's statistics: "c" (alexcli/data/_pixsums.c, built by setup.py where a C compiler
+        # is present) or "numpy" (the same exact sums in three times the time)
+        "stats_kernel": stats.KERNEL,
         "devices": devices(),
     }
-
-
-def stats_kernel() -> str:
-    """Which kernel forms prepare's statistics: "c" (alexcli/data/_pixsums.c, built by setup.py
-    where a C compiler is present) or "numpy" (the same exact sums in three times the time)."""
-    from alexcli.data.stats import KERNEL
-
-    return KERNEL
 
 
 def tune_malloc() -> bool:

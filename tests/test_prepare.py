@@ -186,7 +186,7 @@ def _numpy_sums(images):
 
 def test_the_c_statistics_kernel_is_built_where_a_compiler_is():
     # setup.py's extension is optional (an install without a compiler falls back to numpy); where
-    # there is one, a missing kernel means the build broke and prepare runs at a third of the speed.
+    # there is one, a missing kernel means the build broke and the statistics take three times as long.
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine: the numpy kernel is the one in use")
     assert S.KERNEL == "c" and S.KERNELS == ("c", "numpy")
@@ -202,9 +202,10 @@ def test_image_sums_are_exact(n, kernel):
     images[-1][:] = 255
     images[1] = rng.integers(0, 256, (2 * size, 2 * size, 3), dtype=np.uint8)[::2, ::2]  # not contiguous
     sums = S.ImageSums(size, kernel)
-    as_given = [lambda a: a, lambda a: __import__("torch").from_numpy(np.ascontiguousarray(a)), Image.fromarray]
+    # image 1 goes in as numpy (the view itself), the others as torch or PIL
+    as_given = [lambda a: __import__("torch").from_numpy(np.ascontiguousarray(a)), lambda a: a, Image.fromarray]
     for k, img in enumerate(images):
-        sums.add(as_given[k % 3](img))  # numpy, torch or PIL
+        sums.add(as_given[k % 3](img))
     got = sums.take()
     image_sum, gram = _numpy_sums(images)
     assert got["image_sum"].dtype == (np.uint16 if n <= 257 else np.int64)

@@ -9,7 +9,8 @@ def doctor_command(
     brief: bool = typer.Option(False, "--brief", help="One line: alexcli, torch, torchvision, PIL and devices."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Show versions of torch, torchvision and PIL, whether PIL is pillow-simd, prepare's statistics kernel, and the devices seen.
+    """Show versions of torch, torchvision and PIL, whether PIL is pillow-simd, prepare's statistics
+    kernel (C or numpy), and the devices seen.
 
     Example: alexcli doctor --json
     """
