@@ -240,10 +240,13 @@ def test_member_headers_are_tarfiles_own(name, size):
     assert member_header(name, size) == ref
 
 
-def test_two_workers_write_the_same_bytes(prepared, demo_src, tmp_path):
+@pytest.mark.parametrize("workers", [2, 3])
+def test_more_workers_write_the_same_bytes(prepared, demo_src, tmp_path, workers):
+    """This process and WORKERS - 1 spawned ones, chunks dealt to whoever is free: the shards (their
+    sha256 in dataset.json) and the statistics are those of one worker."""
     out, _ = prepared
     out2 = tmp_path / "w2"
-    prepare(demo_src, out2, PrepareConfig(size=32, shard_size=16, workers=2, seed=3))
+    prepare(demo_src, out2, PrepareConfig(size=32, shard_size=16, workers=workers, seed=3))
     a = json.loads((out / "dataset.json").read_text())
     b = json.loads((out2 / "dataset.json").read_text())
     assert a["splits"] == b["splits"] and a["fingerprint"] == b["fingerprint"]
@@ -420,3 +423,59 @@ def test_prepare_in_this_process_leaves_torch_threads_alone(demo_src, tmp_path):
     before = torch.get_num_threads()
     prepare(demo_src, tmp_path / "o", PrepareConfig(size=32, workers=1, exact_stats=True))
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- the pool's dealing (alexcli.data.prepare._Board)
+
+def test_the_main_process_converts_what_it_would_otherwise_wait_for():
+    from alexcli.data.prepare import _Board
+
+    b = _Board(n_tasks=10, window=6)
+    assert [b.claim(0), b.claim(0)] == [0, 1]  # a spawned worker holds IN_FLIGHT chunks, in plan order
+    assert b.IN_FLIGHT == 2
+    # chunk 0, to be written next, is with the worker: the main thread converts the next free one
+    assert b.next_step() == ("convert", 2)
+    b.put(2, "r2")
+    assert b.next_step() == ("convert", 3)
+    b.finished(0, 0, "r0")
+    assert b.next_step() == ("write", 0) and b.take(0) == "r0"
+    b.put(3, "r3")
+    # the window: nothing handed out past writing + 6 = 7, so the results held stay bounded
+    assert [b.claim(0)] == [4]
+    assert b.next_step() == ("convert", 5) and b.next_step() == ("convert", 6)
+    assert not b._free()
+    b.finished(0, 1, "r1")
+    assert b.next_step() == ("write", 1) and b.take(1) == "r1"
+    assert b.next_step() == ("write", 2) and b.take(2) == "r2"  # what this process converted itself
+    assert b.next_step() == ("write", 3) and b.take(3) == "r3"
+    assert b.claim(0) == 7
+
+
+def test_a_chunk_held_by_a_dead_worker_stops_the_run_and_the_dead_get_no_more():
+    from alexcli.data.prepare import _Board
+
+    b = _Board(n_tasks=6, window=8)
+    assert b.claim(0) == 0
+    b.lost(0)
+    assert b.claim(0) is None  # its feed thread stops handing it chunks
+    assert b.next_step() == ("died", 0)
+    b.close()
+    assert b.claim(1) is None  # closed (the run ends): no worker is handed anything more
+
+
+def test_a_worker_waits_for_room_and_is_woken_when_the_window_moves():
+    import threading
+
+    from alexcli.data.prepare import _Board
+
+    b = _Board(n_tasks=4, window=2)
+    assert b.next_step() == ("convert", 0) and b.next_step() == ("convert", 1)
+    got = []
+    t = threading.Thread(target=lambda: got.append(b.claim(0)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not got  # window full: the worker waits, it does not spin or skip ahead
+    b.put(0, "r0")
+    assert b.take(0) == "r0"
+    t.join(5)
+    assert got == [2]

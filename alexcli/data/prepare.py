@@ -7,8 +7,9 @@ How a run is organised, and why:
 - Workers read (from files or in place from archives: alexcli.data.archives), decode, resize and
   re-encode chunks of images and add their statistics: of the pixels just before encoding, or with
   --exact-stats of the JPEGs as written (alexcli.data.stats says why the default is enough). The
-  main process receives the chunks in plan order and appends them to the shard being written, so
-  shards are the same for 1 or N workers.
+  main process is one of the workers (it converts whenever the chunk it must write next is not
+  ready) and appends the chunks in plan order to the shard being written, so shards are the same
+  for 1 or N workers.
 - No torch here (its import costs over a second per process); only --exact-stats' fast decoder of
   the written JPEGs loads it.
 - A shard is written as NAME.tar.tmp and renamed when complete; its manifest entry and its part
@@ -56,7 +57,7 @@ MANIFEST_FORMAT = "alexcli-webdataset"  # dataset.json's "format"
 PARTIAL_DIR = ".partial"
 REJECTED_FILE = "rejected.json"
 CHUNK = 32  # images per worker task: small enough to balance 2 workers on a 500-image set
-RESULTS_AHEAD = 4  # finished chunks a worker may have waiting for the main thread (~0.6 MB each)
+RESULTS_AHEAD = 4  # chunks handed out past the one being written, per worker (~0.6 MB each when done)
 
 
 # ---------------------------------------------------------------- the plan
@@ -259,16 +260,8 @@ def _inside_source(src: Path, where: Path) -> bool:
 
 
 def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
-    """Yield (split, shard index, chunk result) in plan order, with 1 worker in this process."""
-    tasks = list(_tasks(shards))  # one list: handed to the pool and paired with its results
-    if workers <= 1:
-        _setup_worker(str(source.root), cfg.image_params(), cfg.exact_stats)
-        try:
-            for t in tasks:
-                yield t[0], t[1], _process_chunk(t)
-        finally:
-            _W["reader"].close()
-        return
+    """Yield (split, shard index, chunk result) in plan order, converted by WORKERS processes."""
+    tasks = list(_tasks(shards))  # one list: handed out by index and paired with its results
     results = _pool_results(tasks, workers, (str(source.root), cfg.image_params(), cfg.exact_stats))
     try:
         for t, res in zip(tasks, results):
@@ -278,62 +271,143 @@ def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
 
 
 def _pool_worker(tasks, results, root: str, params: ImageParams, exact: bool) -> None:
-    """A worker process: chunks from its own task pipe, results into its own result pipe."""
+    """A spawned worker: (index, chunk) from its own task pipe, (index, result) into its own result pipe."""
     _init_worker(root, params, exact)
     while (task := tasks.recv()) is not None:
-        results.send(_process_chunk(task))
+        results.send((task[0], _process_chunk(task[1])))
 
 
-def _feed(conn, tasks: list) -> None:
-    """Send one worker its tasks in order (a thread: a full pipe blocks only this thread)."""
+class _Board:
+    """Which chunk goes to whom, and the finished ones waiting to be written: shared by the main
+    thread and each spawned worker's feed and drain threads, under one condition variable.
+
+    Chunks are handed out in plan order to whoever is free: a spawned worker keeps IN_FLIGHT of them
+    queued, so it never waits for the next, and the main thread takes the next one itself whenever
+    the result it has to write next is not there yet. Nothing is handed out more than WINDOW chunks
+    past the one being written, which bounds the finished results held in memory."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, n_tasks: int, window: int):
+        self.cv = threading.Condition()
+        self.n, self.window = n_tasks, window
+        self.next = 0           # the first chunk not handed out yet
+        self.writing = 0        # the chunk the main thread yields next
+        self.owner: dict[int, int] = {}  # chunk -> spawned worker, for chunks not finished yet
+        self.done: dict[int, object] = {}
+        self.busy: dict[int, int] = {}   # spawned worker -> chunks it holds
+        self.dead: set[int] = set()
+        self.stop = False
+
+    def _free(self) -> bool:  # caller holds cv
+        return self.next < min(self.n, self.writing + self.window)
+
+    def claim(self, worker: int) -> int | None:
+        """The next chunk for spawned WORKER, waiting while it holds IN_FLIGHT or the window is
+        full; None when every chunk is handed out (or the run stops)."""
+        with self.cv:
+            while not self.stop and self.next < self.n and worker not in self.dead and (
+                    self.busy.get(worker, 0) >= self.IN_FLIGHT or not self._free()):
+                self.cv.wait()
+            if self.stop or self.next >= self.n or worker in self.dead:
+                return None
+            i, self.next = self.next, self.next + 1
+            self.owner[i] = worker
+            self.busy[worker] = self.busy.get(worker, 0) + 1
+            return i
+
+    def finished(self, worker: int, i: int, result) -> None:
+        with self.cv:
+            self.done[i] = result
+            self.owner.pop(i, None)
+            self.busy[worker] -= 1
+            self.cv.notify_all()
+
+    def lost(self, worker: int) -> None:
+        with self.cv:
+            self.dead.add(worker)
+            self.cv.notify_all()
+
+    def next_step(self) -> tuple[str, int]:
+        """What the main thread does now: ("write", i) the result of chunk i = `writing`,
+        ("convert", j) chunk j itself (nobody else is converting what it must write next), or
+        ("died", worker)."""
+        with self.cv:
+            while True:
+                i = self.writing
+                if i in self.done:
+                    return "write", i
+                if self.owner.get(i) in self.dead:
+                    return "died", self.owner[i]
+                if self._free():
+                    j, self.next = self.next, self.next + 1
+                    self.cv.notify_all()
+                    return "convert", j
+                self.cv.wait(timeout=0.5)  # with a timeout: Ctrl-C reaches the main thread
+
+    def take(self, i: int):
+        with self.cv:
+            self.writing = i + 1
+            self.cv.notify_all()  # the window moved on
+            return self.done.pop(i)
+
+    def put(self, i: int, result) -> None:
+        with self.cv:
+            self.done[i] = result
+
+    def close(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+
+
+def _feed(conn, board: _Board, worker: int, tasks: list) -> None:
+    """Hand spawned WORKER its chunks as it gets through them (a thread)."""
     try:
-        for t in tasks:
-            conn.send(t)
+        while (i := board.claim(worker)) is not None:
+            conn.send((i, tasks[i]))
         conn.send(None)
-    except OSError:  # the worker is gone: the main thread finds out from its result pipe
+    except OSError:  # the worker is gone: its drain thread tells the board
         pass
 
 
-_DIED = object()  # what a drain thread queues when its worker's result pipe ends
-
-
-def _drain(conn, box: "queue.Queue", stop: threading.Event) -> None:
-    """Move one worker's results from its pipe into BOX as they come (a thread), so that a worker
+def _drain(conn, board: _Board, worker: int) -> None:
+    """Move WORKER's results from its pipe onto the board as they come (a thread), so that a worker
     never waits on the main thread: a chunk's result (~0.6 MB) is ten times a pipe's buffer, and
     the main thread writes shards and fsyncs them between reads."""
-    while not stop.is_set():
+    while True:
         try:
-            res = conn.recv()
+            i, res = conn.recv()
         except (EOFError, OSError):
-            res = _DIED
-        while not stop.is_set():
-            try:
-                box.put(res, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        if res is _DIED:
+            board.lost(worker)  # harmless after its last result: nothing it owns is waited for
             return
+        board.finished(worker, i, res)
 
 
 def _pool_results(tasks: list, workers: int, args: tuple):
-    """Results of TASKS in order from WORKERS processes, chunk i done by worker i mod WORKERS.
+    """Results of TASKS in order, converted by WORKERS processes: this one and WORKERS - 1 spawned.
 
-    Each worker has a pipe of its own for tasks and one for results, and nothing is shared, so a
-    worker that dies (the kernel's OOM killer, a kill -9) is an end of file on its result pipe and
-    the run stops with WorkerDied at once. (multiprocessing.Pool starts a new worker and waits for
-    the lost chunk for ever, and its terminate() can block on the queue lock the dead worker held;
-    concurrent.futures' pool was seen to hang in its clean-up too.) The fixed dealing costs nothing
-    in balance: the results are taken in plan order anyway, and chunks are alike in size. A thread
-    per worker feeds its tasks and one drains its results into a small queue (RESULTS_AHEAD chunks),
-    so neither side of a pipe waits for the main thread.
+    This process converts whenever the result it has to write next is not ready, so with 1 worker
+    it converts everything (no process is started), with 2 on two cores it converts about half
+    while one spawned worker does the rest, and with many it mostly writes. Compared with WORKERS
+    spawned processes that saves one process's start (its imports: a quarter of a second) and the
+    pipe copy of its results, and the main process starts converting at once, while the spawned
+    ones are still importing. Chunks go to whoever is free, so a slow chunk (large photos) does not
+    hold up the rest; the output does not depend on who converted what.
+
+    Each spawned worker has a pipe of its own for tasks and one for results, and nothing is shared,
+    so a worker that dies (the kernel's OOM killer, a kill -9) is an end of file on its result pipe
+    and the run stops with WorkerDied at once. (multiprocessing.Pool starts a new worker and waits
+    for the lost chunk for ever, and its terminate() can block on the queue lock the dead worker
+    held; concurrent.futures' pool was seen to hang in its clean-up too.)
     spawn, not fork: the parent may run threads (the progress display; torch's pools when called
     from train or a test), whose locks a forked child would inherit held."""
     ctx = mp.get_context("spawn")
-    stop = threading.Event()
-    procs, threads, conns, boxes = [], [], [], []
+    board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers))
+    procs, threads, conns = [], [], []
+    local = False  # whether this process has set up to convert
     try:
-        for w in range(workers):
+        for w in range(min(workers, len(tasks)) - 1):
             task_r, task_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_pool_worker, args=(task_r, res_w, *args), daemon=True)
@@ -342,18 +416,21 @@ def _pool_results(tasks: list, workers: int, args: tuple):
             res_w.close()
             procs.append(proc)
             conns += [task_w, res_r]
-            boxes.append(queue.Queue(maxsize=RESULTS_AHEAD))
-            threads += [threading.Thread(target=_feed, args=(task_w, tasks[w::workers]), daemon=True),
-                        threading.Thread(target=_drain, args=(res_r, boxes[w], stop), daemon=True)]
+            threads += [threading.Thread(target=_feed, args=(task_w, board, w, tasks), daemon=True),
+                        threading.Thread(target=_drain, args=(res_r, board, w), daemon=True)]
             threads[-2].start()
             threads[-1].start()
         for i in range(len(tasks)):
-            res = boxes[i % workers].get()
-            if res is _DIED:
-                raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)")
-            yield res
+            while (step := board.next_step())[0] != "write":
+                if step[0] == "died":
+                    raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)")
+                if not local:
+                    _setup_worker(*args)
+                    local = True
+                board.put(step[1], _process_chunk(tasks[step[1]]))
+            yield board.take(i)
     finally:
-        stop.set()
+        board.close()
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
@@ -363,6 +440,8 @@ def _pool_results(tasks: list, workers: int, args: tuple):
             thread.join(timeout=5)
         for conn in conns:
             conn.close()
+        if local:
+            _W["reader"].close()
 
 
 class WorkerDied(AlexcliError):

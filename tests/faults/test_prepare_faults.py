@@ -192,8 +192,9 @@ def test_workers_stop_with_a_killed_prepare(tmp_path):
     src = tmp_path / "src"
     make_demo(src, train_per_class=40, val_per_class=0, min_side=160, max_side=240, broken=False)
     out = tmp_path / "out"
+    # --workers 3: this process and two spawned ones (the main process is one of the workers)
     proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "128",
-                             "--workers", "2", "--shard-size", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--workers", "3", "--shard-size", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kids: list[int] = []
 
     def pool_at_work() -> bool:
@@ -244,9 +245,10 @@ def test_a_worker_killed_mid_run_ends_prepare_with_one_line_not_a_hang(tmp_path)
     src = tmp_path / "src"
     make_demo(src, train_per_class=12, val_per_class=0, min_side=40, max_side=60, broken=False)
     out = tmp_path / "out"
-    # --size 1024: every image is enlarged and encoded large, so the run lasts seconds
+    # --size 1024: every image is enlarged and encoded large, so the run lasts seconds; --workers 3:
+    # this process and two spawned ones
     proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "1024",
-                             "--workers", "2", "--shard-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--workers", "3", "--shard-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
     def workers():  # the pool's processes, not multiprocessing's resource tracker
