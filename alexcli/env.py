@@ -72,6 +72,21 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def start_method() -> str:
+    """How to start a worker process that does not need torch (prepare's pool): "fork" on Linux when
+    this process runs no thread but the calling one and has not imported torch, else "spawn".
+    A forked worker starts at once with this process's modules; a spawned one is a new interpreter
+    that imports them again (a quarter of a second). Fork only where it is safe: a lock another
+    thread holds at the fork stays held for ever in the child, torch's thread pools and CUDA do not
+    survive a fork, and macOS's system libraries do not support it."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux") and threading.active_count() == 1 and "torch" not in sys.modules:
+        return "fork"
+    return "spawn"
+
+
 def autocast_for(amp: str, device):
     """A context factory for --amp on the torch DEVICE (None for fp32): training, eval and the
     benchmarks all run under it."""

@@ -240,17 +240,48 @@ def test_member_headers_are_tarfiles_own(name, size):
     assert member_header(name, size) == ref
 
 
+@pytest.fixture(scope="module")
+def pooled_src(tmp_path_factory):
+    """Enough chunks (12 of 32 images) for three workers, and its one-worker shards."""
+    src = tmp_path_factory.mktemp("pooled-src")
+    make_demo(src, seed=2, train_per_class=44, val_per_class=4, min_side=24, max_side=70, broken=False)
+    ref = tmp_path_factory.mktemp("pooled-ref") / "out"
+    prepare(src, ref, PrepareConfig(size=32, shard_size=64, workers=1, seed=3))
+    return src, ref
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 @pytest.mark.parametrize("workers", [2, 3])
-def test_more_workers_write_the_same_bytes(prepared, demo_src, tmp_path, workers):
-    """This process and WORKERS - 1 spawned ones, chunks dealt to whoever is free: the shards (their
-    sha256 in dataset.json) and the statistics are those of one worker."""
-    out, _ = prepared
-    out2 = tmp_path / "w2"
-    prepare(demo_src, out2, PrepareConfig(size=32, shard_size=16, workers=workers, seed=3))
-    a = json.loads((out / "dataset.json").read_text())
-    b = json.loads((out2 / "dataset.json").read_text())
+def test_more_workers_write_the_same_bytes(pooled_src, tmp_path, workers, method, monkeypatch):
+    """This process and WORKERS - 1 forked or spawned ones, chunks dealt to whoever is free: the
+    shards (their sha256 in dataset.json) and the statistics are those of one worker."""
+    import multiprocessing
+    import os
+    import time
+
+    import alexcli.data.prepare as P
+
+    src, ref = pooled_src
+    used, real, here = [], multiprocessing.get_context, os.getpid()
+    monkeypatch.setattr(P, "start_method", lambda: method)
+    monkeypatch.setattr(P.mp, "get_context", lambda m: used.append(m) or real(m))
+    # this process converts slowly (a forked worker inherits the wrapper, but not the pid), so the
+    # other workers, spawned ones too, get chunks of their own however fast this machine is
+    convert = P._process_chunk
+    monkeypatch.setattr(P, "_process_chunk", lambda task: (time.sleep(0.15) if os.getpid() == here else None,
+                                                           convert(task))[1])
+    by = []
+    finished = P._Board.finished
+    monkeypatch.setattr(P._Board, "finished", lambda self, w, i, r: (by.append(w), finished(self, w, i, r))[1])
+    out = tmp_path / "out"
+    prepare(src, out, PrepareConfig(size=32, shard_size=64, workers=workers, seed=3))
+    assert used == [method] and set(by) == set(range(workers - 1))  # every started worker converted some
+    a = json.loads((ref / "dataset.json").read_text())
+    b = json.loads((out / "dataset.json").read_text())
     assert a["splits"] == b["splits"] and a["fingerprint"] == b["fingerprint"]
-    assert stats_content(out / "stats.safetensors") == stats_content(out2 / "stats.safetensors")
+    assert stats_content(ref / "stats.safetensors") == stats_content(out / "stats.safetensors")
+    for shard in sorted(ref.glob("*.tar")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
 def test_rerun_is_up_to_date_and_other_data_is_refused(prepared, demo_src, tmp_path):
@@ -431,7 +462,7 @@ def test_the_main_process_converts_what_it_would_otherwise_wait_for():
     from alexcli.data.prepare import _Board
 
     b = _Board(n_tasks=10, window=6)
-    assert [b.claim(0), b.claim(0)] == [0, 1]  # a spawned worker holds IN_FLIGHT chunks, in plan order
+    assert [b.claim(0), b.claim(0)] == [0, 1]  # a worker process holds IN_FLIGHT chunks, in plan order
     assert b.IN_FLIGHT == 2
     # chunk 0, to be written next, is with the worker: the main thread converts the next free one
     assert b.next_step() == ("convert", 2)
@@ -479,3 +510,101 @@ def test_a_worker_waits_for_room_and_is_woken_when_the_window_moves():
     assert b.take(0) == "r0"
     t.join(5)
     assert got == [2]
+
+
+def test_workers_are_forked_only_where_that_is_safe(monkeypatch):
+    """Forked (at once, with this process's modules) on Linux when no other thread runs and torch is
+    not loaded; otherwise spawned: a lock held by another thread at the fork, torch's thread pools
+    and CUDA, and macOS's libraries do not survive a fork."""
+    import threading
+
+    from alexcli.env import start_method
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    assert start_method() == "fork"
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # the progress display's thread, say
+    assert start_method() == "spawn"
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert start_method() == "spawn"
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert start_method() == "spawn"
+
+
+def test_the_command_forks_its_workers_before_its_progress_display_starts(tmp_path):
+    """`alexcli prepare` on Linux: the pool is made before the progress bar's thread exists, so its
+    workers are forked (no quarter-second import each) and this holds on the CLI's own path."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    src = tmp_path / "src"
+    make_demo(src, train_per_class=8, val_per_class=0, min_side=40, max_side=60, broken=False)
+    probe = ("import multiprocessing, sys\n"
+             "import alexcli.data.prepare as P\n"
+             "real = P.mp.get_context\n"
+             "P.mp.get_context = lambda m: (sys.stderr.write(f'start method {m}\\n'), real(m))[1]\n"
+             "from alexcli.cli import main\n"
+             "sys.argv = ['alexcli'] + sys.argv[1:]\n"
+             "main()\n")
+    r = subprocess.run([sys.executable, "-c", probe, "prepare", str(src), "--out", str(tmp_path / "out"), "--size", "32",
+                        "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "start method fork" in r.stderr
+
+
+def test_signals_are_ignored_only_while_a_worker_starts():
+    import threading
+
+    from alexcli.data.prepare import _sigint_ignored
+
+    before = signal.getsignal(signal.SIGINT)
+    with _sigint_ignored():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before
+    seen = []
+    t = threading.Thread(target=lambda: (_sigint_ignored().__enter__(), seen.append(signal.getsignal(signal.SIGINT))))
+    t.start()
+    t.join()
+    assert seen == [before]  # only the main thread may set handlers: elsewhere nothing changes
+
+
+@pytest.mark.skipif(not Path("/proc/self/fdinfo").exists(), reason="reads the workers' fds in /proc")
+def test_a_forked_worker_holds_only_its_own_ends_of_its_own_pipes(pooled_src):
+    """A fork copies every fd: unless a worker closes its copies of the parent's ends (of its own pipes
+    and of the other workers'), its pipes never reach an end of file, and a worker whose parent was
+    killed waits on them for ever where nothing else kills it."""
+    import os
+    import time
+
+    import alexcli.data.prepare as P
+    from alexcli.data.scan import scan
+
+    src, _ = pooled_src
+    cfg = PrepareConfig(size=32, shard_size=64)
+    shards, _ = P.make_plan(scan(src), cfg)
+    pool = P._Pool(list(P._tasks(shards)), 3, (str(src), cfg.image_params(), False), method="fork")
+    try:
+        pipes = [os.fstat(c.fileno()).st_ino for c in pool.conns]  # per worker: its task pipe, its result pipe
+
+        def held(pid):  # {(pipe inode, access mode)} the process holds of the pool's pipes
+            got = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+                    flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+                except (OSError, IndexError):
+                    continue
+                if ino in pipes:
+                    got.add((ino, flags & os.O_ACCMODE))
+            return got
+
+        for k, proc in enumerate(pool.procs):
+            own = {(pipes[2 * k], os.O_RDONLY), (pipes[2 * k + 1], os.O_WRONLY)}
+            deadline = time.monotonic() + 30
+            while held(proc.pid) != own and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert held(proc.pid) == own, k
+    finally:
+        pool.close()

@@ -30,8 +30,10 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +48,7 @@ from alexcli.data.archives import ItemReader
 from alexcli.data.image import Reject, convert_pixels
 from alexcli.data.scan import Item, Source, hold_out, scan
 from alexcli.data.tar import ShardWriter, sample_key
-from alexcli.env import cpu_cores, die_with_parent, pil_info
+from alexcli.env import cpu_cores, die_with_parent, pil_info, start_method
 from alexcli.errors import AlexcliError, DataError, DiskFull, Interrupted, StrictRejectError, UsageError
 from alexcli.events import Advance, Begin, Progress, ignore
 from alexcli.io import LOCK_NAME, TMP_SUFFIX, disk_full, locked_folder, size_text, write_json, write_safetensors
@@ -258,29 +260,25 @@ def _inside_source(src: Path, where: Path) -> bool:
     return any(where.is_relative_to(f) for f in folders)
 
 
-def _results(shards, source: Source, cfg: PrepareConfig, workers: int):
-    """Yield (split, shard index, chunk result) in plan order, converted by WORKERS processes."""
-    tasks = list(_tasks(shards))  # one list: handed out by index and paired with its results
-    results = _pool_results(tasks, workers, (str(source.root), cfg.image_params(), cfg.exact_stats))
-    try:
-        for t, res in zip(tasks, results):
-            yield t[0], t[1], res
-    finally:
-        results.close()
-
-
-def _pool_worker(tasks, results, root: str, params: ImageParams, exact: bool) -> None:
-    """A spawned worker: (index, chunk) from its own task pipe, (index, result) into its own result pipe."""
+def _pool_worker(tasks, results, root: str, params: ImageParams, exact: bool, inherited=()) -> None:
+    """A worker process: (index, chunk) from its own task pipe, (index, result) into its own result
+    pipe. INHERITED: a forked worker's copies of the parent's ends of the pipes, closed here, so
+    that each pipe has one process at either end (a worker left without its parent sees an EOF)."""
+    for conn in inherited:
+        conn.close()
     _init_worker(root, params, exact)
-    while (task := tasks.recv()) is not None:
-        results.send((task[0], _process_chunk(task[1])))
+    try:
+        while (task := tasks.recv()) is not None:
+            results.send((task[0], _process_chunk(task[1])))
+    except (EOFError, BrokenPipeError):  # the parent is gone: nothing to report, and nobody to tell
+        pass
 
 
 class _Board:
     """Which chunk goes to whom, and the finished ones waiting to be written: shared by the main
-    thread and each spawned worker's feed and drain threads, under one condition variable.
+    thread and each worker process's feed and drain threads, under one condition variable.
 
-    Chunks are handed out in plan order to whoever is free: a spawned worker keeps IN_FLIGHT of them
+    Chunks are handed out in plan order to whoever is free: a worker process keeps IN_FLIGHT of them
     queued, so it never waits for the next, and the main thread takes the next one itself whenever
     the result it has to write next is not there yet. Nothing is handed out more than WINDOW chunks
     past the one being written, which bounds the finished results held in memory."""
@@ -292,9 +290,9 @@ class _Board:
         self.n, self.window = n_tasks, window
         self.next = 0           # the first chunk not handed out yet
         self.writing = 0        # the chunk the main thread yields next
-        self.owner: dict[int, int] = {}  # chunk -> spawned worker, for chunks not finished yet
+        self.owner: dict[int, int] = {}  # chunk -> worker process, for chunks not finished yet
         self.done: dict[int, object] = {}
-        self.busy: dict[int, int] = {}   # spawned worker -> chunks it holds
+        self.busy: dict[int, int] = {}   # worker process -> chunks it holds
         self.dead: set[int] = set()
         self.stop = False
 
@@ -302,7 +300,7 @@ class _Board:
         return self.next < min(self.n, self.writing + self.window)
 
     def claim(self, worker: int) -> int | None:
-        """The next chunk for spawned WORKER, waiting while it holds IN_FLIGHT or the window is
+        """The next chunk for worker process WORKER, waiting while it holds IN_FLIGHT or the window is
         full; None when every chunk is handed out (or the run stops)."""
         with self.cv:
             while not self.stop and self.next < self.n and worker not in self.dead and (
@@ -361,7 +359,7 @@ class _Board:
 
 
 def _feed(conn, board: _Board, worker: int, tasks: list) -> None:
-    """Hand spawned WORKER its chunks as it gets through them (a thread)."""
+    """Hand worker process WORKER its chunks as it gets through them (a thread)."""
     try:
         while (i := board.claim(worker)) is not None:
             conn.send((i, tasks[i]))
@@ -383,64 +381,100 @@ def _drain(conn, board: _Board, worker: int) -> None:
         board.finished(worker, i, res)
 
 
-def _pool_results(tasks: list, workers: int, args: tuple):
-    """Results of TASKS in order, converted by WORKERS processes: this one and WORKERS - 1 spawned.
+class _Pool:
+    """Results of TASKS in order, converted by WORKERS processes: this one and WORKERS - 1 started
+    here. Iterate for (split, shard index, chunk result); close() stops the workers.
 
     This process converts whenever the result it has to write next is not ready, so with 1 worker
     it converts everything (no process is started), with 2 on two cores it converts about half
-    while one spawned worker does the rest, and with many it mostly writes. Compared with WORKERS
-    spawned processes that saves one process's start (its imports: a quarter of a second) and the
-    pipe copy of its results, and the main process starts converting at once, while the spawned
-    ones are still importing. Chunks go to whoever is free, so a slow chunk (large photos) does not
-    hold up the rest; the output does not depend on who converted what.
+    while the other worker does the rest, and with many it mostly writes. Chunks go to whoever is
+    free, so a slow chunk (large photos) does not hold up the rest; the output does not depend on
+    who converted what.
 
-    Each spawned worker has a pipe of its own for tasks and one for results, and nothing is shared,
-    so a worker that dies (the kernel's OOM killer, a kill -9) is an end of file on its result pipe
-    and the run stops with WorkerDied at once. (multiprocessing.Pool starts a new worker and waits
-    for the lost chunk for ever, and its terminate() can block on the queue lock the dead worker
-    held; concurrent.futures' pool was seen to hang in its clean-up too.)
-    spawn, not fork: the parent may run threads (the progress display; torch's pools when called
-    from train or a test), whose locks a forked child would inherit held."""
-    ctx = mp.get_context("spawn")
-    board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers))
-    procs, threads, conns = [], [], []
-    local = False  # whether this process has set up to convert
-    try:
-        for w in range(min(workers, len(tasks)) - 1):
-            task_r, task_w = ctx.Pipe(duplex=False)
-            res_r, res_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_pool_worker, args=(task_r, res_w, *args), daemon=True)
+    The workers are forked where that is safe (alexcli.env.start_method: on Linux, before the
+    progress display starts its thread, so create the pool first) and start at once; spawned ones
+    import for a quarter of a second first, while this process converts. Each has a pipe of its own
+    for tasks and one for results, and nothing is shared, so a worker that dies (the kernel's OOM
+    killer, a kill -9) is an end of file on its result pipe and the run stops with WorkerDied at
+    once. (multiprocessing.Pool starts a new worker and waits for the lost chunk for ever, and its
+    terminate() can block on the queue lock the dead worker held; concurrent.futures' pool was seen
+    to hang in its clean-up too.)"""
+
+    def __init__(self, tasks: list, workers: int, args: tuple, method: str | None = None):
+        self.tasks, self.args = tasks, args
+        self.board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers))
+        self.procs, self.threads, self.conns = [], [], []
+        self.local = False  # whether this process has set up to convert
+        ctx = mp.get_context(method or start_method())
+        try:
+            for w in range(min(workers, len(tasks)) - 1):
+                self._start(ctx)
+            # their threads after every fork: a forked worker gets no thread's locks
+            for w, (task_w, res_r) in enumerate(zip(self.conns[::2], self.conns[1::2])):
+                for target, conn_args in ((_feed, (task_w, self.board, w, tasks)), (_drain, (res_r, self.board, w))):
+                    self.threads.append(threading.Thread(target=target, args=conn_args, daemon=True))
+                    self.threads[-1].start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, ctx) -> None:
+        task_r, task_w = ctx.Pipe(duplex=False)
+        res_r, res_w = ctx.Pipe(duplex=False)
+        # a forked child has a copy of every fd: the parent's ends of its own pipes and the other
+        # workers', closed there first (spawn passes the child only what it is given)
+        inherited = [*self.conns, task_w, res_r] if ctx.get_start_method() == "fork" else []
+        proc = ctx.Process(target=_pool_worker, args=(task_r, res_w, *self.args, inherited), daemon=True)
+        sys.stdout.flush()  # a forked child would flush what this process has buffered a second time
+        sys.stderr.flush()
+        with _sigint_ignored():  # inherited: Ctrl-C before the worker's own setup is not its traceback
             proc.start()
-            task_r.close()  # the child's ends: closed here, so a dead child is an EOF or EPIPE
-            res_w.close()
-            procs.append(proc)
-            conns += [task_w, res_r]
-            threads += [threading.Thread(target=_feed, args=(task_w, board, w, tasks), daemon=True),
-                        threading.Thread(target=_drain, args=(res_r, board, w), daemon=True)]
-            threads[-2].start()
-            threads[-1].start()
-        for i in range(len(tasks)):
+        task_r.close()  # the child's ends: closed here, so a dead child is an EOF or EPIPE
+        res_w.close()
+        self.procs.append(proc)
+        self.conns += [task_w, res_r]
+
+    def __iter__(self):
+        board = self.board
+        for i, task in enumerate(self.tasks):
             while (step := board.next_step())[0] != "write":
                 if step[0] == "died":
                     raise WorkerDied("a prepare worker process died (killed by the system: out of memory?)")
-                if not local:
-                    _setup_worker(*args)
-                    local = True
-                board.put(step[1], _process_chunk(tasks[step[1]]))
-            yield board.take(i)
-    finally:
-        board.close()
-        for proc in procs:
+                if not self.local:
+                    _setup_worker(*self.args)
+                    self.local = True
+                board.put(step[1], _process_chunk(self.tasks[step[1]]))
+            yield task[0], task[1], board.take(i)
+
+    def close(self) -> None:
+        self.board.close()
+        for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-        for proc in procs:
+        for proc in self.procs:
             proc.join()
-        for thread in threads:  # the workers are gone: their pipes end, and each thread with them
+        for thread in self.threads:  # the workers are gone: their pipes end, and each thread with them
             thread.join(timeout=5)
-        for conn in conns:
+        for conn in self.conns:
             conn.close()
-        if local:
+        if self.local:
             _W["reader"].close()
+            self.local = False
+        self.procs, self.threads, self.conns = [], [], []
+
+
+@contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while a worker process starts (it inherits that, through exec too, and sets
+    its own), where this is the main thread: only it can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class WorkerDied(AlexcliError):
@@ -501,16 +535,17 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
     records = {sh.name: _load_partial(out, sh, fingerprint) for sh in shards}
     todo = [sh for sh in shards if records[sh.name] is None]
     total = sum(len(sh.items) for sh in shards)
-    progress(Begin("prepare", total))
-    progress(Advance(total - sum(len(sh.items) for sh in todo)))
     n_todo = sum(len(sh.items) for sh in todo)
     workers = max(1, min(cfg.workers or cpu_cores(), -(-n_todo // CHUNK)))
 
     by_name = {sh.name: sh for sh in todo}
     remaining = {sh.name: -(-len(sh.items) // CHUNK) for sh in todo}
     writer, rejects, sums, upscaled = None, [], None, 0
-    results = _results(todo, source, cfg, workers)
+    # the pool first: before the progress display starts a thread, its workers can be forked
+    results = _Pool(list(_tasks(todo)), workers, (str(source.root), cfg.image_params(), cfg.exact_stats))
     try:
+        progress(Begin("prepare", total))
+        progress(Advance(total - n_todo))
         for split, index, (samples, chunk_rejects, chunk_sums, chunk_upscaled) in results:
             sh = by_name[shard_name(split, index)]
             if writer is None:
@@ -547,7 +582,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
             raise disk_full(exc.path, exc.needed, exc.written, more) from None
         raise
     finally:
-        results.close()  # stops the worker pool now, not when the generator is collected
+        results.close()
     return _finish(out, source, cfg, shards, records, fingerprint, state, t0, n_todo)
 
 
