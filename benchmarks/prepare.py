@@ -399,5 +399,5 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-if __name__ == "__main__":  # required: the spawn pool re-imports this module in each worker
+if __name__ == "__main__":  # required: the spawned floor loops (machine_ceiling) re-import this module
     main()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -212,6 +213,45 @@ def test_image_sums_are_exact(n, kernel):
     assert np.array_equal(got["image_sum"], image_sum)
     assert np.array_equal(got["gram"], gram) and got["count"][0] == n
     assert sums.take()["count"][0] == 0  # take() resets
+
+
+@pytest.mark.skipif("c" not in S.KERNELS, reason="the C statistics kernel was not built here")
+def test_pil_images_are_summed_where_pil_keeps_them(monkeypatch):
+    """The C kernel reads a PIL RGB image's pixels in place (its Arrow export: 4 bytes per pixel),
+    with the sums of the packed array; where PIL holds an image in several memory blocks it has
+    no single buffer to export, and the image is copied instead, with the same sums."""
+    calls = []
+    real = S._pixsums
+    monkeypatch.setattr(S, "_pixsums", SimpleNamespace(
+        add=real.add, add_arrow=lambda *a: (calls.append(1), real.add_arrow(*a))[1]))
+    rng = np.random.default_rng(7)
+    size = 37  # odd: a row is not a multiple of any vector width
+    arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(5)]
+    arrays[0][:] = 255
+    in_place, copied = S.ImageSums(size), S.ImageSums(size)
+    for a in arrays:
+        in_place.add(Image.fromarray(a))
+        copied.add(a)
+    assert len(calls) == 5
+    got, want = in_place.take(), copied.take()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    image_sum, gram = _numpy_sums(arrays)
+    assert np.array_equal(got["image_sum"], image_sum) and np.array_equal(got["gram"], gram)
+
+    block = Image.core.get_block_size()
+    Image.core.set_block_size(4096)  # a 37x37 image (5.5 kB) now takes two blocks
+    try:
+        split = Image.fromarray(arrays[1])
+    finally:
+        Image.core.set_block_size(block)
+    with pytest.raises(ValueError):
+        split.__arrow_c_array__()
+    calls.clear()
+    in_place.add(split)
+    assert not calls and np.array_equal(in_place.take()["image_sum"], arrays[1])
+    with pytest.raises(ValueError, match="RGB image"):  # the capsules of a grey image are refused
+        real.add_arrow(*Image.new("L", (size, size)).__arrow_c_array__(), np.zeros(size * size * 3, np.uint16),
+                       np.zeros(6, np.int64))
 
 
 @pytest.mark.parametrize("kernel", S.KERNELS)  # "c" where built: the test above says whether it must be
