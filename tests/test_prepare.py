@@ -522,6 +522,31 @@ def test_the_main_process_converts_what_it_would_otherwise_wait_for():
     assert b.claim(0) == 7
 
 
+def test_the_last_chunks_go_one_at_a_time():
+    """Near the end a worker process holds one chunk, not IN_FLIGHT: a second one queued behind it
+    would leave the main process idle at the end while the worker still had two to do."""
+    import threading
+
+    from alexcli.data.prepare import _Board
+
+    b = _Board(n_tasks=5, window=20, converters=2)
+    assert [b.claim(0), b.claim(0)] == [0, 1]
+    b.finished(0, 0, "r0")
+    assert b.claim(0) == 2  # 3 chunks were left for 2 processes: a second one queued, as before
+    b.finished(0, 1, "r1")
+    got = []
+    t = threading.Thread(target=lambda: got.append(b.claim(0)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not got  # 2 left for 2 processes, and it holds chunk 2: no second one
+    assert b.next_step() == ("write", 0) and b.take(0) == "r0"
+    assert b.next_step() == ("write", 1) and b.take(1) == "r1"
+    assert b.next_step() == ("convert", 3)  # chunk 2 is with the worker: the main process takes 3
+    b.finished(0, 2, "r2")
+    t.join(5)
+    assert got == [4]
+
+
 def test_a_chunk_held_by_a_dead_worker_stops_the_run_and_the_dead_get_no_more():
     from alexcli.data.prepare import _Board
 

@@ -280,14 +280,17 @@ class _Board:
 
     Chunks are handed out in plan order to whoever is free: a worker process keeps IN_FLIGHT of them
     queued, so it never waits for the next, and the main thread takes the next one itself whenever
-    the result it has to write next is not there yet. Nothing is handed out more than WINDOW chunks
-    past the one being written, which bounds the finished results held in memory."""
+    the result it has to write next is not there yet. The last CONVERTERS chunks (the processes
+    converting, this one included) go one at a time, so that none sits queued behind a worker's
+    current chunk while another process has nothing to do: the run ends when the last chunk does.
+    Nothing is handed out more than WINDOW chunks past the one being written, which bounds the
+    finished results held in memory."""
 
     IN_FLIGHT = 2
 
-    def __init__(self, n_tasks: int, window: int):
+    def __init__(self, n_tasks: int, window: int, converters: int = 1):
         self.cv = threading.Condition()
-        self.n, self.window = n_tasks, window
+        self.n, self.window, self.converters = n_tasks, window, converters
         self.next = 0           # the first chunk not handed out yet
         self.writing = 0        # the chunk the main thread yields next
         self.owner: dict[int, int] = {}  # chunk -> worker process, for chunks not finished yet
@@ -304,7 +307,8 @@ class _Board:
         full; None when every chunk is handed out (or the run stops)."""
         with self.cv:
             while not self.stop and self.next < self.n and worker not in self.dead and (
-                    self.busy.get(worker, 0) >= self.IN_FLIGHT or not self._free()):
+                    self.busy.get(worker, 0) >= (self.IN_FLIGHT if self.n - self.next > self.converters else 1)
+                    or not self._free()):
                 self.cv.wait()
             if self.stop or self.next >= self.n or worker in self.dead:
                 return None
@@ -402,7 +406,7 @@ class _Pool:
 
     def __init__(self, tasks: list, workers: int, args: tuple, method: str | None = None):
         self.tasks, self.args = tasks, args
-        self.board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers))
+        self.board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers), min(workers, len(tasks)))
         self.procs, self.threads, self.conns = [], [], []
         self.local = False  # whether this process has set up to convert
         ctx = mp.get_context(method or start_method())
