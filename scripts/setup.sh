@@ -42,4 +42,8 @@ then
     pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1 || true
     pip install -q --no-deps "$VENV"/wheels/pillow_simd-*.whl
 fi
+# An editable install leaves alexcli's own modules uncompiled (pip compiles only what it copies):
+# compiled once here, so no command compiles them on every start where bytecode is not written
+# (PYTHONDONTWRITEBYTECODE, a read-only checkout): 0.1 s of each start, measured.
+"$VENV/bin/python" -m compileall -q alexcli plugins >/dev/null
 "$VENV/bin/alexcli" doctor --brief
