@@ -169,8 +169,10 @@ def timed(fn, *args) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def per_image(src: Path, files: list[Path], repeat: int) -> dict[str, float]:
-    """Best images/s of each pipeline over `repeat` interleaved rounds."""
+def per_image(src: Path, files: list[Path], repeat: int) -> dict:
+    """Best images/s of each pipeline over `repeat` interleaved rounds, and under "rounds" each
+    round's rates (a round's pipelines run one after another, so a slow spell of a shared machine
+    mostly hits one round: the ratio within each round says how much of a best-of ratio is noise)."""
     tasks = chunk_tasks(src)
     train = [src / it.relpath for t in tasks for _, it in t[2]]
     pipelines = {"prepare": lambda: run_prepare(src, tasks), "obvious": lambda: run_files(obvious, train),
@@ -180,22 +182,31 @@ def per_image(src: Path, files: list[Path], repeat: int) -> dict[str, float]:
         pipelines["prepare, numpy stats"] = lambda: run_prepare(src, tasks, kernel="numpy")
     pipelines["prepare --exact-stats"]()  # its first call imports torch: not timed
     best: dict[str, float] = {}
+    rounds = []
     for r in range(repeat):
-        line = []
+        line, rates = [], {}
         for name, fn in pipelines.items():
             n, s = timed(fn)
+            rates[name] = n / s
             best[name] = max(best.get(name, 0.0), n / s)
             line.append(f"{name} {s:.2f} s")
+        rounds.append(rates)
         print(f"  round {r + 1}/{repeat}: " + ", ".join(line), flush=True)
-    return best
+    return {**best, "rounds": rounds}
 
 
-def print_per_image(rate: dict[str, float]) -> None:
+def print_per_image(rate: dict) -> None:
+    import statistics
+
     print(f"\n{'pipeline':<22} {'images/s':>9} {'/ obvious':>10} {'/ floor':>8}")
     for k, v in rate.items():
-        print(f"{k:<22} {v:>9.1f} {v / rate['obvious']:>10.2f} {v / rate['floor']:>8.2f}")
-    print(f"\nprepare / obvious = {rate['prepare'] / rate['obvious']:.2f} (target >= 1.0)")
-    print(f"prepare / floor = {rate['prepare'] / rate['floor']:.2f} (target >= 0.85)")
+        if k != "rounds":
+            print(f"{k:<22} {v:>9.1f} {v / rate['obvious']:>10.2f} {v / rate['floor']:>8.2f}")
+    print()
+    for base, target in (("obvious", 1.0), ("floor", 0.85)):
+        within = [r["prepare"] / r[base] for r in rate["rounds"]]
+        print(f"prepare / {base} = {rate['prepare'] / rate[base]:.2f} (target >= {target}); within rounds: "
+              f"median {statistics.median(within):.2f}, {min(within):.2f}..{max(within):.2f}")
 
 
 # ---------------------------------------------------------------- 2. where the time goes
@@ -264,8 +275,9 @@ def run_process(cmd: list[str], cpus: set[int] | None) -> float:
     return took
 
 
-def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | None) -> dict[str, float]:
-    """Best wall seconds of each whole process on a tree of about IMAGES training files."""
+def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | None) -> dict:
+    """Best wall seconds of each whole process on a tree of about IMAGES training files, and
+    under "rounds" each round's seconds."""
     n = len(scan(src).splits["train"])
     copies = max(1, -(-images // n))
     tree = tmp / f"x{copies}"
@@ -283,18 +295,20 @@ def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | N
         "alexcli prepare --workers 2, 2 cores": (alexcli + ["--workers", "2", "--out", "OUT"], two),
     }
     best: dict[str, float] = {}
+    rounds = []
     print(f"  {total:,} training images ({n} photos x {copies} names)", flush=True)
     for r in range(repeat):
+        took = {}
         for name, (cmd, on) in cmds.items():
             out = Path(tempfile.mkdtemp(prefix="out-", dir=tmp))
             try:
-                s = run_process([str(out / "o") if c == "OUT" else c for c in cmd], on)
+                took[name] = run_process([str(out / "o") if c == "OUT" else c for c in cmd], on)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
-            best[name] = min(best.get(name, float("inf")), s)
-        print(f"  round {r + 1}/{repeat}: " + ", ".join(f"{k} {v:.1f} s" for k, v in best.items()), flush=True)
-    best["images"] = total
-    return best
+            best[name] = min(best.get(name, float("inf")), took[name])
+        rounds.append(took)
+        print(f"  round {r + 1}/{repeat}: " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()), flush=True)
+    return {**best, "images": total, "rounds": rounds}
 
 
 def _floor_process(paths: list[Path], cpus: set[int] | None, barrier, results) -> None:
@@ -330,16 +344,23 @@ def machine_ceiling(files: list[Path], cpus: set[int] | None) -> float:
     return total
 
 
-def print_processes(best: dict[str, float], floor_1: float, floor_2: float | None) -> None:
-    n = best.pop("images")
+def print_processes(best: dict, floor_1: float, floor_2: float | None) -> None:
+    import statistics
+
+    n = best["images"]
     print(f"\n{'process':<40} {'seconds':>8} {'images/s':>9}")
     for k, s in best.items():
-        print(f"{k:<40} {s:>8.2f} {n / s:>9.1f}")
-    ob, one, two = (best[k] for k in ("obvious script, 1 core", "alexcli prepare --workers 1, 1 core",
-                                      "alexcli prepare --workers 2, 2 cores"))
-    one_on_2 = best["alexcli prepare --workers 1, 2 cores"]
-    print(f"\nalexcli prepare / obvious script = {ob / one:.2f} (one core; target >= 0.9)")
-    print(f"2 workers / 1 worker = {one_on_2 / two:.2f} (whole processes on two cores; target >= 1.8)")
+        if k not in ("images", "rounds"):
+            print(f"{k:<40} {s:>8.2f} {n / s:>9.1f}")
+    ratios = (("alexcli prepare / obvious script", "obvious script, 1 core", "alexcli prepare --workers 1, 1 core",
+               "one core; target >= 0.9"),
+              ("2 workers / 1 worker", "alexcli prepare --workers 1, 2 cores", "alexcli prepare --workers 2, 2 cores",
+               "whole processes on two cores; target >= 1.8"))
+    print()
+    for label, slow, fast, note in ratios:
+        within = [r[slow] / r[fast] for r in best["rounds"]]
+        print(f"{label} = {best[slow] / best[fast]:.2f} ({note}); within rounds: median "
+              f"{statistics.median(within):.2f}, {min(within):.2f}..{max(within):.2f}")
     if floor_2 is not None:
         print(f"machine: 2 concurrent floor loops / 1 = {floor_2 / floor_1:.2f} (the hardware's own scaling)")
 
