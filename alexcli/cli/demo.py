@@ -36,7 +36,8 @@ def demo_command(
     per_class: int = typer.Option(100, min=1, help="Training images per class (8 classes; a quarter as many for val)."),
     epochs: int = typer.Option(30, min=1, help="Training epochs per model (the learning rate drops tenfold after 2/3)."),
     seed: int = typer.Option(0, help="Seed of the generated images and of the first model (the second: seed+1)."),
-    workers: int = typer.Option(0, min=0, show_default=False, help="Worker processes for prepare (default 0: all cores)."),
+    workers: int = typer.Option(0, min=0, show_default=False, help="Processes converting images in prepare, this "
+                                "one included (default 0: one per core)."),
     as_json: bool = json_option(),
 ) -> None:
     """Run alexcli end to end on a built-in data set drawn on the spot (no download).

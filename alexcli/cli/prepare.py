@@ -52,7 +52,8 @@ def prepare_command(
     resample: Resample = typer.Option(P.resample, help="Resize filter."),
     seed: int = typer.Option(P.seed, help="Seed of the shuffle of training samples across shards."),
     shard_size: int = typer.Option(P.shard_size, min=1, help="Samples per shard."),
-    workers: int = typer.Option(P.workers, min=0, show_default=False, help="Worker processes (default 0: all cores)."),
+    workers: int = typer.Option(P.workers, min=0, show_default=False, help="Processes converting images, this one "
+                                "included (default 0: one per core)."),
     holdout: float = typer.Option(P.holdout, min=0, max=1, help="Hold out this fraction (0 to 1) of each class of train/ as the "
                                                   "val split (for a source without val/, e.g. CIFAR-10's training "
                                                   "folder)."),
