@@ -123,7 +123,7 @@ def test_most_confused_pairs():
 def test_eval_finds_its_data_and_prints_a_table(two_models, train_data):
     r = run_here("eval", two_models[0], "--per-class")  # --data defaults to the folder it was trained on
     assert r.returncode == 0, r.stderr
-    assert "top-1 (val)" in r.stdout and "top-1 error per class" in r.stdout and "disc" in r.stdout
+    assert "top-1 error (val)" in r.stdout and "top-1 error per class" in r.stdout and "disc" in r.stdout
 
 
 def test_ensemble_refuses_different_class_lists(two_models, tmp_path, train_data):

@@ -56,8 +56,8 @@ def render(result: dict, per_class: bool, confusion: Optional[Path] = None) -> N
     table = Table(title=f"{result['data']}  {split}, {result['images']:,} images, {_CROPS[result['crops']]}",
                   title_justify="left")
     table.add_column("model")
-    table.add_column(f"top-1 ({split})", justify="right")
-    table.add_column(f"top-5 ({split})", justify="right")
+    table.add_column(f"top-1 error ({split})", justify="right")  # the paper's Table 2 reports errors too
+    table.add_column(f"top-5 error ({split})", justify="right")
     for m in result["models"]:
         table.add_row(f"{m['path']} (epoch {m['epoch']})", f"{m['top1_error']:.2%}", f"{m['top5_error']:.2%}")
     if result["ensemble"]:
