@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alexcli.errors import UsageError
-from alexcli.model.registry import Arch, build_model, count_parameters, shapes, with_layers
+from alexcli.model.registry import Arch, build_model, count_parameters, make_arch, shapes, with_layers
 
 
 def conv(cin, cout, k, groups=1):
@@ -55,9 +55,10 @@ def test_width_keeps_the_structure():
     assert shapes(model)["pool5"] == (1, 64, 1, 1)
 
 
-def test_too_small_crop_is_a_clear_error():
-    with pytest.raises(UsageError, match="--crop 48 is too small"):
-        build_model(Arch(crop=48, width=0.25))
+@pytest.mark.parametrize("name", ["alexnet", "owt"])
+def test_too_small_crop_is_a_clear_error(name):
+    with pytest.raises(UsageError, match="--crop 48 is too small for this network: the maps vanish before fc6"):
+        build_model(make_arch(name, crop=48, width=0.25))
 
 
 def test_lrn_runs_within_each_column():

@@ -14,8 +14,7 @@ import math
 import torch
 from torch import nn
 
-from alexcli.errors import UsageError
-from alexcli.model.registry import Arch, output_side
+from alexcli.model.registry import Arch, fc6_side
 
 # Section 3.5: kernels per layer; fc6/fc7 have 4096 units.
 CONV_CHANNELS = (96, 256, 384, 384, 256)
@@ -78,9 +77,6 @@ class AlexNet(nn.Module):
             self.act6c = act()
         self.pool5 = pool()
         side = self.feature_side()
-        if side < 1:
-            raise UsageError(f"--crop {arch.crop} is too small for this network: the maps vanish before fc6 "
-                             f"(use a crop of at least 64)")
         self.fc6 = nn.Linear(c5 * side * side, units)
         self.act6, self.drop6 = act(), nn.Dropout(arch.dropout)
         self.fc7 = nn.Linear(units, units)
@@ -90,7 +86,7 @@ class AlexNet(nn.Module):
 
     def feature_side(self) -> int:
         """Side of pool5's maps for this crop."""
-        return output_side(self, self.conv_features, self.arch.crop)
+        return fc6_side(self, self.conv_features, self.arch.crop)
 
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.arch.input_scale != 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from alexcli.model.registry import Arch, output_side
+from alexcli.model.registry import Arch, fc6_side
 
 CONV_CHANNELS = (64, 192, 384, 256, 256)
 FC_UNITS = 4096
@@ -78,12 +78,7 @@ class OWT(nn.Module):
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1)
         self.act5 = act()
         self.pool5 = pool()
-        side = output_side(self, self._maps, arch.crop)
-        if side < 1:
-            from alexcli.errors import UsageError
-
-            raise UsageError(f"--crop {arch.crop} is too small for this network: the maps vanish before fc6 "
-                             f"(use a crop of at least 64)")
+        side = fc6_side(self, self._maps, arch.crop)
         self.avgpool = AdaptiveAverage(side)
         self.drop6, self.fc6, self.act6 = nn.Dropout(arch.dropout), nn.Linear(c5 * POOLED * POOLED, units), act()
         self.drop7, self.fc7, self.act7 = nn.Dropout(arch.dropout), nn.Linear(units, units), act()

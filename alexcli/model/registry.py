@@ -107,6 +107,16 @@ def output_side(module: nn.Module, stack, crop: int) -> int:
     return x.shape[-1]
 
 
+def fc6_side(module: nn.Module, stack, crop: int) -> int:
+    """output_side of the maps fc6 reads (AlexNet and its one-column variant), or a UsageError
+    naming --crop where they vanish before it."""
+    side = output_side(module, stack, crop)
+    if side < 1:
+        raise UsageError(f"--crop {crop} is too small for this network: the maps vanish before fc6 "
+                         "(use a crop of at least 64)")
+    return side
+
+
 def shapes(model: nn.Module, batch: int = 1) -> dict[str, tuple[int, ...]]:
     """Output shape after each of the architecture's `stages`, for tests and `train --dry-run`."""
     out, hooks = {}, []
