@@ -559,6 +559,38 @@ def test_a_chunk_held_by_a_dead_worker_stops_the_run_and_the_dead_get_no_more():
     assert b.claim(1) is None  # closed (the run ends): no worker is handed anything more
 
 
+def test_any_worker_death_stops_the_run_but_a_finished_worker_is_no_loss():
+    """A worker that dies holding no chunk stops the run too (whether a run stops must not depend
+    on the moment of the death); what is finished is written first. A worker that was told nothing
+    more comes and delivered all it held ends its pipe normally."""
+    from alexcli.data.prepare import _Board
+
+    b = _Board(n_tasks=6, window=8, converters=3)
+    assert [b.claim(0), b.claim(1)] == [0, 1]
+    b.finished(0, 0, "r0")
+    b.lost(0)  # between chunks: it held nothing
+    assert b.claim(1) is None  # nothing new is handed out after a death...
+    b.finished(1, 1, "r1")
+    assert b.next_step() == ("write", 0) and b.take(0) == "r0"  # ...what is finished is written...
+    assert b.next_step() == ("write", 1) and b.take(1) == "r1"
+    assert b.next_step() == ("died", 0)  # ...and the run stops at the first chunk not finished
+
+    b = _Board(n_tasks=2, window=8, converters=3)
+    assert [b.claim(1), b.claim(2)] == [0, 1]
+    assert b.claim(1) is None  # every chunk handed out: worker 1 is released
+    b.lost(1)  # ...but it still held chunk 0: a death
+    assert b.next_step() == ("died", 1)
+
+    b = _Board(n_tasks=2, window=8, converters=3)
+    assert [b.claim(1), b.claim(2)] == [0, 1]
+    b.finished(1, 0, "r0")
+    assert b.claim(1) is None
+    b.lost(1)  # released, nothing held: the normal end of a worker
+    b.finished(2, 1, "r1")
+    assert b.next_step() == ("write", 0) and b.take(0) == "r0"
+    assert b.next_step() == ("write", 1) and b.take(1) == "r1"
+
+
 def test_a_worker_waits_for_room_and_is_woken_when_the_window_moves():
     import threading
 

@@ -284,7 +284,8 @@ class _Board:
     converting, this one included) go one at a time, so that none sits queued behind a worker's
     current chunk while another process has nothing to do: the run ends when the last chunk does.
     Nothing is handed out more than WINDOW chunks past the one being written, which bounds the
-    finished results held in memory."""
+    finished results held in memory. When a worker process dies, nothing new is handed out, what
+    is finished is written in order, and the run stops at the first chunk that is not (see lost)."""
 
     IN_FLIGHT = 2
 
@@ -297,6 +298,7 @@ class _Board:
         self.done: dict[int, object] = {}
         self.busy: dict[int, int] = {}   # worker process -> chunks it holds
         self.dead: set[int] = set()
+        self.released: set[int] = set()  # workers told that nothing more comes: their end is no loss
         self.stop = False
 
     def _free(self) -> bool:  # caller holds cv
@@ -306,11 +308,12 @@ class _Board:
         """The next chunk for worker process WORKER, waiting while it holds IN_FLIGHT or the window is
         full; None when every chunk is handed out (or the run stops)."""
         with self.cv:
-            while not self.stop and self.next < self.n and worker not in self.dead and (
+            while not self.stop and self.next < self.n and not self.dead and (
                     self.busy.get(worker, 0) >= (self.IN_FLIGHT if self.n - self.next > self.converters else 1)
                     or not self._free()):
                 self.cv.wait()
-            if self.stop or self.next >= self.n or worker in self.dead:
+            if self.stop or self.next >= self.n or self.dead:  # after a death nothing new is started
+                self.released.add(worker)
                 return None
             i, self.next = self.next, self.next + 1
             self.owner[i] = worker
@@ -325,8 +328,13 @@ class _Board:
             self.cv.notify_all()
 
     def lost(self, worker: int) -> None:
+        """WORKER's result pipe ended: a death unless it had been released and had delivered every
+        chunk it held. A death stops the run even when the worker held no chunk, so that a run
+        never goes on quietly with fewer processes than it was given (the cause, usually the OOM
+        killer, is still there), and whether it stops does not depend on the moment of the death."""
         with self.cv:
-            self.dead.add(worker)
+            if worker not in self.released or self.busy.get(worker, 0):
+                self.dead.add(worker)
             self.cv.notify_all()
 
     def next_step(self) -> tuple[str, int]:
@@ -338,8 +346,8 @@ class _Board:
                 i = self.writing
                 if i in self.done:
                     return "write", i
-                if self.owner.get(i) in self.dead:
-                    return "died", self.owner[i]
+                if self.dead:  # after writing what is finished: the shards done are kept
+                    return "died", min(self.dead)
                 if self._free():
                     j, self.next = self.next, self.next + 1
                     self.cv.notify_all()
@@ -380,7 +388,7 @@ def _drain(conn, board: _Board, worker: int) -> None:
         try:
             i, res = conn.recv()
         except (EOFError, OSError):
-            board.lost(worker)  # harmless after its last result: nothing it owns is waited for
+            board.lost(worker)  # a normal end once it was released and delivered all it held
             return
         board.finished(worker, i, res)
 

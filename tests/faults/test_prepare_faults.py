@@ -253,20 +253,28 @@ def test_a_worker_killed_mid_run_ends_prepare_with_one_line_not_a_hang(tmp_path)
     """The OOM killer (here kill -9) takes a worker: prepare must stop with one line and keep its
     finished shards, not wait for ever for the chunk the worker held (multiprocessing.Pool's way)."""
     src = tmp_path / "src"
-    make_demo(src, train_per_class=12, val_per_class=0, min_side=40, max_side=60, broken=False)
+    make_demo(src, train_per_class=30, val_per_class=0, min_side=40, max_side=60, broken=False)
     out = tmp_path / "out"
-    # --size 1024: every image is enlarged and encoded large, so the run lasts seconds; --workers 3:
-    # this process and two started ones
-    proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "1024",
+    # --size 512: every image is enlarged and encoded large, so the run lasts seconds; --workers 3:
+    # this process and two started ones; 30 chunks (shards of 8)
+    proc = subprocess.Popen([sys.executable, "-m", "alexcli", "prepare", str(src), "--out", str(out), "--size", "512",
                              "--workers", "3", "--shard-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    live: list[int] = []
+
+    def mid_run() -> bool:
+        # 30 chunks, at most 12 handed out past the one being written: at the first finished shard
+        # neither worker has been told that nothing more comes, so losing either is a death
+        # whether or not it holds a chunk at that moment (before, only one holding a chunk was, and
+        # this test killed one waiting for the window to move in 2 of 10 runs: the run finished)
+        live[:] = [k for k in _children(proc.pid) if _alive(k)]
+        return len(live) >= 2 and any(out.glob("train-*.tar"))
 
     try:
-        # a shard is finished and most of the 12 are still to do: the workers are mid-run, each with a
-        # chunk (no fixed sleep: the first shard comes when it comes, on a fast or a loaded machine)
-        wait_for(lambda: len(_children(proc.pid)) >= 2 and any(out.glob("train-*.tar")), proc, "a first finished shard")
+        # no fixed sleep: the first shard comes when it comes, on a fast or a loaded machine
+        wait_for(mid_run, proc, "a first finished shard")
         assert not (out / "dataset.json").exists()
-        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        os.kill(live[0], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -275,5 +283,5 @@ def test_a_worker_killed_mid_run_ends_prepare_with_one_line_not_a_hang(tmp_path)
         "error: a prepare worker process died (killed by the system: out of memory?): ")
     assert stderr.strip().endswith("shards are complete in " + str(out) + "; run the same command again to continue")
     assert "Traceback" not in stderr
-    again = prepare(src, out, cfg(size=1024, workers=1, shard_size=8))
-    assert again["status"] == "resumed" and again["written"] == 96
+    again = prepare(src, out, cfg(size=512, workers=1, shard_size=8))
+    assert again["status"] == "resumed" and again["written"] == 240
