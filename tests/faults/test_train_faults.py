@@ -158,6 +158,46 @@ def test_stop_at_a_chosen_step_in_process_resumes_mid_epoch(train_data, tmp_path
     assert resumed[1]["resumed_at_step"] == 3
 
 
+def test_sigterm_during_validation_stops_after_that_epoch_and_resume_is_identical(train_data, tmp_path, monkeypatch):
+    """SIGTERM while epoch 1 is being validated: the validation and the epoch's commit finish
+    (its metrics row has the val error), the run stops "after epoch 1" with no mid-epoch snapshot,
+    and the resumed run ends with the weights and metrics of one that was never stopped."""
+    from alexcli.errors import Stopped
+    from alexcli.model.registry import make_arch
+    from alexcli.train import loop
+    from alexcli.train.config import TrainConfig
+    from alexcli.train.launch import train as train_lib
+
+    def config(out):
+        return TrainConfig(data=str(train_data), out=str(out), epochs=2, batch=8, loader_workers=0,
+                           schedule="steps", lr_steps=(2,), save_every=0)
+
+    arch = make_arch("alexnet", init="kaiming", width=0.125, crop=64)
+    train_lib(config(tmp_path / "whole"), arch)
+
+    real = loop.evaluate_split
+    calls = []
+
+    def evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the validation of epoch 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate_split", evaluate)
+    cut = tmp_path / "cut"
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM after epoch 1; saved .*ckpt-e001.safetensors") as e:
+        train_lib(config(cut), arch)
+    assert e.value.exit_code == 143 and len(calls) == 1
+    assert not list(cut.glob("*-s0*"))  # the epoch was complete: nothing mid-epoch to save
+    assert [m["epoch"] for m in rows(cut)] == [1] and rows(cut)[0]["val_top1_error"] is not None
+    monkeypatch.setattr(loop, "evaluate_split", real)
+    assert train_lib(config(cut), arch, resume=True)["started_at"] == 1  # epochs done before this run
+    assert_same_weights(tmp_path / "whole" / "ckpt-e002.safetensors", cut / "ckpt-e002.safetensors")
+    for a, b in zip(rows(tmp_path / "whole"), rows(cut), strict=True):
+        assert (a["train_loss"], a["val_top1_error"]) == (b["train_loss"], b["val_top1_error"])
+
+
 def test_cut_metrics_file_is_rebuilt_on_resume(train_data, tmp_path, cli):
     out = tmp_path / "m"
     assert train_in(cli, train_data, out, "--epochs", "2").returncode == 0
