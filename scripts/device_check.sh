@@ -82,9 +82,11 @@ else
 fi
 "$PY" -m alexcli --version
 
-# 1. the tests that need a GPU (columns on the GPU and the CPU), plus the model and layer tests there
+# 1. the tests that need a GPU (columns on the GPU and the CPU; nvJPEG decoding the same batch while
+#    the stream is busy), plus the model and layer tests there
 step 90 "pytest (GPU-only tests and layers/model/columns on this machine)" \
-    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_columns.py tests/test_layers.py tests/test_model.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_columns.py tests/test_layers.py tests/test_model.py \
+    "tests/test_loader.py::test_gpu_decode_of_the_same_batch_is_identical_while_the_stream_is_busy"
 # 2. the training step: fp32 (TF32 default and strict), torchvision, bf16+CL, compiled; loader-fed (PIL)
 step 180 "benchmarks/train.py step, PIL loader" bash -c \
     "\"$PY\" benchmarks/train.py ${BENCH[*]} --compile --skip-loader --shards $DATA --json > \"$OUT/step.json\""
