@@ -15,7 +15,7 @@
 #   DEVICE=cpu PY=.venv/bin/python bash scripts/device_check.sh
 #
 # Everything goes to $OUT (the files that come back): log.txt, step.json, profile.json, step-nvjpeg.json,
-# train/ (metrics of the smoke run), eval.json. Each step has its own time limit and a failed step
+# train/metrics.jsonl (the smoke run), eval.json, step-512.json. Each step has its own time limit and a failed step
 # does not stop the others; the script's exit code is the number of failed steps.
 set -uo pipefail
 CALLER=$PWD
@@ -70,6 +70,7 @@ if [[ $DEVICE == cuda ]]; then
     export PYTHONPATH=/tmp/site
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     BENCH=(--device cuda --workers 12)
+    BENCH512=(--device cuda --workers 12 --batch 512 --steps 20 --step-repeat 2)
     PROFILE=(--device cuda)
     TRAIN=(--schedule steps --lr-steps 100 --gpus 1 --amp bf16 --channels-last --batch 128 --epochs 3)
 else
@@ -77,6 +78,7 @@ else
     # batch 2: a bf16 step of the full net takes about 2 s per image on a CPU without bf16 units, and
     # train.py --all --compile runs about ten of them
     BENCH=(--device cpu --all --batch 2 --steps 1 --step-repeat 1 --warmup 1 --workers 1)
+    BENCH512=(--device cpu --all --batch 4 --steps 1 --step-repeat 1 --warmup 1 --workers 1)
     PROFILE=(--device cpu --batch 2 --steps 1 --warmup 1)
     TRAIN=(--schedule steps --lr-steps 100 --device cpu --width 0.25 --crop 128 --init kaiming --batch 32 --epochs 1)
 fi
@@ -87,7 +89,8 @@ fi
 step 90 "pytest (GPU-only tests and layers/model/columns on this machine)" \
     "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_columns.py tests/test_layers.py tests/test_model.py \
     "tests/test_loader.py::test_gpu_decode_of_the_same_batch_is_identical_while_the_stream_is_busy"
-# 2. the training step: fp32 (TF32 default and strict), torchvision, bf16+CL, compiled; loader-fed (PIL)
+# 2. the training step, ours and torchvision's alexnet: fp32 (TF32 default and strict), bf16+CL,
+#    compiled, with TFLOP/s and the share of the bf16 peak; loader-fed (PIL)
 step 180 "benchmarks/train.py step, PIL loader" bash -c \
     "\"$PY\" benchmarks/train.py ${BENCH[*]} --compile --skip-loader --shards $DATA --json > \"$OUT/step.json\""
 # 2b. where the step's device time goes: fp32, strict fp32, bf16+CL, one column, no LRN
@@ -100,10 +103,13 @@ step 90 "benchmarks/train.py loader-fed, decode on device" bash -c \
 #    class, so no val split: a fixed schedule, and eval scores the training images)
 rm -rf /tmp/alexcli-run
 step 120 "alexcli train (smoke)" "$PY" -m alexcli train --data $DATA --out /tmp/alexcli-run "${TRAIN[@]}"
-mkdir -p "$OUT/train" && cp /tmp/alexcli-run/metrics.jsonl /tmp/alexcli-run/*.png "$OUT/train/" 2>/dev/null
+mkdir -p "$OUT/train" && cp /tmp/alexcli-run/metrics.jsonl "$OUT/train/" 2>/dev/null  # 7 files back in all (the limit is 8)
 ckpt=$(ls /tmp/alexcli-run/ckpt-e*.safetensors 2>/dev/null | tail -1)
 step 60 "alexcli eval (ten patches)" bash -c \
     "\"$PY\" -m alexcli eval \"$ckpt\" --data $DATA --split train --crops ten --json > \"$OUT/eval.json\""
+# 5. the step configurations again at batch 512 (ours and torchvision's; last: the lowest priority)
+step 150 "benchmarks/train.py step at batch 512" bash -c \
+    "\"$PY\" benchmarks/train.py ${BENCH512[*]} --compile --skip-loader --shards $DATA --json > \"$OUT/step-512.json\""
 
 echo; echo "device_check: $failed step(s) failed"
 exit $failed
