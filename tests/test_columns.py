@@ -175,6 +175,36 @@ def test_caffe_lrn_window_crosses_the_columns():
     assert not torch.allclose(LRN(5, 1e-4 / 5, 0.75, 1.0).forward_grouped(x, 2), whole)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_both_columns_on_one_device_train_as_the_one_device_model(device):
+    """`--column-devices cuda:0,cuda:0`: both columns on one GPU (what a one-GPU machine can check of
+    the split's CUDA code) give the one-device model's weights after five SGD steps, in fp32 as
+    training runs (TF32 off: its 10-bit mantissa alone would part the two layouts' sums by 1e-3;
+    measured on the CPU: 6e-7 of each tensor's largest value)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _train_both_ways(device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _train_both_ways(device):
+    model = small(dropout=0.0).float().to(device).train()
+    col = ColumnAlexNet(small(dropout=0.0).float(), [device, device])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in (model, col)]
+    for k in range(5):
+        x, y = batch(seed=k + 1)
+        x = (x / 30).float().to(device)  # unit scale: batch()'s x30 makes five steps at lr 0.01 diverge
+        for m, opt in zip((model, col), opts):
+            step(m, x, y.to(device))
+            opt.step()
+    merged = col.merged_state_dict()
+    for name, ref in model.state_dict().items():
+        torch.testing.assert_close(merged[name].cpu(), ref.cpu(), rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_columns_on_two_real_devices():
     """Each column on its own device (two GPUs, or a GPU and the CPU): any tensor crossing

@@ -271,6 +271,56 @@ def test_columns_on_cpu_trains_and_saves_the_one_device_layout(train_data, tmp_p
     assert model.conv2.groups == 2
 
 
+def test_column_devices_place_each_column(train_data, tmp_path, monkeypatch):
+    """--column-devices chooses the two columns' devices (cuda:0,cuda:0 puts both on one GPU, to
+    exercise the split's CUDA code with one GPU); here cpu,cpu, recorded where the split is built."""
+    from alexcli.model import columns
+    from alexcli.model.registry import make_arch
+    from alexcli.train.config import TrainConfig
+    from alexcli.train.launch import train as train_lib
+
+    placed = []
+    real = columns.ColumnAlexNet.__init__
+
+    def init(self, model, devices):
+        placed.append([str(d) for d in devices])
+        real(self, model, devices)
+
+    monkeypatch.setattr(columns.ColumnAlexNet, "__init__", init)
+    cfg = TrainConfig(data=str(train_data), out=str(tmp_path / "c"), epochs=1, batch=8, loader_workers=0,
+                      schedule="constant", parallel="columns", device="cpu", column_devices=("cpu", "cpu"))
+    train_lib(cfg, make_arch("alexnet", init="kaiming", width=0.125, crop=64))
+    assert placed == [["cpu", "cpu"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_column_devices_name_what_the_machine_lacks(train_data, tmp_path):
+    r = train(train_data, tmp_path / "x", "--epochs", "1", "--parallel", "columns", "--device", "cpu",
+              "--column-devices", "cuda:0,cuda:0")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: --column-devices cuda:0,cuda:0 needs 1 CUDA device(s); "
+                                                 "this machine has 0")
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").glob("ckpt-*"))
+
+
+def test_column_devices_on_a_one_gpu_machine(monkeypatch):
+    """With one GPU the default split (cuda:0, cuda:1) is refused with the way to run it anyway."""
+    from alexcli.errors import UsageError
+    from alexcli.train.config import TrainConfig
+    from alexcli.train.loop import column_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = TrainConfig(data="d", out="o", parallel="columns")
+    with pytest.raises(UsageError, match=r"^--parallel columns needs 2 CUDA device\(s\); this machine has 1 "
+                                         r"\(--column-devices cuda:0,cuda:0 runs both columns on one GPU\)$"):
+        column_devices(cfg, torch.device("cuda"))
+    cfg.column_devices = ("cuda:0", "cuda:0")
+    assert column_devices(cfg, torch.device("cuda")) == [torch.device("cuda", 0)] * 2
+    cfg.column_devices = ("cuda:0", "cpu")  # a column on the CPU: allowed (the GPU test of columns does it)
+    assert column_devices(cfg, torch.device("cuda")) == [torch.device("cuda", 0), torch.device("cpu")]
+
+
 def test_plugins_work_in_train(train_data, tmp_path):
     out = tmp_path / "plug"
     r = train(train_data, out, "--epochs", "1", "--layer", "norm=batchnorm", "--augment", "mean,crop,flip,pca,cutout")
@@ -297,6 +347,11 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--input-scale", "-1"], "Invalid value for '--input-scale': Input should be greater than or equal to 0"),
     (["--width", "5"], "Invalid value for '--width': Input should be less than or equal to 4"),
     (["--lr", "-0.1"], "Invalid value for '--lr': Input should be greater than or equal to 0"),
+    (["--column-devices", "cuda:0,cuda:0"],
+     "--column-devices cuda:0,cuda:0: it places the columns of --parallel columns; add that"),
+    (["--parallel", "columns", "--column-devices", "gpu0,gpu1"],
+     "--column-devices gpu0,gpu1: expected two devices like cuda:0,cuda:1"),
+    (["--parallel", "columns", "--column-devices", "cuda:0"], "--column-devices cuda:0: expected two devices"),
 ])
 def test_bad_options(train_data, tmp_path, args, message):
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",

@@ -70,6 +70,9 @@ def train_command(
     gpus: int = typer.Option(C.gpus, min=1, help="Data-parallel processes (DistributedDataParallel; gloo on CPU)."),
     parallel: Parallel = typer.Option(C.parallel, help="data, or columns: the paper's split, one column per GPU "
                                                        "(2 GPUs)."),
+    column_devices: str = typer.Option("", "--column-devices", show_default=False,
+                                       help="The two columns' devices with --parallel columns (default cuda:0,cuda:1; "
+                                            "cpu,cpu on the CPU), e.g. cuda:0,cuda:0 for both on one GPU."),
     amp: Amp = typer.Option(C.amp, help="none (fp32) or bf16 autocast."),
     channels_last: bool = typer.Option(C.channels_last, "--channels-last", help="Channels-last memory format "
                                                                                 "(faster on GPUs)."),
@@ -139,6 +142,7 @@ def train_command(
     cfg = C(data=data, out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patience=patience, lr_steps=steps, warmup=warmup, val_split=val_split, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
+            column_devices=tuple(d.strip() for d in column_devices.split(",") if d.strip()),
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
             save_every=save_every, verify=not no_verify, chance_steps=chance_steps, tensorboard=tensorboard)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,

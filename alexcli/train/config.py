@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, ValSplit, choice
@@ -24,7 +25,8 @@ DEFAULT_AUGMENT = ("mean", "crop", "flip", "pca")  # sections 2 and 4.1: mean im
 SAVE_EVERY = 2500
 # What --resume may change: everything else is the run's and is refused if it differs.
 RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device", "chance_steps",
-                     "tensorboard")
+                     "tensorboard", "column_devices")
+_DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")  # what --column-devices accepts for each column
 
 
 
@@ -58,6 +60,7 @@ class TrainConfig:
     device: Device = Device.auto             # auto (cuda when present) | cpu | cuda
     gpus: int = 1                            # data-parallel processes (DDP; gloo on CPU)
     parallel: Parallel = Parallel.data       # data | columns (the paper's 2-GPU split)
+    column_devices: tuple[str, ...] = ()     # the two columns' devices with --parallel columns; (): cuda:0,cuda:1 (cpu,cpu on the CPU)
     amp: Amp = Amp.none                      # none | bf16 autocast
     channels_last: bool = False
     compile: bool = False                    # torch.compile the model
@@ -100,6 +103,13 @@ class TrainConfig:
             raise UsageError(f"--batch {self.batch} does not split evenly over --gpus {self.gpus}")
         if self.parallel == Parallel.columns and self.gpus != 1:
             raise UsageError("--parallel columns uses 2 GPUs in one process: leave --gpus at 1")
+        if self.column_devices:
+            given = ",".join(self.column_devices)
+            if self.parallel != Parallel.columns:
+                raise UsageError(f"--column-devices {given}: it places the columns of --parallel columns; add that")
+            if len(self.column_devices) != 2 or not all(_DEVICE_NAME.fullmatch(d) for d in self.column_devices):
+                raise UsageError(f"--column-devices {given}: expected two devices like cuda:0,cuda:1 (or cuda:0,cuda:0 "
+                                 "to run both columns on one GPU)")
         if self.tensorboard:  # the package (optional) and the folder
             from alexcli.train.tensorboard import check
 
@@ -107,7 +117,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["augment"], d["lr_steps"] = list(self.augment), list(self.lr_steps)
+        d["augment"], d["lr_steps"], d["column_devices"] = list(self.augment), list(self.lr_steps), list(self.column_devices)
         return {k: (v.value if k in _CHOICES else v) for k, v in d.items()}
 
     @classmethod
@@ -115,5 +125,6 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["augment"], d["lr_steps"] = tuple(d.get("augment", DEFAULT_AUGMENT)), tuple(d.get("lr_steps", ()))
+        d["column_devices"] = tuple(d.get("column_devices", ()))
         return cls(**d)
 

@@ -281,6 +281,24 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
             "device": str(r.device), "world": world}
 
 
+def column_devices(cfg: TrainConfig, device: torch.device) -> list[torch.device]:
+    """The two columns' devices for --parallel columns: --column-devices, else cuda:0 and cuda:1 on
+    a GPU run and the CPU twice on a CPU run; a one-line error naming what this machine lacks."""
+    if cfg.column_devices:
+        devices = [torch.device(d) for d in cfg.column_devices]
+        option = f"--column-devices {','.join(cfg.column_devices)}"
+    else:
+        devices = [torch.device("cuda", 0), torch.device("cuda", 1)] if device.type == "cuda" else [device] * 2
+        option = "--parallel columns"
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    needed = max((d.index or 0) + 1 for d in devices if d.type == "cuda") if any(
+        d.type == "cuda" for d in devices) else 0
+    if needed > present:
+        raise UsageError(f"{option} needs {needed} CUDA device(s); this machine has {present}"
+                         + (" (--column-devices cuda:0,cuda:0 runs both columns on one GPU)" if present == 1 else ""))
+    return devices
+
+
 def resume_command(cfg: TrainConfig) -> str:
     """The command that continues the run in cfg.out."""
     import shlex
@@ -349,11 +367,7 @@ def _build(cfg: TrainConfig, arch: Arch, r: Rank, start: int, snap=None):
     if cfg.parallel == Parallel.columns:
         from alexcli.model.columns import ColumnAlexNet
 
-        devices = ([torch.device("cuda", 0), torch.device("cuda", 1)] if r.device.type == "cuda"
-                   else [torch.device("cpu")] * 2)
-        if r.device.type == "cuda" and torch.cuda.device_count() < 2:
-            raise UsageError("--parallel columns needs 2 CUDA devices")
-        net = ColumnAlexNet(net, devices)
+        net = ColumnAlexNet(net, column_devices(cfg, r.device))
     else:
         net = net.to(r.device)
     if cfg.channels_last:
