@@ -294,7 +294,6 @@ class _Board:
         self.n, self.window, self.converters = n_tasks, window, converters
         self.next = 0           # the first chunk not handed out yet
         self.writing = 0        # the chunk the main thread yields next
-        self.owner: dict[int, int] = {}  # chunk -> worker process, for chunks not finished yet
         self.done: dict[int, object] = {}
         self.busy: dict[int, int] = {}   # worker process -> chunks it holds
         self.dead: set[int] = set()
@@ -316,14 +315,12 @@ class _Board:
                 self.released.add(worker)
                 return None
             i, self.next = self.next, self.next + 1
-            self.owner[i] = worker
             self.busy[worker] = self.busy.get(worker, 0) + 1
             return i
 
     def finished(self, worker: int, i: int, result) -> None:
         with self.cv:
             self.done[i] = result
-            self.owner.pop(i, None)
             self.busy[worker] -= 1
             self.cv.notify_all()
 
@@ -414,12 +411,13 @@ class _Pool:
 
     def __init__(self, tasks: list, workers: int, args: tuple, method: str | None = None):
         self.tasks, self.args = tasks, args
-        self.board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers), min(workers, len(tasks)))
+        converters = min(workers, len(tasks))  # this process and the ones started here
+        self.board = _Board(len(tasks), RESULTS_AHEAD * max(1, workers), converters)
         self.procs, self.threads, self.conns = [], [], []
         self.local = False  # whether this process has set up to convert
         ctx = mp.get_context(method or start_method())
         try:
-            for w in range(min(workers, len(tasks)) - 1):
+            for _ in range(converters - 1):
                 self._start(ctx)
             # their threads after every fork: a forked worker gets no thread's locks
             for w, (task_w, res_r) in enumerate(zip(self.conns[::2], self.conns[1::2])):

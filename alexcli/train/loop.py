@@ -291,8 +291,7 @@ def column_devices(cfg: TrainConfig, device: torch.device) -> list[torch.device]
         devices = [torch.device("cuda", 0), torch.device("cuda", 1)] if device.type == "cuda" else [device] * 2
         option = "--parallel columns"
     present = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    needed = max((d.index or 0) + 1 for d in devices if d.type == "cuda") if any(
-        d.type == "cuda" for d in devices) else 0
+    needed = max(((d.index or 0) + 1 for d in devices if d.type == "cuda"), default=0)
     if needed > present:
         raise UsageError(f"{option} needs {needed} CUDA device(s); this machine has {present}"
                          + (" (--column-devices cuda:0,cuda:0 runs both columns on one GPU)" if present == 1 else ""))
