@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,29 @@ def run_cli(*args: str, cwd=None, env=None, timeout=RUN_TIMEOUT) -> subprocess.C
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "alexcli", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Typer words its own refusals of an option's value by version: 0.29 through pydantic ("Invalid
+# value for '--size': Input should be less than or equal to 2048", "Value error, 'five' is not one
+# of ..."), 0.28 and older through click ("100000 is not in the range 8<=x<=2048.", "'five' is not
+# one of ..."). These patterns accept either and require what a user reads in both: the option, and
+# the limit or the accepted values.
+def out_of_range(option: str, bound) -> re.Pattern:
+    """Typer's refusal of OPTION's value beyond BOUND (a min= or max= of the option)."""
+    o, b = re.escape(option), re.escape(str(bound))
+    return re.compile(rf"Invalid value for '{o}': (Input should be (less|greater) than or equal to {b}\b"
+                      rf"|\S+ is not in the range \S*{b}\b)")
+
+
+def not_one_of(option: str, value: str, values: str) -> re.Pattern:
+    """Typer's refusal of VALUE for OPTION (a Choice), listing VALUES ("'center', 'ten'")."""
+    return re.compile(rf"Invalid value for '{re.escape(option)}': (Value error, )?'{re.escape(value)}' is not "
+                      rf"one of {re.escape(values)}")
+
+
+def says(stderr: str, expected: str | re.Pattern) -> bool:
+    """Whether STDERR holds EXPECTED: a string as it is, a pattern where it matches."""
+    return bool(expected.search(stderr)) if isinstance(expected, re.Pattern) else expected in stderr
 
 
 def weights(path) -> dict:

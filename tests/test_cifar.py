@@ -19,7 +19,7 @@ from alexcli.model.registry import Arch, build_model, count_parameters, make_arc
 from alexcli.model.cifar import LocallyConnected2d
 from alexcli.data import dataset, stream, tar
 from alexcli.data.memory import load_split
-from conftest import run_here
+from conftest import out_of_range, run_here, says
 
 
 def local_reference(x, weight, bias, k, padding, stride):
@@ -225,7 +225,7 @@ def test_prepare_holdout_refuses_a_source_with_val(demo_src, tmp_path):
     assert r.stderr.strip() == f"error: --holdout: {demo_src} already has a val split; hold out only from a " \
                                f"source without one"
     r = run_here("prepare", demo_src, "--out", tmp_path / "x", "--holdout", "1.5")
-    assert r.returncode == 2 and "Invalid value for '--holdout': Input should be less than or equal to 1" in r.stderr
+    assert r.returncode == 2 and says(r.stderr, out_of_range("--holdout", 1))
     assert not (tmp_path / "x").exists()
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from alexcli.cli import main
-from conftest import run_cli, run_here
+from conftest import not_one_of, out_of_range, run_cli, run_here, says
 from PIL import Image
 
 
@@ -49,13 +49,14 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("args,names", [
-    (["prepare", "SRC", "--resample", "nearest-ish"], ["'--resample'", "'nearest-ish' is not one of 'bicubic'"]),
-    (["prepare", "SRC", "--size", "abc"], ["'--size'", "valid integer"]),
-    (["prepare", "SRC", "--quality", "101"], ["'--quality'", "less than or equal to 100"]),
-    (["train", "--data", "SRC", "--amp", "fp16"], ["'--amp'", "'fp16' is not one of 'none', 'bf16'"]),
-    (["train", "--data", "SRC", "--schedule", "linear"], ["'--schedule'", "'plateau', 'steps', 'constant', 'cosine'"]),
-    (["eval", "x.safetensors", "--crops", "nine"], ["'--crops'", "'center', 'ten'"]),
-    (["experiment", "dropout", "--data", "SRC"], ["'NAME'", "'relu-vs-tanh', 'lrn'"]),
+    (["prepare", "SRC", "--resample", "nearest-ish"], [not_one_of("--resample", "nearest-ish", "'bicubic', ")]),
+    (["prepare", "SRC", "--size", "abc"], ["'--size'", re.compile(r"'abc' is not a valid int|valid integer")]),
+    (["prepare", "SRC", "--quality", "101"], [out_of_range("--quality", 100)]),
+    (["train", "--data", "SRC", "--amp", "fp16"], [not_one_of("--amp", "fp16", "'none', 'bf16'")]),
+    (["train", "--data", "SRC", "--schedule", "linear"],
+     [not_one_of("--schedule", "linear", "'plateau', 'steps', 'constant', 'cosine'")]),
+    (["eval", "x.safetensors", "--crops", "nine"], [not_one_of("--crops", "nine", "'center', 'ten'")]),
+    (["experiment", "dropout", "--data", "SRC"], [not_one_of("NAME", "dropout", "'relu-vs-tanh', 'lrn'")]),
     (["train", "--data", "SRC", "--loader-workers", "-2"], ["'--loader-workers'", "-1"]),
 ])
 def test_bad_option_value_is_one_line_naming_it(tmp_path, capsys, args, names):
@@ -63,7 +64,7 @@ def test_bad_option_value_is_one_line_naming_it(tmp_path, capsys, args, names):
     assert main([str(tmp_path) if a == "SRC" else a for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Invalid value for ") and err.count("\n") == 1, err
-    assert all(n in err for n in names), err
+    assert all(says(err, n) for n in names), err
     assert err.rstrip().endswith(f"(see: alexcli {args[0]} --help)")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from alexcli.io import FolderLock
-from conftest import RUN_TIMEOUT, TINY_TRAIN, assert_same_weights, run_here, wait_for
+from conftest import RUN_TIMEOUT, TINY_TRAIN, assert_same_weights, run_here, says, wait_for
 
 EPOCHS = "2"
 LAST = f"ckpt-e00{EPOCHS}.safetensors"
@@ -267,10 +268,11 @@ def test_a_run_killed_before_its_first_save_starts_again_plainly(train_data, tmp
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "nan"], "Invalid value for '--lr'"),
+    (["--lr", "nan"], re.compile(r"Invalid value for '--lr'|--lr must be a positive number, not nan")),
     (["--lr", "inf"], "--lr must be a positive number, not inf"),
     (["--lr", "0"], "--lr must be a positive number, not 0.0"),
-    (["--weight-decay", "nan"], "Invalid value for '--weight-decay'"),
+    (["--weight-decay", "nan"],
+     re.compile(r"Invalid value for '--weight-decay'|--weight-decay must be 0 or a positive number, not nan")),
     (["--loader-workers", "-5"], "Invalid value for '--loader-workers'"),
     (["--steps-per-epoch", "-1"], "Invalid value for '--steps-per-epoch'"),
     (["--augment", "mean,mean,crop"], "--augment mean,mean,crop: mean given more than once"),
@@ -280,7 +282,7 @@ def test_a_run_killed_before_its_first_save_starts_again_plainly(train_data, tmp
 def test_bad_options_leave_no_run_folder(train_data, tmp_path, args, message, cli):
     out = tmp_path / "never"
     r = train_in(cli, train_data, out, "--epochs", "1", *args)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.returncode == 2 and says(r.stderr, message), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
