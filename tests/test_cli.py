@@ -1,5 +1,7 @@
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,19 @@ def test_help_of_every_command_has_an_example(capsys):
 
 
 def test_version(capsys):
+    """--version prints alexcli/__init__.py's __version__, which is also the installed package's
+    (pyproject.toml reads it from there), and a plain command's start does not import
+    importlib.metadata for it (20-40 ms)."""
+    import importlib.metadata
+
+    import alexcli
+
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.startswith("alexcli ")
+    assert capsys.readouterr().out == f"alexcli {alexcli.__version__}\n"
+    assert alexcli.__version__ == importlib.metadata.version("alexcli")
+    r = subprocess.run([sys.executable, "-c", "import sys, alexcli.cli; print('importlib.metadata' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 def test_missing_source_is_one_line_and_exit_2(tmp_path):
