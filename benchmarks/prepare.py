@@ -23,6 +23,9 @@ machine and the PIL, both printed):
    imports, the worker pool, the listing, shards, statistics, manifest) is in these times.
    Targets:  prepare / obvious script >= 0.9 (one core),  2 workers / 1 worker >= 1.8.
    For context: two floor loops in two processes at once (what two cores of this machine give).
+4. The listing (--listing): alexcli.data.scan.scan() against the obvious os.walk + os.stat +
+   os.path.relpath, on a generated tree of --list-files empty files in 100 class folders (the
+   listing runs before any worker starts: ImageNet has 1.28M files). Microseconds a file.
 
 Data, in order of preference: --data DIR (an extracted train/<class>/<image> tree), else --tar
 FILE or the archive $ALEXCLI_SAMPLE_TAR names (the ImageNet sample archive: 500 ImageNet photos,
@@ -365,6 +368,45 @@ def print_processes(best: dict, floor_1: float, floor_2: float | None) -> None:
         print(f"machine: 2 concurrent floor loops / 1 = {floor_2 / floor_1:.2f} (the hardware's own scaling)")
 
 
+# ---------------------------------------------------------------- 4. the listing
+
+def obvious_listing(root: Path) -> list[tuple[str, int]]:
+    """What a user would write: os.walk in name order, each file's relative path and size."""
+    out = []
+    for d, dirs, names in os.walk(root):
+        dirs.sort()
+        for n in sorted(names):
+            p = os.path.join(d, n)
+            out.append((os.path.relpath(p, root), os.stat(p).st_size))
+    return out
+
+
+def listing(tmp: Path, n_files: int, repeat: int) -> dict[str, float]:
+    """Best seconds per file of scan() and of the obvious listing on a tree of N_FILES empty files."""
+    root = tmp / "listing"
+    per = -(-n_files // 100)
+    for c in range(100):
+        d = root / "train" / f"n{c:08d}"
+        d.mkdir(parents=True)
+        for i in range(per):
+            (d / f"img_{i:06d}.JPEG").touch()
+    total = 100 * per
+    if len(scan(root).splits["train"]) != total or len(obvious_listing(root)) != total:
+        sys.exit("error: the listings disagree on the generated tree")
+    best = {"scan": float("inf"), "obvious": float("inf")}
+    for _ in range(repeat):
+        for name, fn in (("scan", scan), ("obvious", obvious_listing)):
+            t0 = time.perf_counter()
+            fn(root)
+            best[name] = min(best[name], (time.perf_counter() - t0) / total)
+    return {**best, "files": total}
+
+
+def print_listing(best: dict) -> None:
+    print(f"  {best['files']:,} files: scan {best['scan'] * 1e6:.1f} us/file, obvious os.walk + stat + relpath "
+          f"{best['obvious'] * 1e6:.1f} us/file; scan / obvious speed = {best['obvious'] / best['scan']:.2f}")
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -380,6 +422,10 @@ def parse_args(argv=None):
                    help="also time each step of prepare's per-image work (default on)")
     p.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
                    help="also time whole processes: prepare against the obvious script, 1 and 2 workers (default on)")
+    p.add_argument("--listing", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the listing: scan() against os.walk (default on)")
+    p.add_argument("--list-files", type=int, default=20000, help="files in the listing's generated tree "
+                   "(default %(default)s)")
     p.add_argument("--images", type=int, default=2000, help="training images for the whole processes (the photos "
                                                             "linked under new names; default %(default)s)")
     args = p.parse_args(argv)
@@ -416,6 +462,9 @@ def main(argv=None) -> None:
             best = processes(src, tmp, args.images, args.repeat, cpus)
             floor_2 = machine_ceiling(files, cpus) if cores >= 2 else None
             print_processes(best, rate["floor"], floor_2)
+        if args.listing:
+            print(f"\n4. the listing, best of {args.repeat}:", flush=True)
+            print_listing(listing(tmp, args.list_files, args.repeat))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
