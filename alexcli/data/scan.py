@@ -186,8 +186,8 @@ class _Lister:
             subdirs = []
             for name, est in listing or ():
                 kind = self.classify(d, name, est)
-                if kind == "folder" and self.enter(d / name, est, above):
-                    subdirs.append((d / name, f"{rel}/{name}", above + ((est.st_dev, est.st_ino),)))
+                if kind == "folder" and self.enter(sub := d / name, est, above):
+                    subdirs.append((sub, f"{rel}/{name}", above + ((est.st_dev, est.st_ino),)))
                 elif kind == "file":
                     out.append((f"{rel}/{name}", est.st_size))
             stack.extend(reversed(subdirs))
