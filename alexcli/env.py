@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 
 # importlib.metadata is imported where it is used: it brings the email package, 20-40 ms of the
@@ -103,21 +104,56 @@ def autocast_for(amp: str, device):
 
 def pil_info() -> dict:
     """pillow-simd and Pillow both install the `PIL` package; report whose files are in use."""
-    import importlib.metadata as md
-
     import PIL
 
-    owner = "unknown"
-    for dist in ("pillow-simd", "pillow"):
+    owner = pil_owner(Path(PIL.__file__).parent.parent, PIL.__version__)
+    return {"package": owner, "version": PIL.__version__, "simd": owner == "pillow-simd"}
+
+
+_PIL_DISTS = ("pillow-simd", "pillow")  # in this order: the same version in both is pillow-simd's
+
+
+def pil_owner(site: Path, version: str) -> str:
+    """Which of _PIL_DISTS put the PIL of VERSION in folder SITE: the one whose wheel record lists
+    PIL/__init__.py and whose version is VERSION (with both installed, the other's record lists
+    the file too). It reads the `NAME-VERSION.dist-info` folders beside PIL, which takes about a
+    millisecond; importlib.metadata (30 ms: its import and a walk of sys.path) only when there are
+    none, as for an egg install."""
+    found: dict[str, Path] = {}
+    try:
+        with os.scandir(site) as entries:
+            for e in entries:
+                if e.name.endswith(".dist-info") and "-" in e.name:
+                    name, ver = e.name[:-len(".dist-info")].split("-", 1)
+                    name = name.lower().replace("_", "-").replace(".", "-")
+                    if name in _PIL_DISTS and ver == version:
+                        found[name] = Path(e.path) / "RECORD"
+    except OSError:
+        pass
+    if not found:
+        return _pil_owner_from_metadata(version)
+    for dist in _PIL_DISTS:
+        try:
+            record = found[dist].read_text(encoding="utf-8") if dist in found else ""
+        except OSError:
+            continue
+        if any(line.split(",", 1)[0].replace("\\", "/") == "PIL/__init__.py" for line in record.splitlines()):
+            return dist
+    return "unknown"
+
+
+def _pil_owner_from_metadata(version: str) -> str:
+    import importlib.metadata as md
+
+    for dist in _PIL_DISTS:
         try:
             d = md.distribution(dist)
         except md.PackageNotFoundError:
             continue
         owns = any(str(f).replace("\\", "/") == "PIL/__init__.py" for f in (d.files or []))
-        if owns and d.version == PIL.__version__:
-            owner = dist
-            break
-    return {"package": owner, "version": PIL.__version__, "simd": owner == "pillow-simd"}
+        if owns and d.version == version:
+            return dist
+    return "unknown"
 
 
 def devices() -> dict:

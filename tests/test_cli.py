@@ -39,6 +39,56 @@ def test_version(capsys):
     assert r.stdout.strip() == "False", r.stderr
 
 
+def test_rich_is_imported_when_something_is_printed_not_at_start(tmp_path):
+    """rich costs ~80 ms of a start; prepare --workers 2 imports it once its worker is converting
+    (alexcli.cli._ui._LazyConsole). The consoles still print, and a width set on one sticks."""
+    code = ("import sys, alexcli.cli, alexcli.cli._ui as ui; before = any(m.startswith('rich') for m in sys.modules); "
+            "ui.out.width = 33; ui.out.print('x' * 50); print(before, ui.out.width, type(ui.out.console()).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["x" * 33, "x" * 17, "False 33 Console"]
+
+
+def _site(tmp_path, dists: dict[str, tuple[str, bool]]) -> Path:
+    """A site-packages folder with PIL and, for each dist-info folder name, (version, whether its
+    RECORD lists PIL/__init__.py)."""
+    site = tmp_path / "site"
+    (site / "PIL").mkdir(parents=True)
+    for name, (version, owns) in dists.items():
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "RECORD").write_text(("PIL/__init__.py,sha256=x,10\n" if owns else "") + "PIL/Image.py,sha256=y,20\n")
+    return site
+
+
+@pytest.mark.parametrize("dists, version, owner", [
+    ({"pillow_simd": ("9.5.0.post2", True)}, "9.5.0.post2", "pillow-simd"),
+    ({"pillow": ("13.0.0", True)}, "13.0.0", "pillow"),
+    # both installed: the files in use are the ones whose version PIL reports
+    ({"pillow_simd": ("9.5.0.post2", True), "pillow": ("13.0.0", True)}, "13.0.0", "pillow"),
+    ({"Pillow_SIMD": ("9.5.0.post2", True), "pillow": ("13.0.0", True)}, "9.5.0.post2", "pillow-simd"),
+    ({"pillow": ("13.0.0", False)}, "13.0.0", "unknown"),  # a record that does not list PIL
+])
+def test_pil_owner_is_the_dist_whose_record_and_version_match(tmp_path, monkeypatch, dists, version, owner):
+    from alexcli import env
+
+    monkeypatch.setattr(env, "_pil_owner_from_metadata", lambda v: pytest.fail("read the dist-info folders"))
+    assert env.pil_owner(_site(tmp_path, dists), version) == owner
+
+
+def test_pil_owner_without_dist_info_asks_importlib_metadata(tmp_path, monkeypatch):
+    import PIL
+
+    from alexcli import env
+
+    # on this installation both ways agree
+    assert env.pil_info()["package"] == env._pil_owner_from_metadata(PIL.__version__) != "unknown"
+    site = _site(tmp_path, {"pillow": ("1.0", True)})  # not the running version: not the files in use
+    monkeypatch.setattr(env, "_pil_owner_from_metadata", lambda v: f"metadata says {v}")
+    assert env.pil_owner(site, "13.0.0") == "metadata says 13.0.0"
+    assert env.pil_owner(tmp_path / "no such folder", "13.0.0") == "metadata says 13.0.0"
+
+
 def test_missing_source_is_one_line_and_exit_2(tmp_path):
     r = run_cli("prepare", tmp_path / "nope", cwd=tmp_path)
     assert r.returncode == 2

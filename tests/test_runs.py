@@ -92,7 +92,7 @@ def test_json_gives_each_run_exact_values(runs_dir):
 def test_table_shows_every_run_and_its_status(runs_dir, monkeypatch):
     from alexcli.cli._ui import out
 
-    monkeypatch.setattr(out, "width", 250)  # one line per row
+    monkeypatch.setattr(out.console(), "width", 250)  # one line per row
     r = run_here("runs", runs_dir)
     assert r.returncode == 0, r.stderr
     lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│")}

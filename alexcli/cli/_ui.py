@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from alexcli import defaults
 from alexcli.choices import Amp, Crops, Device, Split
@@ -24,16 +22,40 @@ from alexcli.events import Advance, Begin, Event, Label, Note
 PIPED_WIDTH = 10_000
 
 
-def _console(stderr: bool) -> Console:
+def _console(stderr: bool):
+    from rich.console import Console
+
     stream = sys.stderr if stderr else sys.stdout
     terminal = getattr(stream, "isatty", lambda: False)()
     wide = not terminal and not os.environ.get("COLUMNS")
     return Console(stderr=stderr, highlight=False, width=PIPED_WIDTH if wide else None)
 
 
+class _LazyConsole:
+    """A rich Console made on first use, standing in for it (attributes read and set go to it).
+    Importing rich costs about 80 ms, which every command paid before parsing its options; now
+    it is paid when something is first printed: in `prepare --workers 2`, after the worker process
+    has started converting, so the two cores overlap it instead of one waiting for it."""
+
+    def __init__(self, stderr: bool):
+        object.__setattr__(self, "_stderr", stderr)
+        object.__setattr__(self, "_made", None)
+
+    def console(self):
+        if self._made is None:
+            object.__setattr__(self, "_made", _console(self._stderr))
+        return self._made
+
+    def __getattr__(self, name: str):
+        return getattr(self.console(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.console(), name, value)
+
+
 # Data goes to stdout; progress and diagnostics to stderr.
-err = _console(stderr=True)
-out = _console(stderr=False)
+err = _LazyConsole(stderr=True)
+out = _LazyConsole(stderr=False)
 
 
 def emit_json(obj) -> None:
@@ -49,10 +71,7 @@ class Reporter:
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-            TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"), TextColumn("eta"),
-            TimeRemainingColumn(), TimeElapsedColumn(), console=err, disable=quiet, transient=False)
+        self.bar = None  # made with the first event: rich is imported then (see _LazyConsole)
         self.task = None
         self.started = False
         self._t0, self._done, self._unit = 0.0, 0, "images"
@@ -64,7 +83,18 @@ class Reporter:
         if self.started:
             self.bar.stop()
 
+    def _make_bar(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+            TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"), TextColumn("eta"),
+            TimeRemainingColumn(), TimeElapsedColumn(), console=err.console(), disable=self.quiet, transient=False)
+
     def __call__(self, event: Event) -> None:
+        if self.bar is None:
+            self.bar = self._make_bar()
         if isinstance(event, Note):
             if not self.quiet:
                 self.bar.console.print(event.text, soft_wrap=True, markup=False)

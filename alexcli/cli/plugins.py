@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
 from alexcli.cli._ui import emit_json, err, out
 
@@ -38,6 +37,8 @@ def plugins_command(
     if as_json:
         emit_json({"plugins": rows, "errors": len(failed), "warnings": len(warned)})
     else:
+        from rich.table import Table
+
         table = Table(title="alexcli plugins", title_justify="left")
         for col in ("kind", "name", "package", "version", "status"):
             table.add_column(col)

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from alexcli.choices import Resample
 from alexcli.cli._ui import Reporter, emit_json, json_option, out
@@ -11,6 +10,8 @@ from alexcli.data.config import MAX_SIZE, PrepareConfig as P
 
 
 def render_summary(s: dict) -> None:
+    from rich.table import Table  # rich on first use (alexcli.cli._ui._LazyConsole)
+
     table = Table(title=f"{s['out']}  ({s['status']}, {s['classes']} classes)", title_justify="left")
     for col in ("split", "found", "written", "rejected", "shards"):
         table.add_column(col, justify="left" if col == "split" else "right")
