@@ -22,7 +22,9 @@ machine and the PIL, both printed):
    `alexcli prepare --workers 2` against --workers 1 on two cores. Every start-up cost (Python,
    imports, the worker pool, the listing, shards, statistics, manifest) is in these times.
    Targets:  prepare / obvious script >= 0.9 (one core),  2 workers / 1 worker >= 1.8.
-   For context: two floor loops in two processes at once (what two cores of this machine give).
+   For context: two floor loops in two processes at once (what two cores of this machine give);
+   the 2-worker run's CPU-seconds against the 1-worker run's and how long one core sat idle in it
+   (the serial start-up and finish: 2 / 1 is at most 2 C / (C + idle)); the hypervisor's steal.
 4. The listing (--listing): alexcli.data.scan.scan() against the obvious os.walk + os.stat +
    os.path.relpath, on a generated tree of --list-files empty files in 100 class folders (the
    listing runs before any worker starts: ImageNet has 1.28M files). Microseconds a file.
@@ -267,15 +269,31 @@ def print_breakdown(steps: dict[str, float], floor_rate: float) -> None:
 
 # ---------------------------------------------------------------- 3. whole processes
 
-def run_process(cmd: list[str], cpus: set[int] | None) -> float:
-    """Wall seconds of CMD as a process of its own, on CPUS."""
+def _steal_seconds() -> float | None:
+    """CPU-seconds the hypervisor has taken from this machine since boot (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_process(cmd: list[str], cpus: set[int] | None) -> tuple[float, float, float | None]:
+    """(wall seconds, CPU-seconds, CPU-seconds stolen by the hypervisor meanwhile) of CMD as a
+    process of its own, on CPUS."""
+    import resource
+
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    r0, steal0 = resource.getrusage(resource.RUSAGE_CHILDREN), _steal_seconds()
     t0 = time.perf_counter()
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
     took = time.perf_counter() - t0
+    r1, steal1 = resource.getrusage(resource.RUSAGE_CHILDREN), _steal_seconds()
     if r.returncode:
         sys.exit(f"error: {' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
-    return took
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return took, cpu, (steal1 - steal0 if steal0 is not None and steal1 is not None else None)
 
 
 def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | None) -> dict:
@@ -298,20 +316,23 @@ def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | N
         "alexcli prepare --workers 2, 2 cores": (alexcli + ["--workers", "2", "--out", "OUT"], two),
     }
     best: dict[str, float] = {}
-    rounds = []
+    rounds, cpu_rounds, steal = [], [], []
     print(f"  {total:,} training images ({n} photos x {copies} names)", flush=True)
     for r in range(repeat):
-        took = {}
+        took, cpu = {}, {}
         for name, (cmd, on) in cmds.items():
             out = Path(tempfile.mkdtemp(prefix="out-", dir=tmp))
             try:
-                took[name] = run_process([str(out / "o") if c == "OUT" else c for c in cmd], on)
+                took[name], cpu[name], stolen = run_process([str(out / "o") if c == "OUT" else c for c in cmd], on)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             best[name] = min(best.get(name, float("inf")), took[name])
+            if stolen is not None:
+                steal.append(stolen)
         rounds.append(took)
+        cpu_rounds.append(cpu)
         print(f"  round {r + 1}/{repeat}: " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()), flush=True)
-    return {**best, "images": total, "rounds": rounds}
+    return {**best, "images": total, "rounds": rounds, "cpu": cpu_rounds, "steal": steal}
 
 
 def _floor_process(paths: list[Path], cpus: set[int] | None, barrier, results) -> None:
@@ -353,7 +374,7 @@ def print_processes(best: dict, floor_1: float, floor_2: float | None) -> None:
     n = best["images"]
     print(f"\n{'process':<40} {'seconds':>8} {'images/s':>9}")
     for k, s in best.items():
-        if k not in ("images", "rounds"):
+        if k not in ("images", "rounds", "cpu", "steal"):
             print(f"{k:<40} {s:>8.2f} {n / s:>9.1f}")
     ratios = (("alexcli prepare / obvious script", "obvious script, 1 core", "alexcli prepare --workers 1, 1 core",
                "one core; target >= 0.9"),
@@ -364,6 +385,17 @@ def print_processes(best: dict, floor_1: float, floor_2: float | None) -> None:
         within = [r[slow] / r[fast] for r in best["rounds"]]
         print(f"{label} = {best[slow] / best[fast]:.2f} ({note}); within rounds: median "
               f"{statistics.median(within):.2f}, {min(within):.2f}..{max(within):.2f}")
+    # What the code controls, apart from the machine's noise: the CPU-seconds the second process
+    # adds (1.00: none), and the CPU-seconds one of the two cores sits idle (the serial start-up
+    # and finish). 2 workers / 1 is at most 2 C / (C + idle) for C the CPU-seconds of the work.
+    one, two = "alexcli prepare --workers 1, 2 cores", "alexcli prepare --workers 2, 2 cores"
+    cpu_ratio = [c[two] / c[one] for c in best["cpu"]]
+    idle = [2 * r[two] - c[two] for r, c in zip(best["rounds"], best["cpu"])]
+    print(f"2 workers' CPU-seconds / 1 worker's: median {statistics.median(cpu_ratio):.3f}; "
+          f"CPU-seconds a core sat idle in the 2-worker run: median {statistics.median(idle):.2f}")
+    if best["steal"]:
+        print(f"hypervisor steal per run: {min(best['steal']):.2f}..{max(best['steal']):.2f} CPU-seconds "
+              "(time this virtual machine's CPUs were taken away: noise in every figure above)")
     if floor_2 is not None:
         print(f"machine: 2 concurrent floor loops / 1 = {floor_2 / floor_1:.2f} (the hardware's own scaling)")
 
