@@ -146,6 +146,10 @@ def test_bad_input_is_one_line_and_exit_2(cifar, prepared, tmp_path):
     r = run_here("experiment", "lrn", "--data", cifar, "--lrs", "fast")
     assert r.returncode == 2 and r.stderr.strip() == ("error: --lrs 'fast': expected learning rates like 0.001,0.01 "
                                                       "or relu=0.003,tanh=0.01")
+    for lrs in ("0.003,,0.01", "relu=0.003,,tanh=0.01", "0.01,"):  # an empty entry: an error, not dropped
+        r = run_here("experiment", "lrn", "--data", cifar, "--lrs", lrs)
+        assert r.returncode == 2 and r.stderr.strip() == (f"error: --lrs {lrs!r}: an empty entry between commas; "
+                                                          "expected learning rates like 0.001,0.01 or relu=0.003,tanh=0.01")
     r = run_here("experiment", "relu-vs-tanh", "--data", cifar, "--lrs", "relu=0.003", "--out", tmp_path / "z")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --lrs relu=0.003: give one rate for each of relu, tanh (or a list to sweep)"

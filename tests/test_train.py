@@ -352,6 +352,12 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--parallel", "columns", "--column-devices", "gpu0,gpu1"],
      "--column-devices gpu0,gpu1: expected two devices like cuda:0,cuda:1"),
     (["--parallel", "columns", "--column-devices", "cuda:0"], "--column-devices cuda:0: expected two devices"),
+    # an empty entry is an error, not dropped (it was: cuda:0,,cuda:1 ran as cuda:0,cuda:1)
+    (["--parallel", "columns", "--column-devices", "cuda:0,,cuda:1"],
+     "error: --column-devices 'cuda:0,,cuda:1': an empty entry between commas; expected two devices like cuda:0,cuda:1"),
+    (["--schedule", "steps", "--lr-steps", "1,"],
+     "error: --lr-steps '1,': an empty entry between commas; expected epochs like 30,60,80"),
+    (["--schedule", "steps", "--lr-steps", "x"], "error: --lr-steps 'x': expected epochs like 30,60,80"),
 ])
 def test_bad_options(train_data, tmp_path, args, message):
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",

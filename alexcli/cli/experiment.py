@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from alexcli.choices import Device, Experiment
-from alexcli.cli._ui import Reporter, device_option, emit_json, json_option, no_verify_option, out
+from alexcli.cli._ui import Reporter, comma_list, device_option, emit_json, json_option, no_verify_option, out
 from alexcli.experiment.plans import ExperimentConfig as C
 
 
@@ -101,13 +101,15 @@ def experiment_command(
     from alexcli.experiment.run import run_experiment
 
     rates, fixed = (), {}
+    lrs_like = "learning rates like 0.001,0.01 or relu=0.003,tanh=0.01"
     try:
+        items = comma_list(lrs, "--lrs", lrs_like)
         if "=" in lrs:  # one rate per variant, e.g. relu=0.003,tanh=0.01
-            fixed = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in lrs.split(",") if item.strip())}
+            fixed = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in items)}
         else:
-            rates = tuple(float(v) for v in lrs.split(",") if v.strip())
+            rates = tuple(float(v) for v in items)
     except ValueError:
-        raise UsageError(f"--lrs {lrs!r}: expected learning rates like 0.001,0.01 or relu=0.003,tanh=0.01") from None
+        raise UsageError(f"--lrs {lrs!r}: expected {lrs_like}") from None
     plugins.info("norm", norm)  # an unknown name fails before any work
     cfg = C(data=str(data), out=str(out_dir or Path("runs") / "experiments" / name.value), epochs=epochs, seeds=seeds,
             subset=subset, batch=batch, lrs=rates, fixed_lrs=fixed, sweep_epochs=sweep_epochs,

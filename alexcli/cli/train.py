@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, ValSplit
-from alexcli.cli._ui import WORKERS_RULE, Reporter, emit_json, json_option, no_verify_option, out
+from alexcli.cli._ui import WORKERS_RULE, Reporter, comma_list, emit_json, json_option, no_verify_option, out
 from alexcli.model.arch import Arch as A
 from alexcli.train.config import TrainConfig as C
 
@@ -132,17 +132,18 @@ def train_command(
     from alexcli.errors import UsageError
     from alexcli.transforms import parse as parse_augment
 
+    steps_like = "epochs like 30,60,80"
     try:
-        steps = tuple(int(s) for s in lr_steps.split(",") if s.strip())
+        steps = tuple(int(s) for s in comma_list(lr_steps, "--lr-steps", steps_like))
     except ValueError:
-        raise UsageError(f"--lr-steps {lr_steps!r}: expected epochs like 30,60,80") from None
+        raise UsageError(f"--lr-steps {lr_steps!r}: expected {steps_like}") from None
     from alexcli.data.remote import DataLocation
 
     out_dir = out_dir or Path("runs") / DataLocation(data).name
     cfg = C(data=data, out=str(out_dir), epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patience=patience, lr_steps=steps, warmup=warmup, val_split=val_split, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
-            column_devices=tuple(d.strip() for d in column_devices.split(",") if d.strip()),
+            column_devices=tuple(comma_list(column_devices, "--column-devices", "two devices like cuda:0,cuda:1")),
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
             save_every=save_every, verify=not no_verify, chance_steps=chance_steps, tensorboard=tensorboard)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,
