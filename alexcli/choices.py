@@ -4,7 +4,8 @@ the command line refuses others before any work starts.
 Each is a `str` Enum, so a member equals its value (`Amp.bf16 == "bf16"`), prints as it
 (`f"{Amp.bf16}"` is `bf16`), and goes into JSON and checkpoints as a plain string; library callers
 may pass either. `choice()` turns a value that came from elsewhere (a saved config, a script) into
-the member, or a one-line UsageError naming the option.
+the member, or a one-line UsageError naming the option. `comma_list()` splits an option that takes
+a list of values (--lr-steps 30,60,80).
 """
 
 from __future__ import annotations
@@ -123,3 +124,15 @@ class ImportKind(Choice):
 
     torchvision = "torchvision"
     caffe = "caffe"
+
+
+def comma_list(value: str, option: str, expected: str) -> list[str]:
+    """The entries of an option's comma-separated VALUE, stripped: "" has none. An empty entry
+    ("30,,60", a comma at the end) is a UsageError naming OPTION and saying what is EXPECTED, not
+    dropped: one of the user's entries may be missing."""
+    if not value.strip():
+        return []
+    items = [v.strip() for v in value.split(",")]
+    if not all(items):
+        raise UsageError(f"{option} {value!r}: an empty entry between commas; expected {expected}")
+    return items

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from alexcli import plugins
+from alexcli.choices import comma_list
 from alexcli.errors import UsageError
 from alexcli.specs import Augment, AugmentContext
 
@@ -124,9 +125,11 @@ def model_input(x: torch.Tensor, mean_image: torch.Tensor | None, crop: int, cro
 
 def parse(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """--augment's names, checked: each registered, none twice (mean,mean would subtract the mean
-    image twice; a checkpoint records each step once)."""
-    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [n for n in names if n]
+    image twice; a checkpoint records each step once). "" is none; an empty entry is an error."""
+    if isinstance(spec, str):
+        names = comma_list(spec, "--augment", "registered names like mean,crop,flip,pca")
+    else:
+        names = [n for n in spec if n]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UsageError(f"--augment {','.join(names)}: {', '.join(twice)} given more than once")

@@ -77,3 +77,13 @@ def test_unknown_augmentation_lists_the_available():
 
     with pytest.raises(PluginError, match="unknown augmentation 'nope'; available: .*crop"):
         aug.parse("mean,nope")
+
+
+def test_augment_list_empty_is_none_and_an_empty_entry_is_an_error():
+    from alexcli.errors import UsageError
+
+    assert aug.parse("") == [] and aug.parse(" mean , flip ") == ["mean", "flip"]
+    with pytest.raises(UsageError, match=r"^--augment 'mean,,flip': an empty entry between commas; expected "):
+        aug.parse("mean,,flip")
+    with pytest.raises(UsageError, match=r"^--augment mean,mean: mean given more than once$"):
+        aug.parse("mean,mean")

@@ -358,6 +358,8 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--schedule", "steps", "--lr-steps", "1,"],
      "error: --lr-steps '1,': an empty entry between commas; expected epochs like 30,60,80"),
     (["--schedule", "steps", "--lr-steps", "x"], "error: --lr-steps 'x': expected epochs like 30,60,80"),
+    (["--augment", "mean,,flip"],
+     "error: --augment 'mean,,flip': an empty entry between commas; expected registered names like mean,crop,flip,pca"),
 ])
 def test_bad_options(train_data, tmp_path, args, message):
     r = run_here("train", "--data", train_data, "--out", tmp_path / "x", "--width", "0.125", "--init", "kaiming",

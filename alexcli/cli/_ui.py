@@ -58,20 +58,6 @@ err = _LazyConsole(stderr=True)
 out = _LazyConsole(stderr=False)
 
 
-def comma_list(value: str, option: str, expected: str) -> list[str]:
-    """The entries of an option's comma-separated VALUE, stripped: "" has none. An empty entry
-    ("30,,60", a comma at the end) is a UsageError naming OPTION and saying what is EXPECTED, not
-    dropped: one of the user's entries may be missing."""
-    from alexcli.errors import UsageError
-
-    if not value.strip():
-        return []
-    items = [v.strip() for v in value.split(",")]
-    if not all(items):
-        raise UsageError(f"{option} {value!r}: an empty entry between commas; expected {expected}")
-    return items
-
-
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=1) + "\n")
     sys.stdout.flush()

@@ -5,8 +5,8 @@ from typing import Optional
 
 import typer
 
-from alexcli.choices import Device, Experiment
-from alexcli.cli._ui import Reporter, comma_list, device_option, emit_json, json_option, no_verify_option, out
+from alexcli.choices import Device, Experiment, comma_list
+from alexcli.cli._ui import Reporter, device_option, emit_json, json_option, no_verify_option, out
 from alexcli.experiment.plans import ExperimentConfig as C
 
 

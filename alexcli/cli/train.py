@@ -5,8 +5,8 @@ from typing import List, Optional
 
 import typer
 
-from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, ValSplit
-from alexcli.cli._ui import WORKERS_RULE, Reporter, comma_list, emit_json, json_option, no_verify_option, out
+from alexcli.choices import Amp, Decode, Device, Parallel, ScheduleKind, ValSplit, comma_list
+from alexcli.cli._ui import WORKERS_RULE, Reporter, emit_json, json_option, no_verify_option, out
 from alexcli.model.arch import Arch as A
 from alexcli.train.config import TrainConfig as C
 
