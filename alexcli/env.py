@@ -132,14 +132,19 @@ def pil_owner(site: Path, version: str) -> str:
         pass
     if not found:
         return _pil_owner_from_metadata(version)
-    for dist in _PIL_DISTS:
+    for dist in (d for d in _PIL_DISTS if d in found):
         try:
-            record = found[dist].read_text(encoding="utf-8") if dist in found else ""
+            record = found[dist].read_text(encoding="utf-8")
         except OSError:
             continue
-        if any(line.split(",", 1)[0].replace("\\", "/") == "PIL/__init__.py" for line in record.splitlines()):
+        if _lists_pil(line.split(",", 1)[0] for line in record.splitlines()):
             return dist
     return "unknown"
+
+
+def _lists_pil(paths) -> bool:
+    """Whether a distribution's file list (RECORD's paths) holds PIL/__init__.py."""
+    return any(str(p).replace("\\", "/") == "PIL/__init__.py" for p in paths)
 
 
 def _pil_owner_from_metadata(version: str) -> str:
@@ -150,8 +155,7 @@ def _pil_owner_from_metadata(version: str) -> str:
             d = md.distribution(dist)
         except md.PackageNotFoundError:
             continue
-        owns = any(str(f).replace("\\", "/") == "PIL/__init__.py" for f in (d.files or []))
-        if owns and d.version == version:
+        if _lists_pil(d.files or []) and d.version == version:
             return dist
     return "unknown"
 

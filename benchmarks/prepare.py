@@ -269,6 +269,9 @@ def print_breakdown(steps: dict[str, float], floor_rate: float) -> None:
 
 # ---------------------------------------------------------------- 3. whole processes
 
+W1_TWO_CORES = "alexcli prepare --workers 1, 2 cores"  # the pair whose ratio is the 1.8 target
+W2_TWO_CORES = "alexcli prepare --workers 2, 2 cores"
+
 def _steal_seconds() -> float | None:
     """CPU-seconds the hypervisor has taken from this machine since boot (Linux), or None."""
     try:
@@ -312,8 +315,8 @@ def processes(src: Path, tmp: Path, images: int, repeat: int, cpus: set[int] | N
     cmds = {
         "obvious script, 1 core": ([sys.executable, str(HERE / "pil_speed.py"), "--script", str(tree), "OUT"], one),
         "alexcli prepare --workers 1, 1 core": (alexcli + ["--workers", "1", "--out", "OUT"], one),
-        "alexcli prepare --workers 1, 2 cores": (alexcli + ["--workers", "1", "--out", "OUT"], two),
-        "alexcli prepare --workers 2, 2 cores": (alexcli + ["--workers", "2", "--out", "OUT"], two),
+        W1_TWO_CORES: (alexcli + ["--workers", "1", "--out", "OUT"], two),
+        W2_TWO_CORES: (alexcli + ["--workers", "2", "--out", "OUT"], two),
     }
     best: dict[str, float] = {}
     rounds, cpu_rounds, steal = [], [], []
@@ -378,7 +381,7 @@ def print_processes(best: dict, floor_1: float, floor_2: float | None) -> None:
             print(f"{k:<40} {s:>8.2f} {n / s:>9.1f}")
     ratios = (("alexcli prepare / obvious script", "obvious script, 1 core", "alexcli prepare --workers 1, 1 core",
                "one core; target >= 0.9"),
-              ("2 workers / 1 worker", "alexcli prepare --workers 1, 2 cores", "alexcli prepare --workers 2, 2 cores",
+              ("2 workers / 1 worker", W1_TWO_CORES, W2_TWO_CORES,
                "whole processes on two cores; target >= 1.8"))
     print()
     for label, slow, fast, note in ratios:
@@ -388,9 +391,8 @@ def print_processes(best: dict, floor_1: float, floor_2: float | None) -> None:
     # What the code controls, apart from the machine's noise: the CPU-seconds the second process
     # adds (1.00: none), and the CPU-seconds one of the two cores sits idle (the serial start-up
     # and finish). 2 workers / 1 is at most 2 C / (C + idle) for C the CPU-seconds of the work.
-    one, two = "alexcli prepare --workers 1, 2 cores", "alexcli prepare --workers 2, 2 cores"
-    cpu_ratio = [c[two] / c[one] for c in best["cpu"]]
-    idle = [2 * r[two] - c[two] for r, c in zip(best["rounds"], best["cpu"])]
+    cpu_ratio = [c[W2_TWO_CORES] / c[W1_TWO_CORES] for c in best["cpu"]]
+    idle = [2 * r[W2_TWO_CORES] - c[W2_TWO_CORES] for r, c in zip(best["rounds"], best["cpu"])]
     print(f"2 workers' CPU-seconds / 1 worker's: median {statistics.median(cpu_ratio):.3f}; "
           f"CPU-seconds a core sat idle in the 2-worker run: median {statistics.median(idle):.2f}")
     if best["steal"]:
