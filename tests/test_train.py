@@ -294,6 +294,14 @@ def test_column_devices_place_each_column(train_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_rank_devices_name_what_the_machine_lacks(train_data, tmp_path):
+    r = train(train_data, tmp_path / "x", "--epochs", "1", "--gpus", "2", "--rank-devices", "cuda:0,cuda:0")
+    assert r.returncode == 2 and says(r.stderr, "error: --rank-devices cuda:0,cuda:0: places the ranks on GPUs, but "
+                                                "this machine has none visible"), r.stderr
+    assert not (tmp_path / "x" / "ckpt-e001.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_column_devices_name_what_the_machine_lacks(train_data, tmp_path):
     r = train(train_data, tmp_path / "x", "--epochs", "1", "--parallel", "columns", "--device", "cpu",
               "--column-devices", "cuda:0,cuda:0")
@@ -355,6 +363,12 @@ def test_plugins_work_in_train(train_data, tmp_path):
     # an empty entry is an error, not dropped (it was: cuda:0,,cuda:1 ran as cuda:0,cuda:1)
     (["--parallel", "columns", "--column-devices", "cuda:0,,cuda:1"],
      "error: --column-devices 'cuda:0,,cuda:1': an empty entry between commas; expected two devices like cuda:0,cuda:1"),
+    (["--gpus", "2", "--batch", "8", "--rank-devices", "cuda:0"],
+     "error: --rank-devices cuda:0: expected one CUDA device per rank (--gpus 2) like cuda:0,cuda:1 (or cuda:0,cuda:0 "
+     "to share one GPU)"),
+    (["--gpus", "2", "--batch", "8", "--rank-devices", "cpu,cpu"], "--rank-devices cpu,cpu: expected one CUDA device"),
+    (["--gpus", "2", "--batch", "8", "--rank-devices", "cuda:0,cuda:0", "--device", "cpu"],
+     "error: --rank-devices cuda:0,cuda:0: places the ranks on GPUs, but --device is cpu"),
     (["--schedule", "steps", "--lr-steps", "1,"],
      "error: --lr-steps '1,': an empty entry between commas; expected epochs like 30,60,80"),
     (["--schedule", "steps", "--lr-steps", "x"], "error: --lr-steps 'x': expected epochs like 30,60,80"),

@@ -68,6 +68,10 @@ def train_command(
     seed: int = typer.Option(C.seed, help="Seed of initialisation, data order, augmentation and dropout."),
     device: Device = typer.Option(C.device, help="auto (CUDA when a GPU is visible), cpu or cuda."),
     gpus: int = typer.Option(C.gpus, min=1, help="Data-parallel processes (DistributedDataParallel; gloo on CPU)."),
+    rank_devices: str = typer.Option("", "--rank-devices", show_default=False,
+                                     help="Each rank's GPU with --gpus N (default cuda:0 to cuda:N-1), e.g. "
+                                          "cuda:0,cuda:0 for two ranks on one GPU: they talk over gloo, as NCCL "
+                                          "refuses that (to check the multi-GPU code on one GPU; slower)."),
     parallel: Parallel = typer.Option(C.parallel, help="data, or columns: the paper's split, one column per GPU "
                                                        "(2 GPUs)."),
     column_devices: str = typer.Option("", "--column-devices", show_default=False,
@@ -105,7 +109,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (from its last epoch or "
                                                         "snapshot) with the run's own settings; only --epochs, "
                                                         "--keep, --loader-workers, --save-every, --no-verify, "
-                                                        "--device, --chance-steps and --tensorboard may differ."),
+                                                        "--device, --column-devices, --rank-devices, --chance-steps and "
+                                                        "--tensorboard may differ."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again in an --out that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the network's shapes and parameter count, then stop."),
     as_json: bool = json_option(),
@@ -144,6 +149,7 @@ def train_command(
             schedule=schedule, patience=patience, lr_steps=steps, warmup=warmup, val_split=val_split, augment=tuple(parse_augment(augment)), seed=seed,
             device=device, gpus=gpus, parallel=parallel, amp=amp, channels_last=channels_last, compile=compile_,
             column_devices=tuple(comma_list(column_devices, "--column-devices", "two devices like cuda:0,cuda:1")),
+            rank_devices=tuple(comma_list(rank_devices, "--rank-devices", "one device per rank like cuda:0,cuda:1")),
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
             save_every=save_every, verify=not no_verify, chance_steps=chance_steps, tensorboard=tensorboard)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,

@@ -25,8 +25,9 @@ DEFAULT_AUGMENT = ("mean", "crop", "flip", "pca")  # sections 2 and 4.1: mean im
 SAVE_EVERY = 2500
 # What --resume may change: everything else is the run's and is refused if it differs.
 RESUME_MAY_CHANGE = ("epochs", "keep", "loader_workers", "save_every", "verify", "device", "chance_steps",
-                     "tensorboard", "column_devices")
+                     "tensorboard", "column_devices", "rank_devices")
 _DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")  # what --column-devices accepts for each column
+_CUDA_NAME = re.compile(r"cuda:\d+")           # what --rank-devices accepts for each rank
 
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
     seed: int = 0                            # data order, init, augmentation and dropout all follow it
     device: Device = Device.auto             # auto (cuda when present) | cpu | cuda
     gpus: int = 1                            # data-parallel processes (DDP; gloo on CPU)
+    rank_devices: tuple[str, ...] = ()       # each local rank's GPU; (): cuda:0..N-1. Ranks sharing one talk over gloo
     parallel: Parallel = Parallel.data       # data | columns (the paper's 2-GPU split)
     column_devices: tuple[str, ...] = ()     # the two columns' devices with --parallel columns; (): cuda:0,cuda:1 (cpu,cpu on the CPU)
     amp: Amp = Amp.none                      # none | bf16 autocast
@@ -110,6 +112,14 @@ class TrainConfig:
             if len(self.column_devices) != 2 or not all(_DEVICE_NAME.fullmatch(d) for d in self.column_devices):
                 raise UsageError(f"--column-devices {given}: expected two devices like cuda:0,cuda:1 (or cuda:0,cuda:0 "
                                  "to run both columns on one GPU)")
+        if self.rank_devices:
+            given = ",".join(self.rank_devices)
+            if len(self.rank_devices) != self.gpus or not all(_CUDA_NAME.fullmatch(d) for d in self.rank_devices):
+                raise UsageError(f"--rank-devices {given}: expected one CUDA device per rank (--gpus {self.gpus}) "
+                                 f"like {','.join(f'cuda:{i}' for i in range(self.gpus))} (or "
+                                 f"{','.join(['cuda:0'] * self.gpus)} to share one GPU)")
+            if self.device == Device.cpu:
+                raise UsageError(f"--rank-devices {given}: places the ranks on GPUs, but --device is cpu")
         if self.tensorboard:  # the package (optional) and the folder
             from alexcli.train.tensorboard import check
 
@@ -117,7 +127,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["augment"], d["lr_steps"], d["column_devices"] = list(self.augment), list(self.lr_steps), list(self.column_devices)
+        d["augment"], d["lr_steps"] = list(self.augment), list(self.lr_steps)
+        d["column_devices"], d["rank_devices"] = list(self.column_devices), list(self.rank_devices)
         return {k: (v.value if k in _CHOICES else v) for k, v in d.items()}
 
     @classmethod
@@ -125,6 +136,6 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["augment"], d["lr_steps"] = tuple(d.get("augment", DEFAULT_AUGMENT)), tuple(d.get("lr_steps", ()))
-        d["column_devices"] = tuple(d.get("column_devices", ()))
+        d["column_devices"], d["rank_devices"] = tuple(d.get("column_devices", ())), tuple(d.get("rank_devices", ()))
         return cls(**d)
 

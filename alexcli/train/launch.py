@@ -237,12 +237,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def dist_backend(cfg: TrainConfig) -> str:
+    """nccl between GPUs, gloo on the CPU and between ranks that share a GPU (--rank-devices
+    cuda:0,cuda:0): NCCL refuses two ranks on one device, gloo moves their CUDA tensors through the host."""
+    shared = len(set(cfg.rank_devices)) < len(cfg.rank_devices)
+    return "nccl" if (cfg.device != "cpu" and torch.cuda.is_available() and not shared) else "gloo"
+
+
 def _init_dist(rank: int, world: int, cfg: TrainConfig) -> None:
     import datetime
 
     import torch.distributed as dist
 
-    backend = "nccl" if (cfg.device != "cpu" and torch.cuda.is_available()) else "gloo"
+    backend = dist_backend(cfg)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
 
 

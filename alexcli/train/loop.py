@@ -45,12 +45,17 @@ class Rank:
     def __init__(self, rank: int, world: int, local_rank: int, cfg: TrainConfig):
         self.rank, self.world, self.local_rank = rank, world, local_rank
         use_cuda = device_name(cfg.device) == "cuda"
-        # The local rank picks the GPU: under torchrun on several machines the world is larger
-        # than one machine's GPUs.
-        if use_cuda and local_rank >= torch.cuda.device_count():
-            raise UsageError(f"--gpus {world}: rank {rank} needs CUDA device {local_rank}, but only "
+        # The local rank picks the GPU (under torchrun on several machines the world is larger than
+        # one machine's GPUs), or --rank-devices names each local rank's.
+        index, option = local_rank, f"--gpus {world}"
+        if cfg.rank_devices:
+            index, option = torch.device(cfg.rank_devices[local_rank]).index, f"--rank-devices {','.join(cfg.rank_devices)}"
+            if not use_cuda:
+                raise UsageError(f"{option}: places the ranks on GPUs, but this machine has none visible")
+        if use_cuda and index >= torch.cuda.device_count():
+            raise UsageError(f"{option}: rank {rank} needs CUDA device {index}, but only "
                              f"{torch.cuda.device_count()} are visible on this machine")
-        self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        self.device = torch.device("cuda", index) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels

@@ -1,0 +1,101 @@
+"""Data-parallel ranks (`--gpus N`, DistributedDataParallel) take the one-process model's steps.
+
+Each rank builds the network as `alexcli train` does (alexcli.train.loop: the same initial weights on
+every rank, wrapped in DDP when there are several) and steps on its half of each batch; after every
+step the weights must equal those of one process stepping on the whole batch. On the CPU the ranks
+talk over gloo; with `--rank-devices cuda:0,cuda:0` two ranks share one GPU, over gloo too (NCCL
+refuses two ranks on one device): what a one-GPU machine can check of the multi-GPU CUDA code.
+Double precision, so that no ReLU or max-pool choice flips between the two ways of summing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from alexcli.model.registry import make_arch
+from alexcli.train.config import TrainConfig
+from alexcli.train.step import TrainStep
+
+WORLD, BATCH, STEPS = 2, 8, 4
+ARCH = make_arch("alexnet", init="kaiming", width=0.125, crop=64, dropout=0.0, num_classes=10)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+def _config(device: str, world: int) -> TrainConfig:
+    shared = ("cuda:0",) * world if device == "cuda" and world > 1 else ()
+    return TrainConfig(data="unused", out="unused", gpus=world, device=device, rank_devices=shared, lr=0.01)
+
+
+def _batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(k)
+    return torch.rand(BATCH, 3, 64, 64, generator=g, dtype=torch.float64), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def _steps(rank: int, world: int, device: str) -> list[dict]:
+    """The weights after each step, taken as rank RANK of WORLD on its share of every batch."""
+    from alexcli.train import loop
+
+    torch.set_default_dtype(torch.float64)
+    cfg = _config(device, world)
+    r = loop.Rank(rank, world, rank, cfg)
+    net, runner, opt, _, _ = loop._build(cfg, ARCH, r, 0)
+    if world > 1:
+        assert type(runner).__name__ == "DistributedDataParallel"
+    step = TrainStep(runner, opt)
+    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    after = []
+    for k in range(STEPS):
+        x, y = _batch(k)
+        step.update(x[share].to(r.device), y[share].to(r.device))
+        after.append({n: t.detach().cpu().clone() for n, t in net.state_dict().items()})
+    return after
+
+
+def _rank_main(rank: int, port: int, device: str, path: str) -> None:
+    import torch.distributed as dist
+
+    from alexcli.train import launch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = _config(device, WORLD)
+    launch._init_dist(rank, WORLD, cfg)
+    try:
+        assert dist.get_backend() == "gloo"
+        after = _steps(rank, WORLD, device)
+        torch.save(after, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_sharing_one_gpu_talk_over_gloo():
+    from alexcli.train.launch import dist_backend
+
+    assert dist_backend(_config("cuda", 2)) == "gloo"
+    assert dist_backend(_config("cpu", 2)) == "gloo"
+    distinct = TrainConfig(data="d", out="o", gpus=2, device="cuda", rank_devices=("cuda:0", "cuda:1"))
+    assert dist_backend(distinct) == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_take_the_one_process_steps(device, tmp_path):
+    from alexcli.train.launch import _free_port
+
+    path = str(tmp_path / "after")
+    mp.start_processes(_rank_main, args=(_free_port(), device, path), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(f"{path}.{k}") for k in range(WORLD)]
+    saved = torch.get_default_dtype()
+    try:
+        alone = _steps(0, 1, device)
+    finally:
+        torch.set_default_dtype(saved)
+    for k in range(STEPS):
+        for name, ref in alone[k].items():
+            for rank, theirs in enumerate(ranks):
+                torch.testing.assert_close(theirs[k][name], ref, rtol=1e-9, atol=1e-12,
+                                           msg=f"step {k + 1}: {name} of rank {rank}")
+    first = next(iter(alone[-1]))
+    assert not torch.equal(alone[-1][first], alone[0][first]), "the weights did not move"
