@@ -64,10 +64,12 @@ class Parallel(Choice):
 
 
 class Decode(Choice):
-    """Where training JPEGs are decoded: cpu (pillow-simd in the loader processes) or device (nvJPEG)."""
+    """Where training JPEGs are decoded: cpu (pillow-simd in the loader processes), device (nvJPEG),
+    or mixed: the first --decode-share of every batch on the device, the rest in the loader."""
 
     cpu = "cpu"
     device = "device"
+    mixed = "mixed"
 
 
 class Split(Choice):

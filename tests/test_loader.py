@@ -149,6 +149,31 @@ def test_decode_on_the_device_gives_the_loaders_pixels(train_data):
         assert (got.int() - a.int()).abs().max() <= 2  # both libjpeg-turbo here; nvJPEG may differ slightly
 
 
+def test_mixed_decode_packs_the_first_share_of_every_batch(train_data):
+    """--decode mixed: the first round(share x B) images of each batch go packed (decoded where
+    training runs), the rest decoded in the loader; images_on() puts them back in the batch's order."""
+    split = dataset.open_split(train_data, "val")
+    cpu = list(stream.batches(split, 5, train=False, workers=0))
+    mixed = list(stream.batches(split, 5, train=False, workers=1, decode="mixed", share=0.4))
+    assert [len(y) for _, y in cpu] == [len(y) for _, y in mixed] and len(cpu) > 1
+    for (a, ya), (b, yb) in zip(cpu, mixed):
+        k = stream.device_count(len(yb), 0.4)
+        assert torch.equal(ya, yb)
+        if k == 0:  # a short last batch of 1: nothing to pack
+            assert torch.equal(b, a)
+            continue
+        data, offsets, rest = b
+        assert len(offsets) == k + 1 and torch.equal(rest, a[k:])  # the loader's part: PIL's pixels exactly
+        got = stream.images_on(b, "cpu")
+        assert got.shape == a.shape and torch.equal(got[k:], a[k:])
+        assert (got[:k].int() - a[:k].int()).abs().max() <= 2  # the device's decoder: libjpeg-turbo here
+
+
+@pytest.mark.parametrize("batch,share,expected", [(128, 0.5, 64), (5, 0.4, 2), (1, 0.3, 0), (1, 0.7, 1), (3, 0.99, 3)])
+def test_the_mixed_split_is_a_fixed_count_per_batch(batch, share, expected):
+    assert stream.device_count(batch, share) == expected
+
+
 def test_the_device_decode_waits_for_the_stream_first(monkeypatch):
     """nvJPEG's batched decode ignores stream order (pytorch/vision PR 9606): images_on drains the
     caller's stream before every GPU decode. Checked here on the CPU by recording the calls."""

@@ -251,6 +251,23 @@ def test_checkpoint_names_a_missing_plugin_package(run3, tmp_path, monkeypatch):
         load_model(path)
 
 
+def test_mixed_decode_trains_on_the_batches_the_loader_gives(train_data, tmp_path):
+    """--decode mixed: half of every batch decoded by the trainer (torchvision's libjpeg-turbo on the
+    CPU, nvJPEG on a GPU), half in the loader; the run records it and trains as the plain run does
+    (the two decoders differ by at most 2 levels here, so the losses agree closely)."""
+    runs = {}
+    for how in ("cpu", "mixed"):
+        out = tmp_path / how
+        r = train(train_data, out, "--epochs", "1", "--decode", how, "--loader-workers", "1", "--json",
+                  *(["--decode-share", "0.5"] if how == "mixed" else []))
+        assert r.returncode == 0, r.stderr
+        runs[how] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    from alexcli.checkpoint import read_meta
+
+    assert read_meta(tmp_path / "mixed" / "ckpt-e001.safetensors")["config"]["decode"] == "mixed"
+    assert runs["mixed"]["train_loss"] == pytest.approx(runs["cpu"]["train_loss"], rel=1e-3)
+
+
 def test_two_process_data_parallel_on_cpu(train_data, tmp_path):
     out = tmp_path / "ddp"
     r = train(train_data, out, "--epochs", "2", "--gpus", "2", "--device", "cpu", "--json")
@@ -369,6 +386,8 @@ def test_plugins_work_in_train(train_data, tmp_path):
     (["--gpus", "2", "--batch", "8", "--rank-devices", "cpu,cpu"], "--rank-devices cpu,cpu: expected one CUDA device"),
     (["--gpus", "2", "--batch", "8", "--rank-devices", "cuda:0,cuda:0", "--device", "cpu"],
      "error: --rank-devices cuda:0,cuda:0: places the ranks on GPUs, but --device is cpu"),
+    (["--decode-share", "0.3"], "error: --decode-share 0.3: it splits the batches of --decode mixed; add that"),
+    (["--decode", "mixed", "--decode-share", "1"], "error: --decode-share must be between 0 and 1"),
     (["--schedule", "steps", "--lr-steps", "1,"],
      "error: --lr-steps '1,': an empty entry between commas; expected epochs like 30,60,80"),
     (["--schedule", "steps", "--lr-steps", "x"], "error: --lr-steps 'x': expected epochs like 30,60,80"),

@@ -86,7 +86,13 @@ def train_command(
     decode: Decode = typer.Option(C.decode, help="Where training JPEGs are decoded: cpu (pillow-simd in the loader "
                                                  "processes, the pixels prepare's statistics used) or device (nvJPEG "
                                                  "on the GPU; the loader only reads, for machines with few or slow "
-                                                 "cores)."),
+                                                 "cores) or mixed (the first --decode-share of every batch on the "
+                                                 "GPU, the rest in the loader)."),
+    decode_share: Optional[float] = typer.Option(None, "--decode-share", show_default=False,
+                                                 help=f"With --decode mixed: the part of every batch decoded on the "
+                                                      f"GPU, its first round(share x batch) images (default "
+                                                      f"{C.decode_share}; benchmarks/decode.py suggests one for a "
+                                                      f"machine)."),
     keep: int = typer.Option(C.keep, min=0, help="Epoch checkpoints to keep besides the best."),
     steps_per_epoch: int = typer.Option(C.steps_per_epoch, min=0, help="Cap on steps per epoch (0: one pass over "
                                                                        "the training set)."),
@@ -137,6 +143,8 @@ def train_command(
     from alexcli.errors import UsageError
     from alexcli.transforms import parse as parse_augment
 
+    if decode_share is not None and decode != Decode.mixed and not resume:
+        raise UsageError(f"--decode-share {decode_share}: it splits the batches of --decode mixed; add that")
     steps_like = "epochs like 30,60,80"
     try:
         steps = tuple(int(s) for s in comma_list(lr_steps, "--lr-steps", steps_like))
@@ -151,6 +159,7 @@ def train_command(
             column_devices=tuple(comma_list(column_devices, "--column-devices", "two devices like cuda:0,cuda:1")),
             rank_devices=tuple(comma_list(rank_devices, "--rank-devices", "one device per rank like cuda:0,cuda:1")),
             loader_workers=loader_workers, keep=keep, steps_per_epoch=steps_per_epoch, decode=decode,
+            decode_share=C.decode_share if decode_share is None else decode_share,
             save_every=save_every, verify=not no_verify, chance_steps=chance_steps, tensorboard=tensorboard)
     arch, init_from = _arch(arch_name, init, crop=crop, width=width, groups=groups, dropout=dropout,
                             input_scale=input_scale, conv6=conv6, layer=layer)

@@ -95,21 +95,33 @@ def pack(jpgs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8), offsets
 
 
+def device_count(batch: int, share: float) -> int:
+    """How many of a BATCH-image batch `--decode mixed` decodes on the device: the first
+    round(share x batch), by position in the batch (the stream's seeded order). A fixed rule, not
+    one that follows the timing, so a run reads the same pixels every time on the same hardware."""
+    return min(batch, max(0, round(share * batch)))
+
+
 def images_on(images, device, non_blocking: bool = True) -> torch.Tensor:
     """uint8 (B, 3, H, W) images on DEVICE, from a decoded batch or from pack()ed JPEGs, which are
     decoded there: with nvJPEG on a GPU (torchvision.io.decode_jpeg), so the loader's processes
-    only read and shuffle. nvJPEG's pixels are not PIL's (which prepare's statistics used): on 128
-    ImageNet photos 34% of the values differ, by 0.84 levels on average and up to 77 (chroma
-    upsampling; docs/design.md)."""
+    only read and shuffle. A mixed batch (data, offsets, decoded) is the packed JPEGs of its first
+    images followed by the rest, decoded in the loader. nvJPEG's pixels are not PIL's (which
+    prepare's statistics used): on 128 ImageNet photos 34% of the values differ, by 0.84 levels on
+    average and up to 77 (chroma upsampling; docs/design.md)."""
     if not isinstance(images, (tuple, list)):
         return images.to(device, non_blocking=non_blocking)
+    data, offsets, *rest = images
+    first = _decode_packed(data, offsets, torch.device(device))
+    return torch.cat([first, rest[0].to(device, non_blocking=non_blocking)]) if rest else first
+
+
+def _decode_packed(data: torch.Tensor, offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
     import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data, offsets = images
     parts = [data[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
-    device = torch.device(device)
     if device.type == "cuda":
         # nvJPEG's batched hardware decode does not wait for the work queued on the stream it is
         # given: it can write its output into memory the caching allocator has just handed back
@@ -144,10 +156,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split: Split, batch: int, *, train: bool, rank: int = 0, world: int = 1,
                  seed: int = 0, epoch: int = 0, buffer: int = SHUFFLE_BUFFER, decode: str = "cpu",
-                 keyed: bool = False, skip: int = 0):
+                 share: float = 0.5, keyed: bool = False, skip: int = 0):
         if keyed and train:
             raise ValueError("keyed batches are for evaluation (train=False)")
         self.split, self.batch, self.train, self.decode, self.keyed = split, batch, train, decode, keyed
+        self.share = share  # decode="mixed": the part of each batch decoded on the device
         self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
         self.skip = skip  # batches of this rank already trained on (a run resumed mid-epoch)
 
@@ -178,11 +191,17 @@ class ShardStream(IterableDataset):
 
     def _batch(self, buf: list):
         jpgs = [s.jpg for _, _, s in buf]
-        if self.decode == "cpu":
-            sources = [f"{self.split.path(self.split.shards[i])}: sample {s.key}" for i, _, s in buf]
-            images = decode_batch(jpgs, sources, self.split.size)
-        else:
+        # the first ON_DEVICE images go packed, to be decoded where training runs (images_on)
+        on_device = {"cpu": 0, "device": len(buf)}.get(self.decode, None)
+        if on_device is None:
+            on_device = device_count(len(buf), self.share)
+        if on_device == len(buf):
             images = pack(jpgs)
+        else:
+            sources = [f"{self.split.path(self.split.shards[i])}: sample {s.key}" for i, _, s in buf[on_device:]]
+            images = decode_batch(jpgs[on_device:], sources, self.split.size)
+            if on_device:
+                images = (*pack(jpgs[:on_device]), images)
         labels = torch.tensor([s.label for _, _, s in buf])
         if labels.min() < 0 or labels.max() >= len(self.split.classes):
             i, _, bad = next(b for b in buf if not 0 <= b[2].label < len(self.split.classes))
@@ -259,14 +278,15 @@ def loader_workers(split: Split, world: int, device_type: str, requested: int = 
 
 def batches(split: Split, batch: int, *, train: bool, workers: int, rank: int = 0, world: int = 1,
             seed: int = 0, epoch: int = 0, pin: bool = False, limit: int | None = None,
-            decode: str = "cpu", keyed: bool = False, skip: int = 0) -> Iterator:
+            decode: str = "cpu", share: float = 0.5, keyed: bool = False, skip: int = 0) -> Iterator:
     """Iterate a split's batches; with train=True exactly LIMIT of them (steps_per_epoch), after
     SKIP batches already trained on. decode="device" yields pack()ed JPEGs for images_on() to decode
-    on the training device."""
+    on the training device; decode="mixed" packs the first SHARE of each batch (`device_count`) and
+    decodes the rest."""
     if train:
         check_slots(split, world, workers)
     stream = ShardStream(split, batch, train=train, rank=rank, world=world, seed=seed, epoch=epoch, decode=decode,
-                         keyed=keyed, skip=skip)
+                         share=share, keyed=keyed, skip=skip)
     # The loader's own generator: otherwise starting it draws from torch's global generator, which
     # dropout uses, so a run resumed mid-epoch (which starts the loader later) would drift. The
     # stream's randomness comes from its (seed, epoch, slot) alone.

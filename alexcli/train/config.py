@@ -70,7 +70,8 @@ class TrainConfig:
     keep: int = 3                            # epoch checkpoints kept besides the best
     steps_per_epoch: int = 0                 # 0: one pass over the training set; >0 caps it (benchmarks, demo)
     init_from: str = ""                      # a checkpoint to fine-tune from (train --init CKPT)
-    decode: Decode = Decode.cpu              # cpu: PIL in the loader processes; device: nvJPEG on the GPU
+    decode: Decode = Decode.cpu              # cpu: PIL in the loader processes; device: nvJPEG on the GPU; mixed: both
+    decode_share: float = 0.5                # --decode mixed: the share of each batch decoded on the device (its first images)
     save_every: int = SAVE_EVERY             # steps between mid-epoch snapshots (0: at epoch ends only)
     verify: bool = True                      # check each shard's sha256 once before its first use
     chance_steps: int = CHANCE_STEPS         # steps after which a run whose loss is still ln(classes) is told so (0: never)
@@ -112,6 +113,9 @@ class TrainConfig:
             if len(self.column_devices) != 2 or not all(_DEVICE_NAME.fullmatch(d) for d in self.column_devices):
                 raise UsageError(f"--column-devices {given}: expected two devices like cuda:0,cuda:1 (or cuda:0,cuda:0 "
                                  "to run both columns on one GPU)")
+        if not (math.isfinite(self.decode_share) and 0 < self.decode_share < 1):
+            raise UsageError(f"--decode-share must be between 0 and 1 (the part of each batch decoded on the device), "
+                             f"not {self.decode_share}")
         if self.rank_devices:
             given = ",".join(self.rank_devices)
             if len(self.rank_devices) != self.gpus or not all(_CUDA_NAME.fullmatch(d) for d in self.rank_devices):

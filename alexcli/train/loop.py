@@ -245,7 +245,7 @@ def run_rank(rank: int, world: int, local_rank: int, cfg: TrainConfig, arch: Arc
 
         batches = stream.batches(train_split, cfg.batch // world, train=True, workers=workers, rank=rank, world=world,
                                  seed=cfg.seed, epoch=epoch, pin=r.device.type == "cuda", limit=steps - skip,
-                                 decode=cfg.decode, skip=skip)
+                                 decode=cfg.decode, share=cfg.decode_share, skip=skip)
         loss_sum, wrong, seen = train_epoch(step, batches, gen, r.device, steps=steps, logged=logged,
                                             start=tuple(resumed.tally) if resumed else None, after_step=after_step)
         train_seconds = time.perf_counter() - t0
