@@ -25,11 +25,19 @@ and our training step against torchvision's alexnet, in one process on one machi
   ours fp32, TF32 off   the same with TF32 off for convolutions and matmuls (CUDA only): strict fp32
   torchvision fp32      torchvision.models.alexnet(num_classes=1000), eager, torch.optim.SGD
   ours bf16+CL          ours with bf16 autocast and channels-last
+  ours bf16+CL, columns as separate convs   the same network as two columns of ungrouped
+                        convolutions on one device (alexcli.model.columns.ColumnAlexNet, as
+                        `--parallel columns --column-devices cuda:0,cuda:0`): what cuDNN's grouped
+                        convolutions cost
   ours bf16+CL+compile  the same through torch.compile (--compile)
+  ours bf16+CL+compile(CUDA graphs)   torch.compile(mode="reduce-overhead") (--cudagraphs): the
+                        forward and backward replayed as CUDA graphs; "+SGD compiled": PaperSGD's
+                        step through torch.compile as well
   torchvision bf16+CL, torchvision bf16+CL+compile   torchvision's under the same settings
   ... from the loader   shards -> loader with --workers processes (pinned memory) -> device
                         (non_blocking) -> TrainStep.inputs (to_float + augmentation) -> the fastest
-                        step above,
+                        of ours' bf16 steps above, once per --decode (cpu: PIL in the workers;
+                        device: nvJPEG; mixed:F: the first F of each batch by nvJPEG, the rest by PIL),
   ... batch on device   against the same step (to_float + augmentation included) on a uint8 batch
                         already on the device. Target: from the loader >= 85% of on device.
 
@@ -435,16 +443,29 @@ def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> 
     return n, took, float(loss) if loss is not None else math.nan
 
 
+def graph_steps(step):
+    """STEP for a model compiled with CUDA graphs (mode="reduce-overhead"): each call marks a new
+    iteration, so the graphs' output buffers of the step before may be reused."""
+    def marked(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(x, y).clone()
+    marked.train_step = step.train_step
+    return marked
+
+
 def repeat_batch(x: torch.Tensor, y: torch.Tensor):
     """The same batch forever; an iterator without close(), so every configuration can share it."""
     return itertools.repeat((x, y))
 
 
-def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int, seed: int, decode: str = "cpu"):
+def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int, seed: int, decode: str = "cpu",
+               share: float = 0.5):
     """The trainer's input path: loader (pinned memory on CUDA) -> device without blocking the host
-    (with decode="device" the JPEGs are decoded there, as `train --decode device` does)."""
+    (with decode="device" the JPEGs are decoded there, as `train --decode device` does; "mixed": the
+    first SHARE of each batch)."""
     cuda = device.type == "cuda"
-    it = stream.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit, decode=decode)
+    it = stream.batches(split, batch, train=True, workers=workers, seed=seed, pin=cuda, limit=limit, decode=decode,
+                        share=share)
     try:
         for images, labels in it:
             yield stream.images_on(images, device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
@@ -455,8 +476,9 @@ def loader_fed(split, batch: int, workers: int, device: torch.device, limit: int
 class Config:
     """One measured configuration: its step function and its timed runs."""
 
-    def __init__(self, name: str, model, opt, step, warmup: int):
+    def __init__(self, name: str, model, opt, step, warmup: int, graphs: bool = False):
         self.name, self.model, self.opt, self.step, self.warmup = name, model, opt, step, warmup
+        self.graphs = graphs  # compiled with CUDA graphs: its steps go through graph_steps
         self.runs: list[tuple[int, float, float]] = []
         self.error: str | None = None
 
@@ -532,33 +554,54 @@ def step_bench(args, device: torch.device, split, batch: int, loader: bool = Tru
     tv, tv_opt = build_torchvision(device)
     configs.append(Config("torchvision fp32", tv, tv_opt,
                           make_step(tv, tv_opt, amp=False, channels_last=False, device=device), warmup))
-    fastest = bf16 = None
     if cuda:
         model, opt = build_ours(device)
         configs.append(Config(STRICT, model, opt, without_tf32(
             make_step(model, opt, amp=False, channels_last=False, device=device)), warmup))
     if full:
         model, opt = build_ours(device, channels_last=True)
-        fastest = bf16 = Config("ours bf16+CL", model, opt,
-                                make_step(model, opt, amp=True, channels_last=True, device=device), warmup)
-        configs.append(bf16)
+        configs.append(Config("ours bf16+CL", model, opt,
+                              make_step(model, opt, amp=True, channels_last=True, device=device), warmup))
+        # the two columns as separate convolutions (groups=1 each, half the maps) instead of cuDNN's
+        # grouped ones: ColumnAlexNet with both columns on this device, as --column-devices cuda:0,cuda:0
+        from alexcli.model.columns import ColumnAlexNet
+
+        model, _ = build_ours(device)
+        cols = ColumnAlexNet(model, [device, device]).to(memory_format=torch.channels_last)
+        cols_opt = PaperSGD(cols.parameters(), lr=LR)
+        configs.append(Config("ours bf16+CL, columns as separate convs", cols, cols_opt,
+                              make_step(cols, cols_opt, amp=True, channels_last=True, device=device), warmup))
         tv_cl = build_torchvision(device, channels_last=True)
         configs.append(Config("torchvision bf16+CL", *tv_cl,
                               make_step(*tv_cl, amp=True, channels_last=True, device=device), warmup))
         if args.compile:
             model, opt = build_ours(device, channels_last=True)
             runner = torch.compile(model)
-            fastest = Config("ours bf16+CL+compile", runner, opt,
-                             make_step(runner, opt, amp=True, channels_last=True, device=device),
-                             max(warmup, 3))  # the first steps compile (forward and backward)
-            configs.append(fastest)
+            configs.append(Config("ours bf16+CL+compile", runner, opt,
+                                  make_step(runner, opt, amp=True, channels_last=True, device=device),
+                                  max(warmup, 3)))  # the first steps compile (forward and backward)
+        if args.cudagraphs:
+            # CUDA graphs: the forward and backward replayed as two graphs, without a launch per kernel
+            model, opt = build_ours(device, channels_last=True)
+            runner = torch.compile(model, mode="reduce-overhead")
+            configs.append(Config("ours bf16+CL+compile(CUDA graphs)", runner, opt,
+                                  graph_steps(make_step(runner, opt, amp=True, channels_last=True, device=device)),
+                                  max(warmup, 5), graphs=True))
+            # and the SGD update compiled too: PaperSGD's four foreach ops fused into a few kernels
+            model, opt = build_ours(device, channels_last=True)
+            runner = torch.compile(model, mode="reduce-overhead")
+            opt.step = torch.compile(opt.step)
+            configs.append(Config("ours bf16+CL+compile(CUDA graphs)+SGD compiled", runner, opt,
+                                  graph_steps(make_step(runner, opt, amp=True, channels_last=True, device=device)),
+                                  max(warmup, 5), graphs=True))
+        if args.compile:
             tv_model, tv_opt2 = build_torchvision(device, channels_last=True)
             tv_runner = torch.compile(tv_model)
             configs.append(Config("torchvision bf16+CL+compile", tv_runner, tv_opt2,
                                   make_step(tv_runner, tv_opt2, amp=True, channels_last=True, device=device),
                                   max(warmup, 3)))
-    elif args.compile:
-        say("  (--compile applies to the bf16 configuration, which runs on CUDA or with --all)")
+    elif args.compile or args.cudagraphs:
+        say("  (--compile and --cudagraphs apply to the bf16 configuration, which runs on CUDA or with --all)")
     for r in range(repeat):
         for c in configs:
             if c.error:
@@ -568,11 +611,11 @@ def step_bench(args, device: torch.device, split, batch: int, loader: bool = Tru
             except Exception as exc:  # noqa: BLE001 -- e.g. torch.compile failing: report it and go on
                 c.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
                 say(f"  {c.name}: FAILED: {c.error}")
-                if fastest is c:
-                    fastest = bf16 if bf16 is not c else None
         say(f"  round {r + 1}/{repeat}: " + ", ".join(f"{c.name} {c.last():,.0f}/s" for c in configs
                                                       if c.runs and not c.error))
     ok = [c for c in configs if c.runs and not c.error]
+    mine = [c for c in ok if c.name.startswith("ours bf16+CL")]
+    fastest = max(mine, key=lambda c: c.rate) if mine else None  # what the loader-fed step runs
     result = {"device": str(device), "batch": batch, "steps": steps, "warmup": warmup, "rounds": repeat,
               "images_per_s": {c.name: c.rate for c in ok},
               "errors": {c.name: c.error for c in configs if c.error}}
@@ -595,12 +638,13 @@ def step_bench(args, device: torch.device, split, batch: int, loader: bool = Tru
     base = result["images_per_s"].get("ours fp32", math.nan)
     say(f"\n  FLOPs of one image's forward + backward: ours {flops['ours'] / 1e9:.2f} G, torchvision "
         f"{flops['torchvision'] / 1e9:.2f} G" + (f"; bf16 peak of this GPU {peak:g} TFLOP/s" if peak else ""))
-    say(f"\n  {'configuration':<44} {'images/s':>10} {'ms/step':>9} {'x ours fp32':>12} {'TFLOP/s':>8}"
+    w = max(44, *(len(name) for name, _ in rows))
+    say(f"\n  {'configuration':<{w}} {'images/s':>10} {'ms/step':>9} {'x ours fp32':>12} {'TFLOP/s':>8}"
         + (f" {'of peak':>8}" if peak else ""))
     for name, rate in rows:
         tflops = rate * flops["torchvision" if name.startswith("torchvision") else "ours"] / 1e12
         result["tflops"][name] = tflops
-        say(f"  {name:<44} {rate:>10,.1f} {batch / rate * 1e3:>9.1f} {rate / base:>12.2f} {tflops:>8.2f}"
+        say(f"  {name:<{w}} {rate:>10,.1f} {batch / rate * 1e3:>9.1f} {rate / base:>12.2f} {tflops:>8.2f}"
             + (f" {tflops / peak:>8.1%}" if peak else ""))
     tv_rate = result["images_per_s"].get("torchvision fp32")
     if tv_rate:
@@ -632,13 +676,15 @@ def step_bench(args, device: torch.device, split, batch: int, loader: bool = Tru
             f"{'met' if best >= target else 'NOT met'})")
     if "loader_fed" in result:
         lf = result["loader_fed"]
-        say(f"  from the loader / batch on device = {lf['ratio']:.2f} (target >= {lf['target']:.2f} on a GPU: "
-            f"{'met' if lf['met'] else 'NOT met'})")
+        for name, row in lf["by_decode"].items():
+            say(f"  from the loader ({name}) / batch on device = {row['ratio']:.2f} (target >= {lf['target']:.2f} "
+                f"on a GPU: {'met' if row['met'] else 'NOT met'})")
     return result
 
 
 def loader_fed_bench(args, device: torch.device, split, fastest: Config, batch: int, result: dict) -> list:
-    """The fastest step fed by the real loader against the same step on a batch already on the device."""
+    """The fastest step fed by the real loader, once for each --decode, against the same step on a
+    batch already on the device."""
     cuda = device.type == "cuda"
     steps, repeat = args.steps, args.step_repeat
     workers = min(args.workers, len(split.shards))
@@ -646,30 +692,58 @@ def loader_fed_bench(args, device: torch.device, split, fastest: Config, batch: 
         say(f"  NOTE: {len(split.shards)} shards feed at most {workers} loader workers (--workers {args.workers})")
     pipeline = augment_pipeline(split.folder, device)
     step = make_step(fastest.model, fastest.opt, amp=True, channels_last=True, device=device, pipeline=pipeline)
+    if fastest.graphs:
+        step = graph_steps(step)
     first = stream.batches(split, batch, train=True, workers=0, limit=1)
     images, labels = next(first)
     first.close()
     resident = repeat_batch(images.to(device), labels.to(device))
     warm = max(args.warmup, 10 if cuda else 1)
     say(f"\n  {fastest.name} with to_float + {AUGMENT} on the device, fed by the loader ({workers} workers"
-        f"{', pinned memory, non_blocking copies' if cuda else ''}) or on one uint8 batch already on the device; "
-        f"{steps} steps after {warm}, {repeat} rounds:")
+        f"{', pinned memory, non_blocking copies' if cuda else ''}; decoding: {', '.join(map(decode_name, args.decode))})"
+        f" or on one uint8 batch already on the device; {steps} steps after {warm}, {repeat} rounds:")
     on_device = Config(f"{fastest.name}, batch on device", None, None, step, warm)
-    fed = Config(f"{fastest.name}, from the loader" + (" (decode on device)" if args.decode == "device" else ""),
-                 None, None, step, warm)
+    fed = [Config(f"{fastest.name}, from the loader ({decode_name(d)})", None, None, step, warm) for d in args.decode]
     for r in range(repeat):
         on_device.runs.append(time_steps(step, resident, warm, steps, device))
-        t0 = time.perf_counter()
-        fed.runs.append(time_steps(step, loader_fed(split, batch, workers, device, warm + steps, seed=r,
-                                                    decode=args.decode), warm, steps, device))
-        say(f"  round {r + 1}/{repeat}: on device {on_device.last():,.1f}/s, from the loader {fed.last():,.1f}/s "
-            f"(the loader's whole call, worker start and warm-up included: {time.perf_counter() - t0:.1f} s)")
-    ratio = fed.rate / on_device.rate
+        for (mode, share), c in zip(args.decode, fed):
+            t0 = time.perf_counter()
+            c.runs.append(time_steps(step, loader_fed(split, batch, workers, device, warm + steps, seed=r,
+                                                      decode=mode, share=share), warm, steps, device))
+            say(f"  round {r + 1}/{repeat}: on device {on_device.last():,.1f}/s, from the loader "
+                f"({decode_name((mode, share))}) {c.last():,.1f}/s (the loader's whole call, worker start and "
+                f"warm-up included: {time.perf_counter() - t0:.1f} s)")
     target = TARGETS["loader_fed_vs_on_device"]
-    result["loader_fed"] = {"workers": workers, "config": fastest.name, "warmup": warm, "decode": args.decode,
-                            "images_per_s": {"on_device": on_device.rate, "from_loader": fed.rate},
-                            "ratio": ratio, "target": target, "met": ratio >= target}
-    return [(on_device.name, on_device.rate), (fed.name, fed.rate)]
+    by_decode = {decode_name(d): {"images_per_s": c.rate, "ratio": c.rate / on_device.rate,
+                                  "met": c.rate / on_device.rate >= target} for d, c in zip(args.decode, fed)}
+    best = max(by_decode, key=lambda k: by_decode[k]["ratio"])
+    result["loader_fed"] = {"workers": workers, "config": fastest.name, "warmup": warm, "decode": best,
+                            "images_per_s": {"on_device": on_device.rate, "from_loader": by_decode[best]["images_per_s"]},
+                            "ratio": by_decode[best]["ratio"], "target": target, "met": by_decode[best]["met"],
+                            "by_decode": by_decode}
+    return [(on_device.name, on_device.rate)] + [(c.name, c.rate) for c in fed]
+
+
+def decode_name(decode: tuple[str, float]) -> str:
+    mode, share = decode
+    return {"cpu": "PIL in the workers", "device": "decoded on the device"}.get(
+        mode, f"mixed: {share:g} of each batch on the device")
+
+
+def _decodes(text: str) -> list[tuple[str, float]]:
+    """--decode: cpu, device or mixed:SHARE (mixed alone: 0.5), several separated by commas."""
+    out = []
+    for part in text.split(","):
+        mode, _, share = part.strip().partition(":")
+        try:
+            value = float(share) if share else 0.5
+        except ValueError:
+            value = math.nan
+        if mode not in ("cpu", "device", "mixed") or (share and mode != "mixed") or not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"expected cpu, device or mixed:SHARE (0 < SHARE < 1), separated by "
+                                             f"commas, not {part!r}")
+        out.append((mode, value))
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -701,10 +775,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads for the training step on the CPU [default: 1, a "
                                                "per-core figure like part 1, steadier on a shared machine]")
     p.add_argument("--compile", action="store_true", help="also time ours bf16+CL through torch.compile")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="also time ours bf16+CL through torch.compile(mode='reduce-overhead') (CUDA graphs), "
+                        "with and without the SGD step compiled")
     p.add_argument("--all", action="store_true", help="run the CUDA-only measurements on the CPU too (slow)")
-    p.add_argument("--decode", choices=["cpu", "device"], default="cpu",
-                   help="where the loader-fed step decodes JPEGs: cpu (PIL in the loader processes) or device "
-                        "(nvJPEG on the GPU), as `alexcli train --decode`")
+    p.add_argument("--decode", type=_decodes, default=[("cpu", 0.5)],
+                   help="where the loader-fed step decodes JPEGs: cpu (PIL in the loader processes), device "
+                        "(nvJPEG on the GPU) or mixed:SHARE (the first SHARE of each batch on the GPU), as "
+                        "`alexcli train --decode` and --decode-share; several separated by commas, each timed "
+                        "[default: cpu]")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.backends.cudnn.benchmark, on by default as the trainer sets it on CUDA")
     p.add_argument("--source", type=Path, help="the source photos: DIR/train/<class>/<image>, or an archive of such "
@@ -714,6 +793,8 @@ def parse_args(argv=None):
                    help="time each step of both pipelines on its own [default: on]")
     p.add_argument("--skip-loader", action="store_true", help="skip 1., the input pipeline comparison")
     p.add_argument("--skip-step", action="store_true", help="skip 2., the training step")
+    p.add_argument("--loader-fed", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the loader-fed step after the step configurations (CUDA or --all) [default: on]")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the text goes to stderr)")
     args = p.parse_args(argv)
     for name in ("batch", "loader_batch", "images", "repeat", "steps", "step_repeat", "threads"):
@@ -766,7 +847,8 @@ def main(argv=None) -> dict:
             result["loader"] = loader_bench(args, src, split)
             torch.set_num_threads(threads)
         if not args.skip_step:
-            by_batch = {b: step_bench(args, device, split, b, loader=k == 0) for k, b in enumerate(args.batch)}
+            by_batch = {b: step_bench(args, device, split, b, loader=args.loader_fed and k == 0)
+                        for k, b in enumerate(args.batch)}
             result["step"] = by_batch[args.batch[0]]
             if len(by_batch) > 1:
                 result["step_by_batch"] = by_batch
