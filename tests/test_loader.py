@@ -162,8 +162,7 @@ def test_mixed_decode_packs_the_first_share_of_every_batch(train_data):
         if k == 0:  # a short last batch of 1: nothing to pack
             assert torch.equal(b, a)
             continue
-        data, offsets, rest = b
-        assert len(offsets) == k + 1 and torch.equal(rest, a[k:])  # the loader's part: PIL's pixels exactly
+        assert len(b.offsets) == k + 1 and torch.equal(b.rest, a[k:])  # the loader's part: PIL's pixels exactly
         got = stream.images_on(b, "cpu")
         assert got.shape == a.shape and torch.equal(got[k:], a[k:])
         assert (got[:k].int() - a[:k].int()).abs().max() <= 2  # the device's decoder: libjpeg-turbo here
@@ -377,6 +376,37 @@ def test_undecodable_jpeg_names_its_shard_and_key(train_data, tmp_path):
     got = list(itertools.islice(stream.ShardStream(split, 4, train=True, buffer=1), 10))  # training, too
     assert isinstance(got[-1], stream._Failure)
     assert got[-1].message.startswith(f"{shard}: sample {key}: undecodable JPEG (")
+
+
+@pytest.mark.parametrize("decode", ["device", "mixed"])
+def test_an_image_decoded_on_the_device_is_named_when_it_fails(train_data, tmp_path, decode):
+    """--decode device or mixed: a JPEG that the device's decoder refuses (here torchvision's on the
+    CPU, nvJPEG on a GPU) is a DataError naming its shard and key, as with PIL in the loader; it was
+    `internal: RuntimeError: decode_jpeg, .../decode_jpeg.cpp:171, Not a JPEG file` (exit 1)."""
+    data = copy_data(train_data, tmp_path / "d")
+    shard = data / "val-000000.tar"
+    key, off, size = jpeg_members(shard)[0]  # the first of the first batch: packed in both modes
+    raw = bytearray(shard.read_bytes())
+    raw[off:off + size] = b"\0" * size
+    shard.write_bytes(bytes(raw))
+    split = dataset.open_split(data, "val", verify=False)
+    images, _ = next(iter(stream.batches(split, 4, train=False, workers=0, decode=decode, share=0.5)))
+    with pytest.raises(DataError) as err:
+        stream.images_on(images, "cpu")
+    assert str(err.value) == f"{shard}: sample {key}: undecodable JPEG on cpu (Not a JPEG file: starts with 0x00 0x00)"
+
+
+def test_an_image_of_another_size_decoded_on_the_device_is_named():
+    from PIL import Image
+
+    from alexcli.data.image import ImageParams, encode
+
+    jpgs = [encode(Image.new("RGB", (s, s), (200, 30, 90)), ImageParams(size=s)) for s in (16, 16, 24)]
+    stream.images_on(stream.pack(jpgs[:2], ["a", "b"], 16), "cpu")
+    with pytest.raises(DataError, match=r"^c: a 24x24 image, but the data set's are 16x16$"):
+        stream.images_on(stream.pack(jpgs, ["a", "b", "c"], 16), "cpu")
+    with pytest.raises(DataError, match=r"^a: a 16x16 image, but the data set's are 24x24$"):
+        stream.images_on(stream.pack(jpgs, ["a", "b", "c"], 24), "cpu")
 
 
 def test_default_loader_workers_share_one_machines_cores_among_its_own_ranks(monkeypatch):

@@ -89,10 +89,23 @@ def decode_batch(jpgs: list[bytes], sources: list[str] | None = None, size: int 
     return out.permute(0, 3, 1, 2)
 
 
-def pack(jpgs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of undecoded JPEGs as one uint8 tensor and the offsets of each (for --decode device)."""
+class Packed(NamedTuple):
+    """A batch decoded where training runs (--decode device, mixed; `images_on`): its first
+    len(offsets) - 1 images as JPEG bytes, then REST, the others already decoded in the loader."""
+
+    data: torch.Tensor            # the JPEGs' bytes, one after the other (uint8)
+    offsets: torch.Tensor         # (n + 1,) int64: where each starts, then the end
+    sources: list                 # each packed image's name for errors ("<shard>: sample <key>")
+    size: int | None = None       # the data set's image side, checked after decoding
+    rest: torch.Tensor | None = None
+
+
+def pack(jpgs: list[bytes], sources: list[str] | None = None, size: int | None = None,
+         rest: torch.Tensor | None = None) -> Packed:
+    """JPEGs as one uint8 tensor and their offsets, for `images_on` to decode on the device."""
     offsets = torch.tensor([0] + [len(j) for j in jpgs]).cumsum(0)
-    return torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8), offsets
+    names = sources if sources is not None else [f"image {i} of the batch" for i in range(len(jpgs))]
+    return Packed(torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8), offsets, names, size, rest)
 
 
 def device_count(batch: int, share: float) -> int:
@@ -103,25 +116,26 @@ def device_count(batch: int, share: float) -> int:
 
 
 def images_on(images, device, non_blocking: bool = True) -> torch.Tensor:
-    """uint8 (B, 3, H, W) images on DEVICE, from a decoded batch or from pack()ed JPEGs, which are
-    decoded there: with nvJPEG on a GPU (torchvision.io.decode_jpeg), so the loader's processes
-    only read and shuffle. A mixed batch (data, offsets, decoded) is the packed JPEGs of its first
-    images followed by the rest, decoded in the loader. nvJPEG's pixels are not PIL's (which
-    prepare's statistics used): on 128 ImageNet photos 34% of the values differ, by 0.84 levels on
-    average and up to 77 (chroma upsampling; docs/design.md)."""
-    if not isinstance(images, (tuple, list)):
+    """uint8 (B, 3, H, W) images on DEVICE, from a decoded batch or from a `Packed` one, whose JPEGs
+    are decoded there: with nvJPEG on a GPU (torchvision.io.decode_jpeg), so the loader's processes
+    only read and shuffle; a mixed batch's REST (decoded in the loader) follows them. nvJPEG's
+    pixels are not PIL's (which prepare's statistics used): on 128 ImageNet photos 34% of the values
+    differ, by 0.84 levels on average and up to 77 (chroma upsampling; docs/design.md). An image
+    that does not decode, or not to the data set's size, is a DataError naming it."""
+    if not isinstance(images, Packed):
         return images.to(device, non_blocking=non_blocking)
-    data, offsets, *rest = images
-    first = _decode_packed(data, offsets, torch.device(device))
-    return torch.cat([first, rest[0].to(device, non_blocking=non_blocking)]) if rest else first
+    first = _decode_packed(images, torch.device(device))
+    if images.rest is None:
+        return first
+    return torch.cat([first, images.rest.to(device, non_blocking=non_blocking)])
 
 
-def _decode_packed(data: torch.Tensor, offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _decode_packed(p: Packed, device: torch.device) -> torch.Tensor:
     import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    parts = [data[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+    parts = [p.data[int(a):int(b)] for a, b in zip(p.offsets[:-1], p.offsets[1:])]
     if device.type == "cuda":
         # nvJPEG's batched hardware decode does not wait for the work queued on the stream it is
         # given: it can write its output into memory the caching allocator has just handed back
@@ -131,7 +145,21 @@ def _decode_packed(data: torch.Tensor, offsets: torch.Tensor, device: torch.devi
         torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision 0.29 marks its image codecs deprecated
-        decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+        try:
+            decoded = decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # which one: each on its own, once (a batch that fails is rare)
+            for part, where in zip(parts, p.sources):
+                try:
+                    decode_jpeg(part, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError as exc:
+                    reason = (str(exc).strip().splitlines() or ["?"])[-1].split(", ")[-1]
+                    raise DataError(f"{where}: undecodable JPEG on {device} ({reason})") from None
+            raise
+    want = (3, p.size, p.size) if p.size else decoded[0].shape
+    for img, where in zip(decoded, p.sources):
+        if img.shape != want:
+            raise DataError(f"{where}: a {img.shape[2]}x{img.shape[1]} image, but the data set's are "
+                            f"{want[2]}x{want[1]}")
     return torch.stack(decoded)
 
 
@@ -195,13 +223,11 @@ class ShardStream(IterableDataset):
         on_device = {"cpu": 0, "device": len(buf)}.get(self.decode, None)
         if on_device is None:
             on_device = device_count(len(buf), self.share)
-        if on_device == len(buf):
-            images = pack(jpgs)
-        else:
-            sources = [f"{self.split.path(self.split.shards[i])}: sample {s.key}" for i, _, s in buf[on_device:]]
-            images = decode_batch(jpgs[on_device:], sources, self.split.size)
-            if on_device:
-                images = (*pack(jpgs[:on_device]), images)
+        sources = [f"{self.split.path(self.split.shards[i])}: sample {s.key}" for i, _, s in buf]
+        rest = None
+        if on_device < len(buf):
+            rest = decode_batch(jpgs[on_device:], sources[on_device:], self.split.size)
+        images = rest if not on_device else pack(jpgs[:on_device], sources[:on_device], self.split.size, rest)
         labels = torch.tensor([s.label for _, _, s in buf])
         if labels.min() < 0 or labels.max() >= len(self.split.classes):
             i, _, bad = next(b for b in buf if not 0 <= b[2].label < len(self.split.classes))
