@@ -99,3 +99,14 @@ def test_two_ranks_take_the_one_process_steps(device, tmp_path):
                                            msg=f"step {k + 1}: {name} of rank {rank}")
     first = next(iter(alone[-1]))
     assert not torch.equal(alone[-1][first], alone[0][first]), "the weights did not move"
+
+
+def test_a_local_rank_beyond_rank_devices_is_refused_in_one_line():
+    """Under torchrun more ranks can start on a machine than --rank-devices names: a usage error,
+    not an IndexError."""
+    from alexcli.errors import UsageError
+    from alexcli.train import loop
+
+    cfg = TrainConfig(data="d", out="o", gpus=2, device="auto", rank_devices=("cuda:0", "cuda:0"))
+    with pytest.raises(UsageError, match=r"^--rank-devices cuda:0,cuda:0: names 2 device\(s\), but this is local rank 2$"):
+        loop.Rank(2, 4, 2, cfg)

@@ -220,9 +220,10 @@ class ShardStream(IterableDataset):
     def _batch(self, buf: list):
         jpgs = [s.jpg for _, _, s in buf]
         # the first ON_DEVICE images go packed, to be decoded where training runs (images_on)
-        on_device = {"cpu": 0, "device": len(buf)}.get(self.decode, None)
-        if on_device is None:
+        if self.decode == "mixed":
             on_device = device_count(len(buf), self.share)
+        else:
+            on_device = len(buf) if self.decode == "device" else 0
         sources = [f"{self.split.path(self.split.shards[i])}: sample {s.key}" for i, _, s in buf]
         rest = None
         if on_device < len(buf):

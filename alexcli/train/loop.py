@@ -49,7 +49,10 @@ class Rank:
         # one machine's GPUs), or --rank-devices names each local rank's.
         index, option = local_rank, f"--gpus {world}"
         if cfg.rank_devices:
-            index, option = torch.device(cfg.rank_devices[local_rank]).index, f"--rank-devices {','.join(cfg.rank_devices)}"
+            option = f"--rank-devices {','.join(cfg.rank_devices)}"
+            if local_rank >= len(cfg.rank_devices):  # torchrun started more ranks on this machine than it names
+                raise UsageError(f"{option}: names {len(cfg.rank_devices)} device(s), but this is local rank {local_rank}")
+            index = torch.device(cfg.rank_devices[local_rank]).index
             if not use_cuda:
                 raise UsageError(f"{option}: places the ranks on GPUs, but this machine has none visible")
         if use_cuda and index >= torch.cuda.device_count():
