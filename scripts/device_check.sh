@@ -114,27 +114,29 @@ step 60 "benchmarks/decode.py" bash -c \
     "\"$PY\" benchmarks/decode.py ${DECODE[*]} --shards $DATA --json > \"$OUT/decode.json\""
 # 4. the trainer end to end on the device, then eval of its checkpoint (the sample has one photo per
 #    class, so no val split: a fixed schedule, and eval scores the training images)
-rm -rf /tmp/alexcli-run /tmp/alexcli-run2
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/alexcli-device.XXXXXX")  # the runs' folders: this script's own
 step 120 "alexcli train (smoke, 3 epochs)" bash -c \
-    "\"$PY\" -m alexcli train --data $DATA --out /tmp/alexcli-run ${TRAIN[*]} --json > /tmp/train1.json"
-ckpt=$(ls /tmp/alexcli-run/ckpt-e*.safetensors 2>/dev/null | tail -1)
+    "\"$PY\" -m alexcli train --data $DATA --out $WORK/run ${TRAIN[*]} --json > $WORK/train1.json"
+ckpt=$(ls $WORK/run/ckpt-e*.safetensors 2>/dev/null | tail -1)
 step 60 "alexcli eval (ten patches)" bash -c \
     "\"$PY\" -m alexcli eval \"$ckpt\" --data $DATA --split train --crops ten --json > \"$OUT/eval.json\""
 # 5. --gpus 2 as two ranks sharing the one GPU (gloo, CUDA tensors), end to end
 step 90 "alexcli train --gpus 2 --rank-devices cuda:0,cuda:0" bash -c \
-    "\"$PY\" -m alexcli train --data $DATA --out /tmp/alexcli-run2 ${TRAIN2[*]} --json > /tmp/train2.json"
-"$PY" - "$OUT/train.json" <<'PYEOF'  # the two summaries and the metrics of the 3-epoch run in one file (8 come back)
+    "\"$PY\" -m alexcli train --data $DATA --out $WORK/run2 ${TRAIN2[*]} --json > $WORK/train2.json"
+"$PY" - "$OUT/train.json" "$WORK" <<'PYEOF'  # the two summaries and the metrics of the 3-epoch run in one file (8 come back)
 import json, pathlib, sys
 def load(p):
     try:
         return json.loads(pathlib.Path(p).read_text())
     except Exception as exc:
         return {"missing": f"{p}: {exc}"}
-metrics = pathlib.Path("/tmp/alexcli-run/metrics.jsonl")
+work = pathlib.Path(sys.argv[2])
+metrics = work / "run" / "metrics.jsonl"
 rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-pathlib.Path(sys.argv[1]).write_text(json.dumps({"gpus1": load("/tmp/train1.json"), "gpus1_metrics": rows,
-                                                 "gpus2_shared": load("/tmp/train2.json")}, indent=1))
+pathlib.Path(sys.argv[1]).write_text(json.dumps({"gpus1": load(work / "train1.json"), "gpus1_metrics": rows,
+                                                 "gpus2_shared": load(work / "train2.json")}, indent=1))
 PYEOF
+rm -rf "$WORK"
 # 6. eval and ensemble images/s against the training step
 step 60 "benchmarks/eval.py" bash -c \
     "\"$PY\" benchmarks/eval.py ${EVALB[*]} --shards $DATA --json > \"$OUT/evalbench.json\""
