@@ -90,3 +90,11 @@ def test_the_gpu_runs_include_the_multi_gpu_code_on_one_gpu(dry):
     assert "--gpus 2 --rank-devices cuda:0,cuda:0" in text
     assert "tests/test_columns.py" in text and "tests/test_ranks.py" in text
     assert "--decode cpu,device,mixed:0.5" in text
+
+
+def test_the_two_training_runs_are_merged_into_one_file(dry):
+    import json
+
+    _, _, out = dry
+    merged = json.loads((out / "train.json").read_text())
+    assert merged == {"gpus1": {}, "gpus1_metrics": [], "gpus2_shared": {}}  # the stand-in printed {}
