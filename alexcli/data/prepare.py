@@ -532,6 +532,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig, shards: list[ShardPl
     """prepare(), with --out locked."""
     state = _check_out(out, fingerprint, cfg, shards)
     if state == "done":
+        _clean_up(out)  # a run killed after writing dataset.json, before its clean-up: finish that
         summary = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["summary"]
         return {**summary, "status": "up to date", "seconds": round(time.monotonic() - t0, 2), "images_per_s": None}
 
@@ -679,6 +680,11 @@ def _finish(out: Path, source: Source, cfg: PrepareConfig, shards: list[ShardPla
         "summary": {k: v for k, v in summary.items() if k not in ("status", "seconds", "images_per_s")},
     }
     write_json(out / MANIFEST, manifest)
+    _clean_up(out)
+    return summary
+
+
+def _clean_up(out: Path) -> None:
+    """Once dataset.json is written: the plan and the partial records are no longer needed."""
     (out / PLAN_FILE).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
-    return summary
