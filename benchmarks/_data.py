@@ -1,5 +1,5 @@
-"""What the benchmarks share: finding and unpacking the sample photos, naming the CPU, turning
---device into a torch.device (run as scripts, they import this from their own folder). The core
+"""What the benchmarks share: finding and unpacking the sample photos, naming the CPU and the
+software (`machine`), timing a call (`best_seconds`), turning --device into a torch.device (run as scripts, they import this from their own folder). The core
 count is alexcli.env.cpu_cores, as for the package. Only the standard library is imported at the
 top: pil_speed.py imports this without torch.
 
@@ -17,10 +17,12 @@ its output) or a one-line error. Nothing here knows where the archives live on a
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 SAMPLE_ENV = "ALEXCLI_SAMPLE_TAR"
@@ -94,3 +96,43 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def best_seconds(fn, repeat: int) -> float:
+    """The fastest of REPEAT calls of FN, in seconds."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine(device) -> dict:
+    """The machine and the software a benchmark ran on, for its JSON: CPU, cores, versions, the PIL
+    in use, and on CUDA the GPU and the settings the trainer sets."""
+    import PIL.features
+    import torch
+    import torchvision
+
+    from alexcli import __version__
+    from alexcli.env import cpu_cores, pil_info
+
+    try:
+        import webdataset
+        wds = getattr(webdataset, "__version__", "installed")
+    except ImportError:
+        wds = None
+    info = {"cpu": cpu_model(), "cores": cpu_cores(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "webdataset": wds,
+            "alexcli": __version__, "pil": pil_info(),
+            "libjpeg_turbo": PIL.features.version("jpg") if PIL.features.check_feature("libjpeg_turbo") else None,
+            "device": str(device), "gpu": None}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    return info

@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import platform
 import shutil
 import sys
 import tempfile
@@ -53,14 +52,13 @@ import time
 import warnings
 from pathlib import Path
 
-from _data import cpu_model, torch_device  # noqa: E402  (benchmarks/_data.py)
+from _data import best_seconds, machine, torch_device  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alexcli import __version__  # noqa: E402
 from alexcli.data import dataset, stream  # noqa: E402
 from alexcli.env import cpu_cores, pil_info  # noqa: E402
 
@@ -82,15 +80,6 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def best_s(fn, repeat: int) -> float:
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def tv_decode(jpgs: list[bytes]) -> torch.Tensor:
     """torchvision's CPU decoder (libjpeg-turbo) over a batch, stacked as decode_batch's are."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -99,23 +88,6 @@ def tv_decode(jpgs: list[bytes]) -> torch.Tensor:
         warnings.simplefilter("ignore")  # torchvision 0.29 marks its image codecs deprecated
         frames = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpgs]
         return torch.stack(decode_jpeg(frames, mode=ImageReadMode.RGB))
-
-
-def machine(device: torch.device) -> dict:
-    import PIL.features
-
-    info = {"cpu": cpu_model(), "cores": cpu_cores(), "python": platform.python_version(), "torch": torch.__version__,
-            "alexcli": __version__, "pil": pil_info(), "device": str(device), "gpu": None,
-            "libjpeg_turbo": PIL.features.version("jpg") if PIL.features.check_feature("libjpeg_turbo") else None}
-    for mod in ("torchvision", "webdataset"):
-        try:
-            info[mod] = getattr(__import__(mod), "__version__", "installed")
-        except Exception as exc:  # noqa: BLE001 -- not installed, or installed but broken
-            info[mod] = None if isinstance(exc, ImportError) else f"unimportable ({type(exc).__name__})"
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})", cuda=torch.version.cuda)
-    return info
 
 
 # ---------------------------------------------------------------- data
@@ -156,7 +128,7 @@ def cpu_one(jpgs: list[bytes], batch: int, repeat: int, result: dict) -> None:
         try:
             parts = chunks(jpgs, batch)
             fn(parts[0])  # warm-up
-            s = best_s(lambda: [fn(c) for c in parts], repeat)
+            s = best_seconds(lambda: [fn(c) for c in parts], repeat)
             rows[name] = {"images_per_s": len(jpgs) / s, "ms_per_image": s / len(jpgs) * 1e3}
             say(f"  {name:<24} {s / len(jpgs) * 1e3:7.3f} ms/image {len(jpgs) / s:9,.0f} images/s ({note})")
         except Exception as exc:  # noqa: BLE001
@@ -249,8 +221,8 @@ def gpu_decode(jpgs: list[bytes], device: torch.device, batch: int, repeat: int,
                 torch.cuda.synchronize(device)
 
             n = passes * len(jpgs)
-            rate, packed_rate = n / best_s(lambda: run(True), repeat), n / best_s(lambda: run(False), repeat)
-            pack_ms = best_s(lambda: [stream.pack(c) for c in parts], repeat) / len(parts) * 1e3
+            rate, packed_rate = n / best_seconds(lambda: run(True), repeat), n / best_seconds(lambda: run(False), repeat)
+            pack_ms = best_seconds(lambda: [stream.pack(c) for c in parts], repeat) / len(parts) * 1e3
             rows[str(b)] = {"images_per_s": rate, "images_per_s_packed": packed_rate, "pack_ms_per_batch": pack_ms}
             say(f"  {b:>6} {rate:>23,.0f} {packed_rate:>18,.0f} {pack_ms:>14.2f}")
         except Exception as exc:  # noqa: BLE001 -- e.g. out of memory: report it, try no larger batch

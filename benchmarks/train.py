@@ -66,7 +66,6 @@ import argparse
 import itertools
 import json
 import math
-import platform
 import shutil
 import statistics
 import sys
@@ -74,19 +73,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import SAMPLE_ENV, cpu_model, source_tree, torch_device  # noqa: E402  (benchmarks/_data.py)
+from _data import SAMPLE_ENV, best_seconds, machine, source_tree, torch_device  # noqa: E402  (benchmarks/_data.py)
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alexcli import __version__  # noqa: E402
 from alexcli import transforms as aug  # noqa: E402
-from alexcli.env import autocast_for, cpu_cores, pil_info  # noqa: E402
+from alexcli.env import autocast_for, cpu_cores  # noqa: E402
 from alexcli.data import dataset, stream, tar  # noqa: E402
 from alexcli.model.registry import Arch, build_model  # noqa: E402
 from alexcli.specs import AugmentContext  # noqa: E402
+from alexcli.choices import Decode  # noqa: E402
+from alexcli.train.config import TrainConfig  # noqa: E402
 from alexcli.train.optim import PaperSGD  # noqa: E402
 from alexcli.train.step import TrainStep  # noqa: E402
 
@@ -108,30 +108,6 @@ def say(*parts) -> None:
 
 
 # ---------------------------------------------------------------- machine
-
-def machine(device: torch.device) -> dict:
-    import PIL.features
-    import torchvision
-
-    try:
-        import webdataset
-        wds = getattr(webdataset, "__version__", "installed")
-    except ImportError:
-        wds = None
-    info = {"cpu": cpu_model(), "cores": cpu_cores(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "webdataset": wds,
-            "alexcli": __version__, "pil": pil_info(),
-            "libjpeg_turbo": PIL.features.version("jpg") if PIL.features.check_feature("libjpeg_turbo") else None,
-            "device": str(device), "gpu": None}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info["gpu"] = f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-        info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    return info
-
 
 def header(m: dict) -> str:
     pil = m["pil"]
@@ -279,12 +255,7 @@ def loader_bench(args, src: Path, split) -> dict:
 
 
 def _best_ms(fn, n: int, repeat: int) -> float:
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / max(1, n) * 1e3
+    return best_seconds(fn, repeat) / max(1, n) * 1e3
 
 
 def breakdown(split, ds, pipeline, batch: int, repeat: int, best: dict) -> dict:
@@ -580,18 +551,15 @@ def step_bench(args, device: torch.device, split, batch: int, loader: bool = Tru
             configs.append(Config("ours bf16+CL+compile", runner, opt,
                                   make_step(runner, opt, amp=True, channels_last=True, device=device),
                                   max(warmup, 3)))  # the first steps compile (forward and backward)
-        if args.cudagraphs:
-            # CUDA graphs: the forward and backward replayed as two graphs, without a launch per kernel
+        # CUDA graphs: the forward and backward replayed as two graphs, without a launch per kernel;
+        # then with the SGD update compiled too (PaperSGD's four foreach ops fused into a few kernels)
+        for sgd_compiled in ((False, True) if args.cudagraphs else ()):
             model, opt = build_ours(device, channels_last=True)
             runner = torch.compile(model, mode="reduce-overhead")
-            configs.append(Config("ours bf16+CL+compile(CUDA graphs)", runner, opt,
-                                  graph_steps(make_step(runner, opt, amp=True, channels_last=True, device=device)),
-                                  max(warmup, 5), graphs=True))
-            # and the SGD update compiled too: PaperSGD's four foreach ops fused into a few kernels
-            model, opt = build_ours(device, channels_last=True)
-            runner = torch.compile(model, mode="reduce-overhead")
-            opt.step = torch.compile(opt.step)
-            configs.append(Config("ours bf16+CL+compile(CUDA graphs)+SGD compiled", runner, opt,
+            if sgd_compiled:
+                opt.step = torch.compile(opt.step)
+            configs.append(Config("ours bf16+CL+compile(CUDA graphs)" + ("+SGD compiled" if sgd_compiled else ""),
+                                  runner, opt,
                                   graph_steps(make_step(runner, opt, amp=True, channels_last=True, device=device)),
                                   max(warmup, 5), graphs=True))
         if args.compile:
@@ -731,15 +699,16 @@ def decode_name(decode: tuple[str, float]) -> str:
 
 
 def _decodes(text: str) -> list[tuple[str, float]]:
-    """--decode: cpu, device or mixed:SHARE (mixed alone: 0.5), several separated by commas."""
+    """--decode: cpu, device or mixed:SHARE (mixed alone: the trainer's default --decode-share),
+    several separated by commas."""
     out = []
     for part in text.split(","):
         mode, _, share = part.strip().partition(":")
         try:
-            value = float(share) if share else 0.5
+            value = float(share) if share else TrainConfig.decode_share
         except ValueError:
             value = math.nan
-        if mode not in ("cpu", "device", "mixed") or (share and mode != "mixed") or not 0 < value < 1:
+        if mode not in {d.value for d in Decode} or (share and mode != Decode.mixed) or not 0 < value < 1:
             raise argparse.ArgumentTypeError(f"expected cpu, device or mixed:SHARE (0 < SHARE < 1), separated by "
                                              f"commas, not {part!r}")
         out.append((mode, value))
@@ -779,7 +748,7 @@ def parse_args(argv=None):
                    help="also time ours bf16+CL through torch.compile(mode='reduce-overhead') (CUDA graphs), "
                         "with and without the SGD step compiled")
     p.add_argument("--all", action="store_true", help="run the CUDA-only measurements on the CPU too (slow)")
-    p.add_argument("--decode", type=_decodes, default=[("cpu", 0.5)],
+    p.add_argument("--decode", type=_decodes, default=[(Decode.cpu.value, TrainConfig.decode_share)],
                    help="where the loader-fed step decodes JPEGs: cpu (PIL in the loader processes), device "
                         "(nvJPEG on the GPU) or mixed:SHARE (the first SHARE of each batch on the GPU), as "
                         "`alexcli train --decode` and --decode-share; several separated by commas, each timed "
