@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +38,74 @@ def test_version(capsys):
     r = subprocess.run([sys.executable, "-c", "import sys, alexcli.cli; print('importlib.metadata' in sys.modules)"],
                        capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def _entry_point(before: str, *args: str) -> subprocess.CompletedProcess:
+    """The `alexcli` command (alexcli.__main__.run) with ARGS, after the Python code BEFORE: what a
+    plugin or a tool loaded ahead of the command (coverage's .pth) would have done."""
+    code = f"import sys\n{before}\nsys.argv = ['alexcli', *{list(args)!r}]\nfrom alexcli.__main__ import run\nrun()\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_BUFFERED)
+
+
+# stdout buffered, as a user's is when it is a pipe or a file (the test machines set PYTHONUNBUFFERED)
+_BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+def test_the_command_ends_without_the_interpreters_teardown_but_keeps_what_an_exit_owes():
+    """The interpreter's teardown (~0.45 s after torch is imported, ~60 ms after prepare) is
+    skipped: an object's finaliser left to it does not run. What an exit owes others still happens:
+    atexit handlers registered before the command (coverage's), a thread that is not a daemon runs
+    to its end, and output still buffered is flushed."""
+    before = ("import atexit, threading, time\n"
+              "class Teardown:\n    def __del__(self): print('torn down', flush=True)\n"
+              "kept_for_teardown = Teardown()\n"
+              "atexit.register(print, 'atexit ran', flush=True)\n"
+              "threading.Thread(target=lambda: (time.sleep(0.3), print('thread finished', flush=True))).start()\n"
+              "sys.stdout.write('buffered ' * 100)")  # under the 8 KB buffer of a pipe: not written yet
+    r = _entry_point(before, "--version")
+    import alexcli
+
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("buffered " * 100)
+    assert f"alexcli {alexcli.__version__}\n" in r.stdout
+    assert "thread finished" in r.stdout and r.stdout.rstrip().endswith("atexit ran")
+    assert "torn down" not in r.stdout
+    assert r.stderr == ""
+
+
+def test_the_command_keeps_its_exit_code(tmp_path):
+    r = _entry_point("", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr == f"error: {tmp_path / 'missing'}: no such file or directory\n"
+
+
+# a stdout on a full disk: the one write() of its buffer at the end fails with ENOSPC
+_FULL_DISK = ("import errno, io\n"
+              "class Full(io.RawIOBase):\n"
+              "    def writable(self): return True\n"
+              "    def write(self, b): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+              "sys.stdout = io.TextIOWrapper(io.BufferedWriter(Full()))\n")
+
+
+@pytest.mark.parametrize("stdout, code, exit_code, message", [
+    ("closed pipe", 0, 1, ""),  # `alexcli ... | head`: the reader left; quietly, as rich's console does
+    ("full disk", 0, 1, "error: standard output: No space left on device\n"),
+    ("full disk", 2, 2, "error: standard output: No space left on device\n"),  # the command's own code stays
+])
+def test_output_that_cannot_be_flushed_at_the_end_is_one_line_not_a_traceback(stdout, code, exit_code, message):
+    program = ("import sys\n" + (_FULL_DISK if stdout == "full disk" else "")
+               + f"sys.stdout.write('left in the buffer')\nfrom alexcli.__main__ import exit_now\nexit_now({code})\n")
+    read, write = os.pipe()
+    if stdout == "closed pipe":
+        os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-c", program], stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                           env=_BUFFERED)
+    finally:
+        os.close(write)
+        if stdout != "closed pipe":
+            os.close(read)
+    assert (r.returncode, r.stderr) == (exit_code, message)
 
 
 def test_rich_is_imported_when_something_is_printed_not_at_start(tmp_path):
