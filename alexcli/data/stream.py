@@ -60,6 +60,12 @@ def _undecodable(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _wrong_size(where: str, width: int, height: int, size) -> DataError:
+    """The one wording for a decoded image that is not the data set's SIZE (a side, or "WxH")."""
+    side = f"{size}x{size}" if isinstance(size, int) else size
+    return DataError(f"{where}: a {width}x{height} image, but the data set's are {side}")
+
+
 def decode_batch(jpgs: list[bytes], sources: list[str] | None = None, size: int | None = None) -> torch.Tensor:
     """JPEG bytes -> uint8 (B, 3, H, W), each decoded by `decode_rgb` (pillow-simd, the pixels
     prepare's statistics were computed on) straight into the batch. The memory is (B, H, W, 3), so
@@ -78,7 +84,7 @@ def decode_batch(jpgs: list[bytes], sources: list[str] | None = None, size: int 
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
             raise DataError(f"{where}: undecodable JPEG ({_undecodable(exc)})") from None
         if size is not None and a.shape != (size, size, 3):
-            raise DataError(f"{where}: a {a.shape[1]}x{a.shape[0]} image, but the data set's are {size}x{size}")
+            raise _wrong_size(where, a.shape[1], a.shape[0], size)
         if out is None:
             out = torch.empty(len(jpgs), *a.shape, dtype=torch.uint8)
             arr = out.numpy()
@@ -158,8 +164,7 @@ def _decode_packed(p: Packed, device: torch.device) -> torch.Tensor:
     want = (3, p.size, p.size) if p.size else decoded[0].shape
     for img, where in zip(decoded, p.sources):
         if img.shape != want:
-            raise DataError(f"{where}: a {img.shape[2]}x{img.shape[1]} image, but the data set's are "
-                            f"{want[2]}x{want[1]}")
+            raise _wrong_size(where, img.shape[2], img.shape[1], p.size or f"{want[2]}x{want[1]}")
     return torch.stack(decoded)
 
 

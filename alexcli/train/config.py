@@ -30,6 +30,10 @@ _DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")  # what --column-devices accepts f
 _CUDA_NAME = re.compile(r"cuda:\d+")           # what --rank-devices accepts for each rank
 
 
+def _device_list(devices: tuple[str, ...], count: int, name: re.Pattern) -> bool:
+    """Whether DEVICES (--column-devices or --rank-devices) is COUNT names that NAME matches whole."""
+    return len(devices) == count and all(name.fullmatch(d) for d in devices)
+
 
 def default_steps(epochs: int) -> tuple[int, ...]:
     """--schedule steps without --lr-steps: lr/10 after a third and after two thirds of EPOCHS (as
@@ -110,7 +114,7 @@ class TrainConfig:
             given = ",".join(self.column_devices)
             if self.parallel != Parallel.columns:
                 raise UsageError(f"--column-devices {given}: it places the columns of --parallel columns; add that")
-            if len(self.column_devices) != 2 or not all(_DEVICE_NAME.fullmatch(d) for d in self.column_devices):
+            if not _device_list(self.column_devices, 2, _DEVICE_NAME):
                 raise UsageError(f"--column-devices {given}: expected two devices like cuda:0,cuda:1 (or cuda:0,cuda:0 "
                                  "to run both columns on one GPU)")
         if not (math.isfinite(self.decode_share) and 0 < self.decode_share < 1):
@@ -118,7 +122,7 @@ class TrainConfig:
                              f"not {self.decode_share}")
         if self.rank_devices:
             given = ",".join(self.rank_devices)
-            if len(self.rank_devices) != self.gpus or not all(_CUDA_NAME.fullmatch(d) for d in self.rank_devices):
+            if not _device_list(self.rank_devices, self.gpus, _CUDA_NAME):
                 raise UsageError(f"--rank-devices {given}: expected one CUDA device per rank (--gpus {self.gpus}) "
                                  f"like {','.join(f'cuda:{i}' for i in range(self.gpus))} (or "
                                  f"{','.join(['cuda:0'] * self.gpus)} to share one GPU)")
