@@ -77,6 +77,22 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def torchrun_world() -> tuple[int, int] | None:
+    """(WORLD_SIZE, LOCAL_WORLD_SIZE) when torchrun launched this process (RANK and WORLD_SIZE set),
+    else None. A malformed value is one line naming the variable."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    from alexcli.errors import UsageError
+
+    sizes = []
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        value = os.environ.get(name, os.environ["WORLD_SIZE"])
+        if not (value.isdigit() and int(value) >= 1):
+            raise UsageError(f"{name}={value!r} in the environment: expected a number of ranks (torchrun sets it)")
+        sizes.append(int(value))
+    return sizes[0], sizes[1]
+
+
 def start_method() -> str:
     """How to start a worker process that does not need torch (prepare's pool): "fork" on Linux when
     this process runs no thread but the calling one and has not imported torch, else "spawn".

@@ -418,10 +418,14 @@ def test_default_loader_workers_share_one_machines_cores_among_its_own_ranks(mon
 
     monkeypatch.setattr(stream, "cpu_cores", lambda: 72)
     split = SimpleNamespace(shards=[{}] * 1000)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     assert stream.loader_workers(split, 8, "cuda") == 8  # one machine, 8 ranks: 9 cores each, all but one
     assert stream.loader_workers(split, 16, "cuda") == 3  # 16 ranks assumed on this machine: 4 cores each
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # without RANK and WORLD_SIZE not torchrun's: ignored
+    assert stream.loader_workers(split, 16, "cuda") == 3
+    monkeypatch.setenv("RANK", "9")  # rank 9 of torchrun's 2 nodes x 8
+    monkeypatch.setenv("WORLD_SIZE", "16")
     assert stream.loader_workers(split, 16, "cuda") == 8
     assert stream.loader_workers(split, 16, "cpu") == 2  # a quarter of the 9 cores on the CPU
     assert stream.loader_workers(SimpleNamespace(shards=[{}] * 40), 16, "cuda") == 2  # 40 shards for 16 ranks

@@ -110,3 +110,51 @@ def test_a_local_rank_beyond_rank_devices_is_refused_in_one_line():
     cfg = TrainConfig(data="d", out="o", gpus=2, device="auto", rank_devices=("cuda:0", "cuda:0"))
     with pytest.raises(UsageError, match=r"^--rank-devices cuda:0,cuda:0: names 2 device\(s\), but this is local rank 2$"):
         loop.Rank(2, 4, 2, cfg)
+
+
+@pytest.mark.parametrize("settings, torchrun, message", [
+    # torchrun's ranks split the batch: 100 over 16 would silently train on 96 images a step
+    ({"batch": 100}, (16, 8), "--batch 100 does not split evenly over the 16 ranks torchrun started (WORLD_SIZE)"),
+    ({"batch": 128, "gpus": 2}, (16, 8), "--gpus 2: under torchrun the ranks are torchrun's (WORLD_SIZE 16); "
+                                          "leave --gpus out"),
+    ({"rank_devices": ("cuda:0",)}, (4, 2), "--rank-devices cuda:0: expected one CUDA device per rank on this "
+                                             "machine (torchrun's LOCAL_WORLD_SIZE 2) like cuda:0,cuda:1 (or "
+                                             "cuda:0,cuda:0 to share one GPU)"),
+    ({"parallel": "columns"}, (2, 2), "--parallel columns uses 2 GPUs in one process: run it without torchrun"),
+    # without torchrun, --gpus is the count
+    ({"batch": 100, "gpus": 16}, None, "--batch 100 does not split evenly over --gpus 16"),
+    ({"rank_devices": ("cuda:0", "cuda:1")}, None, "--rank-devices cuda:0,cuda:1: expected one CUDA device per rank "
+                                                    "(--gpus 1) like cuda:0 (or cuda:0 to share one GPU)"),
+])
+def test_ranks_are_checked_against_the_launch_that_started_them(settings, torchrun, message):
+    from alexcli.errors import UsageError
+
+    cfg = TrainConfig(data="d", out="o", **settings)
+    with pytest.raises(UsageError) as exc:
+        cfg.validate(torchrun)
+    assert str(exc.value) == message
+
+
+def test_under_torchrun_the_ranks_on_this_machine_name_their_devices():
+    """--rank-devices under torchrun names LOCAL_WORLD_SIZE devices, not --gpus' (left at 1), and a
+    --gpus equal to the launch's world is accepted (a library caller's config)."""
+    TrainConfig(data="d", out="o", rank_devices=("cuda:0", "cuda:1")).validate((4, 2))
+    TrainConfig(data="d", out="o", gpus=4, batch=128).validate((4, 2))
+
+
+def test_torchrun_world_reads_the_launch_environment(monkeypatch):
+    from alexcli.env import torchrun_world
+    from alexcli.errors import UsageError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert torchrun_world() is None
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert torchrun_world() is None  # no RANK: not a torchrun launch
+    monkeypatch.setenv("RANK", "3")
+    assert torchrun_world() == (16, 16)  # one machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert torchrun_world() == (16, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "eight")
+    with pytest.raises(UsageError, match=r"^LOCAL_WORLD_SIZE='eight' in the environment: expected a number of ranks"):
+        torchrun_world()

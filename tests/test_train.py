@@ -424,6 +424,19 @@ def test_photos_or_downloads_as_data_get_the_commands_that_prepare_them(demo_src
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_a_batch_torchrun_cannot_split_is_refused_before_any_work(train_data, tmp_path, monkeypatch):
+    """Under torchrun (RANK, WORLD_SIZE set) --gpus stays 1: --batch 5 over 2 ranks trained on 4
+    images a step without a word. Now one line, exit 2, before the process group or the run folder."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    out = tmp_path / "odd"
+    r = run_here("train", "--data", train_data, "--out", out, *TINY_TRAIN, "--batch", "5", "--epochs", "1")
+    assert (r.returncode, r.stderr) == (2, "error: --batch 5 does not split evenly over the 2 ranks torchrun started "
+                                           "(WORLD_SIZE)\n")
+    assert not out.exists()
+
+
 def test_torchrun_launch_on_cpu(train_data, tmp_path):
     import socket
 

@@ -170,7 +170,9 @@ def train_command(
 
         from alexcli.model.registry import check_init
 
-        cfg.validate()
+        from alexcli.env import torchrun_world
+
+        cfg.validate(torchrun_world())
         arch.validate()
         check_init(arch)  # the network's own settings first, then the data's
         checked = Data(replace(cfg, verify=False))  # the data set, --val-split, the schedule's need of val, --batch

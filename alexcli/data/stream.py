@@ -19,7 +19,6 @@ process as a value and is raised there as one DataError, not a DataLoader traceb
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 from typing import Iterator, NamedTuple
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from alexcli.data.dataset import Split
 from alexcli.data.image import decode_rgb
 from alexcli.data.tar import read_samples
-from alexcli.env import cpu_cores, die_with_parent
+from alexcli.env import cpu_cores, die_with_parent, torchrun_world
 from alexcli.errors import DataError
 
 SHUFFLE_BUFFER = 2000  # samples held for the in-worker shuffle (about 20 KB of JPEG each at 256x256)
@@ -302,7 +301,7 @@ def loader_workers(split: Split, world: int, device_type: str, requested: int = 
         return requested
     # The ranks on this machine share its cores: torchrun says how many there are (several
     # machines); alexcli's own --gpus launcher runs them all here.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local = (torchrun_world() or (world, world))[1]
     cores = max(1, cpu_cores() // max(1, min(local, world)))
     wanted = min(MAX_GPU_LOADER_WORKERS, cores - 1) if device_type == "cuda" else cores // 4
     return max(0, min(wanted, len(split.shards) // world))

@@ -85,8 +85,9 @@ class TrainConfig:
         for name, (kind, option) in _CHOICES.items():
             setattr(self, name, choice(kind, getattr(self, name), option))
 
-    def validate(self) -> None:
-        """Every option check, before the run folder is touched."""
+    def validate(self, torchrun: tuple[int, int] | None = None) -> None:
+        """Every option check, before the run folder is touched. TORCHRUN: (WORLD_SIZE, LOCAL_WORLD_SIZE)
+        of a torchrun launch (alexcli.train.launch.torchrun_world), whose ranks are torchrun's, not --gpus'."""
         for name, low in (("epochs", 1), ("batch", 1), ("gpus", 1), ("patience", 1), ("keep", 0),
                           ("steps_per_epoch", 0), ("loader_workers", -1), ("save_every", 0),
                           ("chance_steps", 0), ("warmup", 0)):
@@ -106,10 +107,18 @@ class TrainConfig:
                              "--lr-steps or use --schedule constant")
         if self.warmup and self.warmup >= self.epochs:
             raise UsageError(f"--warmup {self.warmup} leaves no epoch of the {self.epochs} after it; use fewer")
-        if self.batch % self.gpus:
-            raise UsageError(f"--batch {self.batch} does not split evenly over --gpus {self.gpus}")
-        if self.parallel == Parallel.columns and self.gpus != 1:
-            raise UsageError("--parallel columns uses 2 GPUs in one process: leave --gpus at 1")
+        world, local, ranks = self.gpus, self.gpus, f"--gpus {self.gpus}"
+        if torchrun:  # the launch's ranks; --gpus would be ignored, so it is refused unless it says the same
+            world, local = torchrun
+            ranks = f"the {world} ranks torchrun started (WORLD_SIZE)"
+            if self.gpus not in (1, world):
+                raise UsageError(f"--gpus {self.gpus}: under torchrun the ranks are torchrun's (WORLD_SIZE {world}); "
+                                 "leave --gpus out")
+        if self.batch % world:
+            raise UsageError(f"--batch {self.batch} does not split evenly over {ranks}")
+        if self.parallel == Parallel.columns and world != 1:
+            raise UsageError("--parallel columns uses 2 GPUs in one process: "
+                             + ("run it without torchrun" if torchrun else "leave --gpus at 1"))
         if self.column_devices:
             given = ",".join(self.column_devices)
             if self.parallel != Parallel.columns:
@@ -122,10 +131,11 @@ class TrainConfig:
                              f"not {self.decode_share}")
         if self.rank_devices:
             given = ",".join(self.rank_devices)
-            if not _device_list(self.rank_devices, self.gpus, _CUDA_NAME):
-                raise UsageError(f"--rank-devices {given}: expected one CUDA device per rank (--gpus {self.gpus}) "
-                                 f"like {','.join(f'cuda:{i}' for i in range(self.gpus))} (or "
-                                 f"{','.join(['cuda:0'] * self.gpus)} to share one GPU)")
+            if not _device_list(self.rank_devices, local, _CUDA_NAME):
+                per = f"rank on this machine (torchrun's LOCAL_WORLD_SIZE {local})" if torchrun else f"rank ({ranks})"
+                raise UsageError(f"--rank-devices {given}: expected one CUDA device per {per} "
+                                 f"like {','.join(f'cuda:{i}' for i in range(local))} (or "
+                                 f"{','.join(['cuda:0'] * local)} to share one GPU)")
             if self.device == Device.cpu:
                 raise UsageError(f"--rank-devices {given}: places the ranks on GPUs, but --device is cpu")
         if self.tensorboard:  # the package (optional) and the folder

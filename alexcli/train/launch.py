@@ -19,6 +19,7 @@ import torch
 from alexcli import checkpoint as ck
 from alexcli.choices import Parallel
 from alexcli.data.dataset import open_split
+from alexcli.env import torchrun_world
 from alexcli.errors import AlexcliError, DataError, Interrupted, UsageError
 from alexcli.events import Progress, ignore
 from alexcli.model.registry import Arch, build_model
@@ -35,7 +36,8 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
     options the user set explicitly ({config or Arch field: value}, from the command line); on
     resume each must agree with the run's unless `RESUME_MAY_CHANGE` lists it (None: only
     cfg.epochs and cfg.data are taken, as a library caller means)."""
-    cfg.validate()
+    torchrun = torchrun_world()
+    cfg.validate(torchrun)
     if not resume:
         arch.validate()
         if cfg.parallel == Parallel.columns and arch.name != "alexnet":
@@ -43,7 +45,7 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
         check_crop(arch, cfg.data)
         with torch.device("meta"):  # a network that cannot be built (a crop too small) is refused first
             build_model(arch)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+    if torchrun:
         return _join_torchrun(cfg, arch, resume, overwrite, given, progress)
     try:
         with run_folder(cfg, resume, progress) as folder:
@@ -266,6 +268,7 @@ def _join_torchrun(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool, 
             try:
                 folder = stack.enter_context(run_folder(cfg, resume))
                 c, a, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
+                replace(c, gpus=1).validate(torchrun_world())  # a resumed run's batch against this launch's ranks
                 box = [(c.to_dict(), a.to_dict(), start, mid, None)]
             except AlexcliError as exc:
                 box = [(None, None, 0, 0, str(exc))]
