@@ -165,12 +165,10 @@ def train_command(
                             input_scale=input_scale, conv6=conv6, layer=layer)
     cfg = replace(cfg, init_from=init_from)
     if dry_run:  # every check a real run makes before it touches --out, then the network's shapes
+        from alexcli.env import torchrun_world
+        from alexcli.model.registry import check_init
         from alexcli.train.launch import check_crop
         from alexcli.train.loop import Data
-
-        from alexcli.model.registry import check_init
-
-        from alexcli.env import torchrun_world
 
         cfg.validate(torchrun_world())
         arch.validate()

@@ -87,7 +87,7 @@ class TrainConfig:
 
     def validate(self, torchrun: tuple[int, int] | None = None) -> None:
         """Every option check, before the run folder is touched. TORCHRUN: (WORLD_SIZE, LOCAL_WORLD_SIZE)
-        of a torchrun launch (alexcli.train.launch.torchrun_world), whose ranks are torchrun's, not --gpus'."""
+        of a torchrun launch (alexcli.env.torchrun_world), whose ranks are torchrun's, not --gpus'."""
         for name, low in (("epochs", 1), ("batch", 1), ("gpus", 1), ("patience", 1), ("keep", 0),
                           ("steps_per_epoch", 0), ("loader_workers", -1), ("save_every", 0),
                           ("chance_steps", 0), ("warmup", 0)):

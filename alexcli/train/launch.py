@@ -46,7 +46,7 @@ def train(cfg: TrainConfig, arch: Arch, *, resume: bool = False, overwrite: bool
         with torch.device("meta"):  # a network that cannot be built (a crop too small) is refused first
             build_model(arch)
     if torchrun:
-        return _join_torchrun(cfg, arch, resume, overwrite, given, progress)
+        return _join_torchrun(cfg, arch, resume, overwrite, given, progress, torchrun)
     try:
         with run_folder(cfg, resume, progress) as folder:
             cfg, arch, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
@@ -256,11 +256,11 @@ def _init_dist(rank: int, world: int, cfg: TrainConfig) -> None:
 
 
 def _join_torchrun(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool, given: dict | None,
-                   progress: Progress) -> dict:
+                   progress: Progress, torchrun: tuple[int, int]) -> dict:
     """Rank 0 sets up (and locks) the run folder, then every rank gets its settings by broadcast."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), torchrun[0]
     local = int(os.environ.get("LOCAL_RANK", rank))
     box = [None]
     with contextlib.ExitStack() as stack:
@@ -268,7 +268,7 @@ def _join_torchrun(cfg: TrainConfig, arch: Arch, resume: bool, overwrite: bool, 
             try:
                 folder = stack.enter_context(run_folder(cfg, resume))
                 c, a, start, mid = _setup(cfg, arch, resume, overwrite, given, folder)
-                replace(c, gpus=1).validate(torchrun_world())  # a resumed run's batch against this launch's ranks
+                replace(c, gpus=1).validate(torchrun)  # a resumed run's batch against this launch's ranks
                 box = [(c.to_dict(), a.to_dict(), start, mid, None)]
             except AlexcliError as exc:
                 box = [(None, None, 0, 0, str(exc))]
